@@ -1,0 +1,137 @@
+"""JetMoeConfig: the seed's fields and defaults (JetMoE-4B), validation, and the original repo's key names."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+
+# Checkpoints written by the original myshell-ai/JetMoE code use these names. The reference silently
+# ignores them and falls back to its defaults; we read them whenever the standard key is absent.
+ORIGINAL_KEY_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "ffn_hidden_size": "intermediate_size",
+    "moe_num_experts": "num_local_experts",
+    "moe_top_k": "num_experts_per_tok",
+}
+
+_POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "kv_channels",
+    "intermediate_size",
+    "max_position_embeddings",
+    "num_local_experts",
+    "num_experts_per_tok",
+)
+
+
+class JetMoeConfig(PreTrainedConfig):
+    r"""Configuration of a JetMoE model. The defaults describe JetMoE-4B; jetmoe-8b uses 24 layers.
+
+    Every layer holds a mixture of attention heads (each of `num_local_experts` experts owns a query and an
+    output projection for `num_key_value_heads` heads of size `kv_channels`, over K/V shared by all experts)
+    and a mixture of `num_local_experts` GLU MLP experts of width `intermediate_size`. Each token is routed
+    to `num_experts_per_tok` experts in both. `num_attention_heads` is derived: `num_key_value_heads *
+    num_experts_per_tok`.
+
+    Options beyond the reference (off by default so that defaults reproduce it exactly):
+        router_aux_loss_type (`str`, defaults to `"reference"`): `"reference"` is the transformers balancing
+            loss (averaged over routers, opt-in through `output_router_logits`); `"switch"` is the original
+            JetMoE objective: a switch balance loss plus `router_z_loss_coef` times the router z-loss, computed
+            per router and summed over all MoA and MoE routers.
+        router_z_loss_coef (`float`, defaults to 0.1): weight of the z-loss inside the `"switch"` objective.
+    """
+
+    model_type = "jetmoe"
+    attribute_map = {"head_dim": "kv_channels"}
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 12
+    num_key_value_heads: int = 16
+    kv_channels: int = 128
+    intermediate_size: int = 5632
+    max_position_embeddings: int = 4096
+    activation_function: str = "silu"
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    output_router_logits: bool = False
+    aux_loss_coef: float = 0.01
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    rope_parameters: RopeParameters | dict | None = None
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.01
+    attention_dropout: float | int = 0.0
+    router_aux_loss_type: str = "reference"
+    router_z_loss_coef: float = 0.1
+
+    def __post_init__(self, **kwargs):
+        # An original-style key is used when its standard twin still holds the default: either the twin was
+        # absent, or the file was re-saved by the reference, which had silently written the default beside it.
+        # The original key is then dropped: the standard one is what gets saved.
+        for original, standard in ORIGINAL_KEY_NAMES.items():
+            if original not in kwargs:
+                continue
+            value = kwargs.pop(original)
+            if getattr(self, standard) == self.__dataclass_fields__[standard].default:
+                setattr(self, standard, value)
+        self.num_attention_heads = self.num_key_value_heads * self.num_experts_per_tok
+        super().__post_init__(**kwargs)
+        self.validate_architecture()
+        self.validate_rope()
+
+    def validate_architecture(self):
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"JetMoeConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"JetMoeConfig.num_experts_per_tok ({self.num_experts_per_tok}) must be <= "
+                f"num_local_experts ({self.num_local_experts})"
+            )
+        if self.kv_channels % 2:
+            raise ValueError(f"JetMoeConfig.kv_channels must be even for rotary embeddings, got {self.kv_channels}")
+        if self.activation_function not in ACT2FN:
+            raise ValueError(
+                f"JetMoeConfig.activation_function {self.activation_function!r} is unknown; "
+                f"choose one of {sorted(ACT2FN)}"
+            )
+        for name in ("rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"JetMoeConfig.{name} must be > 0, got {value!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"JetMoeConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if self.aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ValueError(
+                "JetMoeConfig.aux_loss_coef and router_z_loss_coef must be >= 0, got "
+                f"{self.aux_loss_coef!r} and {self.router_z_loss_coef!r}"
+            )
+        if self.router_aux_loss_type not in ("reference", "switch"):
+            raise ValueError(
+                f"JetMoeConfig.router_aux_loss_type must be 'reference' or 'switch', got {self.router_aux_loss_type!r}"
+            )
+
+    def validate_rope(self):
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"JetMoeConfig.rope_parameters['rope_type'] {rope_type!r} is unknown; "
+                f"choose one of {['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
+            )
+        theta = (self.rope_parameters or {}).get("rope_theta")
+        if theta is not None and not theta > 0:
+            raise ValueError(f"JetMoeConfig.rope_parameters['rope_theta'] must be > 0, got {theta!r}")
+        try:
+            super().validate_rope()
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"JetMoeConfig.rope_parameters {self.rope_parameters!r} is invalid: {error}") from None

@@ -1,0 +1,30 @@
+"""Mixture of GLU MLP experts: route, up+gate projection, activation, down projection, gated sum."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .experts import ParallelExperts, combine
+from .routing import TopKRouter
+
+
+class JetMoeMoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.router = TopKRouter(hidden, config.num_local_experts, config.num_experts_per_tok)
+        # input_linear rows [0:I] feed the activation (gate), rows [I:2I] are the linear "up" half.
+        self.input_linear = ParallelExperts(config.num_local_experts, hidden, 2 * inner)
+        self.output_linear = ParallelExperts(config.num_local_experts, inner, hidden)
+        self.activation = ACT2FN[config.activation_function]
+        self.bias = nn.Parameter(torch.empty(hidden))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, T, H] -> ([B, T, H], router logits [B*T, E])."""
+        x = hidden_states.reshape(-1, hidden_states.shape[-1])
+        plan = self.router(x)
+        gate, up = self.input_linear(x[plan.sorted_tokens], plan).chunk(2, dim=-1)
+        expert_out = self.output_linear(self.activation(gate) * up, plan)
+        return combine(expert_out, plan, self.bias).view_as(hidden_states), plan.router_logits

@@ -1,0 +1,399 @@
+"""JetMoeModel, JetMoeForCausalLM, JetMoeForSequenceClassification: the seed's classes on transformers' framework."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import logging
+
+from ..configuration import JetMoeConfig
+from .attention import JetMoeAttention, JetMoeMoA
+from .experts import ParallelExperts
+from .mlp import JetMoeMoE
+from .norm_rotary import JetMoeRMSNorm, JetMoeRotaryEmbedding
+from .routing import reference_balancing_loss, switch_balancing_loss
+
+logger = logging.get_logger(__name__)
+
+
+class JetMoeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: h += MoA(norm(h)); h += MoE(norm(h))."""
+
+    def __init__(self, config: JetMoeConfig, layer_idx: int):
+        super().__init__()
+        # The reference builds both per-layer norms with the default eps (1e-6), whatever rms_norm_eps says;
+        # checkpoints were trained that way, so we keep it. Only the final norm reads config.rms_norm_eps.
+        self.input_layernorm = JetMoeRMSNorm(config.hidden_size)
+        self.self_attention = JetMoeAttention(config, layer_idx)
+        self.post_attention_layernorm = JetMoeRMSNorm(config.hidden_size)
+        self.mlp = JetMoeMoE(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        attn_out, attn_probs, moa_logits = self.self_attention(
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_out
+        mlp_out, moe_logits = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + mlp_out, attn_probs, (moa_logits, moe_logits)
+
+
+class JetMoePreTrainedModel(PreTrainedModel):
+    config: JetMoeConfig
+    config_class = JetMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["JetMoeDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ParallelExperts):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (JetMoeMoA, JetMoeMoE)):
+            init.zeros_(module.bias)
+
+
+def _pop_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
+    """transformers 5.x renamed `past_key_values` to `cache`; accept either, not both."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the KV cache as either `past_key_values` or `cache`, not both")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, Cache):
+        raise ValueError(f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}")
+    return cache
+
+
+class JetMoeModel(JetMoePreTrainedModel):
+    def __init__(self, config: JetMoeConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(JetMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = JetMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = JetMoeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            if input_ids.is_floating_point():
+                raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+            # A host read; skipped under torch.compile so that compiled graphs stay free of syncs.
+            if input_ids.numel() and not torch.compiler.is_compiling():
+                low, high = int(input_ids.min()), int(input_ids.max())
+                if low < 0 or high >= self.vocab_size:
+                    bad = low if low < 0 else high
+                    raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary of size {self.vocab_size}")
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], got shape {tuple(inputs_embeds.shape)}"
+            )
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 2:
+            expected = (batch, past_length + length)
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"attention_mask must have shape [batch, past + seq] = {list(expected)}, "
+                    f"got {list(attention_mask.shape)}"
+                )
+        elif attention_mask is not None and attention_mask.dim() != 4:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, past + seq] (or a prepared 4-D mask), "
+                f"got shape {tuple(attention_mask.shape)}"
+            )
+        if past_length + length > self.config.max_position_embeddings:
+            logger.warning_once(
+                f"Sequence length {past_length + length} exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings}); RoPE extrapolates and quality may degrade."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast | tuple:
+        config = self.config
+        cache = _pop_cache(past_key_values, kwargs)
+        use_cache = use_cache if use_cache is not None else config.use_cache
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False  # recomputing a layer in backward would append to the cache a second time
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            if cache_position is None:
+                cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
+            position_ids = cache_position.unsqueeze(0)
+
+        mask = create_causal_mask(
+            config=config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden, all_attentions, all_router_logits = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, attn_probs, router_logits = layer(
+                hidden_states,
+                position_embeddings,
+                attention_mask=mask,
+                cache=cache,
+                output_attentions=output_attentions,
+                position_ids=position_ids,
+                **kwargs,
+            )
+            all_attentions.append(attn_probs)
+            all_router_logits.extend(router_logits)
+        hidden_states = self.norm(hidden_states)
+        # As in the reference: the embeddings, each layer's input after that, and the final *normed* state
+        # (in place of the last layer's raw output).
+        all_hidden.append(hidden_states)
+
+        output = MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            router_logits=tuple(all_router_logits) if output_router_logits else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: JetMoeConfig):
+        super().__init__(config)
+        self.model = JetMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def balancing_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The router balancing loss the config selects (see JetMoeConfig.router_aux_loss_type)."""
+        config = self.config
+        if attention_mask is not None and attention_mask.dim() != 2:
+            attention_mask = None  # a prepared 4-D mask has no per-token padding flags to weight by
+        if config.router_aux_loss_type == "switch":
+            return switch_balancing_loss(
+                router_logits,
+                config.num_local_experts,
+                config.num_experts_per_tok,
+                attention_mask,
+                z_loss_coef=config.router_z_loss_coef,
+            )
+        return reference_balancing_loss(
+            router_logits, config.num_local_experts, config.num_experts_per_tok, attention_mask
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_router_logits: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
+        aux_loss = None
+        if output_router_logits:
+            aux_loss = self.balancing_loss(outputs.router_logits, attention_mask)
+            if loss is not None:
+                loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.device)
+
+        output = MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class JetMoeForSequenceClassification(JetMoePreTrainedModel):
+    """Scores every position with a linear head and pools the last non-padding token of each sequence."""
+
+    def __init__(self, config: JetMoeConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = JetMoeModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def _pooled_positions(self, input_ids: torch.Tensor | None, batch: int, device) -> torch.Tensor | int:
+        pad = self.config.pad_token_id
+        if pad is None:
+            if batch != 1:
+                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined (config.pad_token_id).")
+            return -1
+        if input_ids is None:
+            logger.warning_once(
+                "JetMoeForSequenceClassification cannot detect padding in inputs_embeds; pooling the last position."
+            )
+            return -1
+        # Rightmost non-pad token: right and left padding both work; an all-pad row pools position 0.
+        positions = torch.arange(input_ids.shape[-1], device=device, dtype=torch.int32)
+        return (positions * (input_ids != pad).to(device, torch.int32)).argmax(-1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=False,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        batch = logits.shape[0]
+        pooled = logits[torch.arange(batch, device=logits.device), self._pooled_positions(input_ids, batch, logits.device)]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+        output = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()

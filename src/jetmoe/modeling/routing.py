@@ -1,0 +1,140 @@
+"""Top-k routing: the router, the routing plan it produces, and the balancing losses over router logits.
+
+A `RoutingPlan` is made once per router call and consumed as is by every step that follows (the MoA map and
+reduce, the MoE MLP). It lives on the device: nothing here reads a value back to the host.
+
+Slots: token n's j-th choice is slot `n * k + j` (j = 0 is the highest logit). Sorting the slots by expert
+(stable, so ties keep slot order) gives the grouped order every expert kernel works in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    router_logits: torch.Tensor  # [N, E] fp32, pre-softmax: what `router_logits` outputs report
+    expert_ids: torch.Tensor  # [N, k] chosen experts, best first
+    gates: torch.Tensor  # [N, k] softmax over the k chosen logits, in the activation dtype
+    sorted_slots: torch.Tensor  # [N*k] slot ids grouped by expert
+    sorted_tokens: torch.Tensor  # [N*k] token id of each grouped slot
+    sorted_gates: torch.Tensor  # [N*k] gate of each grouped slot
+    expert_ends: torch.Tensor  # [E] int32, end row of each expert's group (cumulative counts)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.expert_ids.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.expert_ids.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_logits.shape[1]
+
+
+def make_plan(router_logits: torch.Tensor, top_k: int, gate_dtype: torch.dtype) -> RoutingPlan:
+    """Pick the top-k experts per token from fp32 logits [N, E] and group the slots by expert."""
+    num_experts = router_logits.shape[1]
+    top_logits, expert_ids = router_logits.topk(top_k, dim=1)
+    gates = torch.softmax(top_logits, dim=1).to(gate_dtype)
+    sorted_experts, sorted_slots = expert_ids.flatten().sort(stable=True)
+    expert_range = torch.arange(num_experts, device=router_logits.device, dtype=sorted_experts.dtype)
+    expert_ends = torch.searchsorted(sorted_experts, expert_range, right=True).to(torch.int32)
+    return RoutingPlan(
+        router_logits=router_logits,
+        expert_ids=expert_ids,
+        gates=gates,
+        sorted_slots=sorted_slots,
+        sorted_tokens=sorted_slots // top_k,
+        sorted_gates=gates.flatten()[sorted_slots],
+        expert_ends=expert_ends,
+    )
+
+
+class TopKRouter(nn.Module):
+    """Linear scores over experts (computed in the activation dtype, then upcast), top-k, softmax gates."""
+
+    def __init__(self, input_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.layer = nn.Linear(input_size, num_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> RoutingPlan:
+        """x [N, H] -> plan."""
+        return make_plan(self.layer(x).float(), self.top_k, x.dtype)
+
+
+def _row_weights(attention_mask: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor | None:
+    """Per-row weights for router rows from a [B, S] padding mask; the rows are the last T of S positions.
+
+    During cached decoding the mask covers past and new tokens ([B, past + T]) while the routers only saw the
+    T new ones, so only the mask's last T columns apply.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(f"the balancing loss needs a 2-D [batch, seq] attention_mask, got shape {tuple(attention_mask.shape)}")
+    batch = attention_mask.shape[0]
+    if rows % batch:
+        raise ValueError(f"router logits have {rows} rows, not a multiple of the attention_mask batch {batch}")
+    return attention_mask[:, -(rows // batch) :].reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def reference_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """transformers' formulation: E * sum_e f_e * P_e, statistics pooled over all routers and tokens.
+
+    f_e is the share of (token, choice) assignments that went to expert e, P_e the mean full-softmax
+    probability of e; padded tokens (mask 0) do not count.
+    """
+    device = router_logits[0].device
+    weights = _row_weights(attention_mask, router_logits[0].shape[0], device)
+    assigned = torch.zeros(num_experts, device=device)
+    prob_sum = torch.zeros(num_experts, device=device)
+    total = torch.zeros((), device=device)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = probs.topk(top_k, dim=-1).indices
+        row_w = torch.ones(logits.shape[0], device=device) if weights is None else weights
+        assigned = assigned.scatter_add(0, chosen.reshape(-1), row_w.repeat_interleave(top_k))
+        prob_sum = prob_sum + (probs * row_w[:, None]).sum(0)
+        total = total + row_w.sum()
+    return num_experts * torch.sum((assigned / total) * (prob_sum / total))
+
+
+def switch_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+    z_loss_coef: float = 0.1,
+) -> torch.Tensor:
+    """The original JetMoE objective: per router, a switch balance loss plus the router z-loss, summed.
+
+    balance = E * sum_e normalize(sum_n p_ne) * normalize(count_e); z = mean_n logsumexp(logits_n)^2.
+    """
+    device = router_logits[0].device
+    weights = _row_weights(attention_mask, router_logits[0].shape[0], device)
+    total = torch.zeros((), device=device)
+    for logits in router_logits:
+        logits = logits.float()
+        row_w = torch.ones(logits.shape[0], device=device) if weights is None else weights
+        probs = torch.softmax(logits, dim=-1)
+        chosen = logits.topk(top_k, dim=-1).indices
+        counts = torch.zeros(num_experts, device=device).scatter_add(0, chosen.reshape(-1), row_w.repeat_interleave(top_k))
+        prob_sum = (probs * row_w[:, None]).sum(0)
+        balance = num_experts * torch.sum(prob_sum / prob_sum.sum() * counts / counts.sum())
+        z_loss = (torch.logsumexp(logits, dim=-1).square() * row_w).sum() / row_w.sum()
+        total = total + balance + z_loss_coef * z_loss
+    return total

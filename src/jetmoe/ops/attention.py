@@ -1,0 +1,84 @@
+"""Attention of several query groups over one shared set of K/V heads, without tiling K/V.
+
+In JetMoE every token's k selected experts each bring Nkv query heads, and all of them attend over the same
+Nkv K/V heads. Queries here are laid out kv-head-major, [B, Nkv, k, T, D]: query (h, j) reads kv head h.
+That is the grouped-query layout SDPA's `enable_gqa` expects once flattened to [B, Nkv*k, T, D], so K/V are
+never copied k times.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def shared_kv_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit softmax attention, returning the probabilities too.
+
+    query [B, Nkv, k, T, D]; key, value [B, Nkv, S, D]; attention_mask None or [B, 1, T, S] (additive float
+    or boolean "may attend"); None means plain causal attention, the queries being the last T of S positions.
+    Softmax in fp32, cast back to the query dtype.
+    Returns output [B, Nkv, k, T, D] and probabilities [B, Nkv, k, T, S].
+    """
+    if attention_mask is None and query.shape[3] > 1:
+        attention_mask = _causal_mask(query.shape[3], key.shape[2], query.device)
+    scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        scores = scores + _as_additive(attention_mask, scores.dtype).unsqueeze(2)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=training)
+    return torch.matmul(probs, value.unsqueeze(2)), probs
+
+
+def _causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean [T, S] mask for queries that are the last T of S positions."""
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+    return query_pos >= torch.arange(key_len, device=device)[None, :]
+
+
+def shared_kv_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """SDPA over shared K/V. Same shapes as `shared_kv_attention_reference`, output only.
+
+    With no mask the attention is causal (queries are the last T positions); SDPA then runs `is_causal`
+    without building a mask when T equals S, and T == 1 needs no mask at all.
+    """
+    batch, kv_heads, groups, q_len, head_dim = query.shape
+    key_len = key.shape[2]
+    is_causal = False
+    if attention_mask is None and q_len > 1:
+        if q_len == key_len:
+            is_causal = True
+        else:
+            attention_mask = _causal_mask(q_len, key_len, query.device)
+    out = F.scaled_dot_product_attention(
+        query.reshape(batch, kv_heads * groups, q_len, head_dim),
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.view(batch, kv_heads, groups, q_len, head_dim)
