@@ -73,6 +73,35 @@ class JetMoePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    # Heads that legitimately start fresh when a checkpoint of another head type is loaded.
+    _fresh_head_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' loader, made strict: a missing or mis-shaped tensor is an error naming the key.
+
+        transformers would re-initialise such tensors randomly with only a logged report. Pass
+        `ignore_mismatched_sizes=True` to get that behaviour for shape mismatches.
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = []
+        if not allow_mismatch:
+            problems += [
+                f"{key}: checkpoint shape {tuple(saved)} != model shape {tuple(expected)}"
+                for key, saved, expected in sorted(info["mismatched_keys"])
+            ]
+        state = model.state_dict()
+        problems += [
+            f"{key}: missing from the checkpoint (model shape {tuple(state[key].shape) if key in state else '?'})"
+            for key in sorted(info["missing_keys"])
+            if not key.startswith(cls._fresh_head_prefixes)
+        ]
+        if problems:
+            raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+        return (model, info) if want_info else model
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -326,6 +355,8 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
 
 class JetMoeForSequenceClassification(JetMoePreTrainedModel):
     """Scores every position with a linear head and pools the last non-padding token of each sequence."""
+
+    _fresh_head_prefixes = ("score.",)
 
     def __init__(self, config: JetMoeConfig):
         super().__init__(config)

@@ -1,0 +1,25 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv, install, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (a wheel this machine keeps on disk). With a GPU: make TORCH_SPEC="torch" test
+TORCH_SPEC ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+.PHONY: install test demo bench
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 tests
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/jetmoe generate "The Python language"
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_model.py

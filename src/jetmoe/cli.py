@@ -1,0 +1,41 @@
+"""`jetmoe` command line: train | eval (training/), generate | chat (generation/), serve (serving/).
+
+Each front-end package exposes `register(subparsers)`, adding its sub-commands with `set_defaults(run=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+FRONT_ENDS = ("jetmoe.training.cli", "jetmoe.generation.cli", "jetmoe.serving.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jetmoe", description="Run, train and serve JetMoE models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in FRONT_ENDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # that front-end is not part of this build
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"jetmoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
