@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
-            if error.name != module_name:
+            if not module_name.startswith(error.name or "\0"):
                 raise
             continue  # that front-end is not part of this build
         module.register(subparsers)
