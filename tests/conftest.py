@@ -6,10 +6,15 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # explicit, whatever pytest's import mode
 
 from oracle_pair import ATTN_IMPLEMENTATIONS, TINY, WIDE  # noqa: E402
+
+# The models here are tiny: intra-op threads only add contention (CI runs 2 workers on 2 cores, and a
+# shared machine can make a multi-threaded tiny matmul 30x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(params=ATTN_IMPLEMENTATIONS)
