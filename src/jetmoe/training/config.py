@@ -1,0 +1,321 @@
+"""The run configuration: a dataclass filled from a preset, then a YAML/TOML file, then command-line overrides.
+
+Every field is also a flag (`--lr 3e-4`, `--grad-accum 4`); `--set key=value` sets any field, `model.<field>`
+included. Unknown keys are an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..configuration import JetMoeConfig
+
+# JetMoE-8B's geometry (see docs/reference-semantics.md §7) and the recipe of the JetMoE technical report:
+# AdamW (0.9, 0.95), weight decay 0.1, peak lr 5e-4, 4M-token batches of 4096-token sequences,
+# warmup-stable-decay with exponential decay, the original switch + z-loss balancing objective.
+JETMOE_8B_MODEL = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    num_hidden_layers=24,
+    num_key_value_heads=16,
+    kv_channels=128,
+    intermediate_size=5632,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    router_aux_loss_type="switch",
+)
+
+# Small enough to train on a 2-core CPU in minutes, yet every part of JetMoE is there (MoA and MoE, 4 experts, top-2).
+TINY_MODEL = dict(
+    vocab_size=2048,
+    hidden_size=128,
+    num_hidden_layers=4,
+    num_key_value_heads=2,
+    kv_channels=32,
+    intermediate_size=192,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+    pad_token_id=3,
+)
+
+
+@dataclass
+class TrainConfig:
+    # Model: the JetMoeConfig fields of a fresh model, or `init_from` an HF-format checkpoint to fine-tune.
+    model: dict = field(default_factory=lambda: dict(TINY_MODEL))
+    init_from: str | None = None
+    # LoRA fine-tuning through peft (targets nn.Linear modules by name).
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=lambda: ["kv_proj"])
+    # Data: files or folders; none = the embedded Python documentation corpus.
+    data: list = field(default_factory=list)
+    data_format: str = "auto"  # auto | text | jsonl | chat
+    text_field: str = "text"
+    tokenizer: str | None = None  # an HF tokenizer path; none = the checkpoint's, or train a byte-level BPE
+    cache_dir: str | None = None  # token files; default ~/.cache/jetmoe/tokens
+    val_fraction: float = 0.02
+    # Shape of a step: global batch = batch_size * grad_accum * processes sequences of seq_len tokens.
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    # Optimiser and schedule.
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
+    decay_type: str = "exponential"  # wsd decay: exponential | linear
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    # Objective: None keeps the model config's value.
+    aux_loss_type: str | None = None  # reference | switch
+    aux_loss_coef: float | None = None
+    z_loss_coef: float | None = None
+    # Execution.
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    # Output, checkpoints, logging.
+    out_dir: str = "runs/jetmoe"
+    export_dir: str | None = None  # at the end, copy the final model + tokenizer (no optimizer) here
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    val_every: int = 100
+    val_batches: int = 8
+    progress: bool = True
+    plots: bool = True
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        model=TINY_MODEL,
+        seq_len=256,
+        batch_size=16,
+        max_steps=600,
+        lr=3e-3,
+        warmup_steps=30,
+        decay_fraction=0.2,
+        save_every=200,
+        val_every=100,
+        out_dir="runs/tiny",
+    ),
+    "jetmoe-8b": dict(
+        model=JETMOE_8B_MODEL,
+        seq_len=4096,
+        batch_size=4,  # per GPU; reach ~1024 sequences per step through grad_accum x processes
+        grad_accum=32,
+        max_steps=300_000,
+        lr=5e-4,
+        min_lr_ratio=0.1,
+        warmup_steps=2500,
+        decay_fraction=0.2,
+        decay_type="exponential",
+        weight_decay=0.1,
+        bf16=True,
+        gradient_checkpointing=True,
+        device="cuda",
+        save_every=1000,
+        val_every=1000,
+        out_dir="runs/jetmoe-8b",
+    ),
+}
+
+_CHOICES = {
+    "data_format": ("auto", "text", "jsonl", "chat"),
+    "schedule": ("wsd", "cosine", "constant"),
+    "decay_type": ("exponential", "linear"),
+    "aux_loss_type": (None, "reference", "switch"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def model_field_names() -> list[str]:
+    return sorted(JetMoeConfig.__dataclass_fields__) if hasattr(JetMoeConfig, "__dataclass_fields__") else []
+
+
+def _unknown_key_error(keys: list[str], valid: list[str], where: str) -> ValueError:
+    return ValueError(f"unknown {where} key(s) {sorted(keys)}; valid keys are: {', '.join(sorted(valid))}")
+
+
+def apply_settings(config: TrainConfig, settings: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Set fields from a mapping; `model` merges into the model dict, dotted `model.x` keys too."""
+    settings = dict(settings)
+    for key in [k for k in settings if k.startswith("model.")]:
+        settings.setdefault("model", {})
+        settings["model"] = {**settings["model"], key[len("model.") :]: settings.pop(key)}
+    unknown = [k for k in settings if k not in field_names()]
+    if unknown:
+        raise _unknown_key_error(unknown, field_names(), where)
+    for key, value in settings.items():
+        if key == "model":
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: `model` must be a mapping of JetMoeConfig fields, got {value!r}")
+            valid = model_field_names()
+            unknown = [k for k in value if valid and k not in valid]
+            if unknown:
+                raise _unknown_key_error(unknown, valid, f"{where} model")
+            config.model = {**config.model, **{k: _coerce_model(k, v) for k, v in value.items()}}
+        else:
+            setattr(config, key, _coerce(key, copy.deepcopy(value), where))
+    return config
+
+
+def _coerce_model(name: str, value: Any) -> Any:
+    """Numbers YAML left as text (`1e-5`) become numbers when the JetMoeConfig default is a number."""
+    default = JetMoeConfig.__dataclass_fields__[name].default if name in JetMoeConfig.__dataclass_fields__ else None
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(float(value)) if isinstance(default, float) else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check a value against the field's type; numbers written as text (YAML reads `3e-4` as a string) convert."""
+    kind = TrainConfig.__dataclass_fields__[name].type
+    optional = "None" in kind
+    if value is None and optional:
+        return None
+    base = kind.replace("| None", "").strip()
+    try:
+        if base == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif base == "int":
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, (str, float)) and float(value) == int(float(value)):
+                return int(float(value))
+        elif base == "float":
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                return float(value)
+        elif base == "str":
+            if isinstance(value, str):
+                return value
+        elif base == "list":
+            if isinstance(value, str):
+                return [value]
+            if isinstance(value, (list, tuple)):
+                return list(value)
+        else:
+            return value
+    except ValueError:
+        pass
+    raise ValueError(f"{where}: {name} must be {kind}, got {value!r}")
+
+
+def load_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        tomllib = None
+    toml_error = tomllib.TOMLDecodeError if tomllib else ValueError
+    try:
+        if path.endswith(".toml"):
+            if tomllib is None:
+                raise ValueError(f"config file {path!r}: TOML needs Python >= 3.11; use YAML")
+            settings = tomllib.loads(raw.decode("utf-8"))
+        elif path.endswith((".yaml", ".yml", ".json")):
+            settings = yaml.safe_load(raw) or {}
+        else:
+            raise ValueError(f"config file {path!r}: use a .yaml, .yml, .toml or .json file")
+    except (toml_error, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"config file {path!r} is not valid: {error}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of settings, got {type(settings).__name__}")
+    return settings
+
+
+def build_config(
+    preset: str | None = None, file: str | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Preset (the file's `preset` key if none is given), then the file, then the overrides; then validate."""
+    file_settings = load_file(file) if file else {}
+    preset = preset or file_settings.pop("preset", None) or "tiny"
+    file_settings.pop("preset", None)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    config = apply_settings(TrainConfig(), PRESETS[preset], where=f"preset {preset}")
+    if file_settings:
+        apply_settings(config, file_settings, where=f"config file {file}")
+    if overrides:
+        apply_settings(config, overrides, where="command-line")
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise ValueError(f"{name} must be one of {[c for c in choices if c]}, got {getattr(config, name)!r}")
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every", "val_every",
+                 "val_batches", "keep_checkpoints", "lora_rank"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not config.lr > 0:
+        raise ValueError(f"lr must be > 0, got {config.lr!r}")
+    if not 0 <= config.min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {config.min_lr_ratio!r}")
+    if not 0 <= config.decay_fraction <= 1:
+        raise ValueError(f"decay_fraction must be in [0, 1], got {config.decay_fraction!r}")
+    if not 0 <= config.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {config.val_fraction!r}")
+    if config.warmup_steps < 0 or config.grad_clip < 0 or config.weight_decay < 0:
+        raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
+    if isinstance(config.data, str):
+        config.data = [config.data]
+    if config.lora and not config.init_from:
+        raise ValueError("lora fine-tunes a trained model: set init_from to an HF-format JetMoE checkpoint")
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(json.loads(json.dumps(to_dict(config))), sort_keys=False)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars and lists (`3e-4`, `true`, `[a, b]`, `null`)."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text

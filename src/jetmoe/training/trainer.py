@@ -1,0 +1,291 @@
+"""The training loop: build or load the model, then step: micro-batches, clip, AdamW, schedule, log, validate, save.
+
+One optimizer step consumes a global batch of batch_size x grad_accum x processes packed sequences. Its loss
+is the cross-entropy over all of the batch's target tokens plus aux_loss_coef x the balancing loss averaged
+over micro-batches (see objective.py), so the same global batch gives the same step whatever the split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from ..configuration import JetMoeConfig
+from ..modeling import JetMoeForCausalLM
+from . import checkpoint as ckpt
+from .config import TrainConfig, dump_yaml
+from .data import PackedSequences, prepare_data, step_positions
+from .distributed import Runtime, init_runtime, shard_model, shutdown
+from .metrics import ExpertLoad, MetricsLog, Progress, Throughput, perplexity, plot
+from .objective import compute_terms, count_targets, micro_batch_loss
+from .optim import build_optimizer, clip_gradients
+from .schedule import build_scheduler
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, out of memory): the message says why and what to try."""
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    """Run (or resume) training as configured. Returns a summary (final step, losses, timings, paths)."""
+    runtime = init_runtime(config.device)
+    try:
+        return _train(config, resume, runtime)
+    finally:
+        shutdown(runtime)
+
+
+def _say(runtime: Runtime):
+    def log(text: str) -> None:
+        if runtime.is_main:
+            print(text, flush=True)
+
+    return log
+
+
+def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
+    log = _say(runtime)
+    out_dir = config.out_dir
+    if runtime.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+    runtime.barrier()
+
+    found = ckpt.find_latest(out_dir, log=log) if resume else None
+    if resume and found is None:
+        log(f"no usable checkpoint under {ckpt.checkpoint_root(out_dir)}: starting from scratch")
+    if found is not None:
+        log(f"resuming from {found.path}")
+
+    tokenizer, data = prepare_data(config, out_dir, runtime.is_main, runtime.barrier, log)
+    global_batch = config.batch_size * config.grad_accum * runtime.world
+    if data.num_train < global_batch:
+        raise ValueError(
+            f"a step needs {global_batch} sequences (batch_size {config.batch_size} x grad_accum "
+            f"{config.grad_accum} x {runtime.world} processes) but the training split holds only {data.num_train} "
+            f"sequences of {config.seq_len} tokens: use more data, a shorter seq_len or a smaller batch"
+        )
+
+    model, lora_scaling = build_model(config, tokenizer, found.path if found else None, log)
+    model = shard_model(model, runtime)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+
+    step, position, tokens_seen, elapsed_before = 0, 0, 0, 0.0
+    if found is not None:
+        state = ckpt.load_training_state(found.path, model, optimizer, scheduler, runtime)
+        step, position = state["step"], state["position"]
+        tokens_seen, elapsed_before = state.get("tokens_seen", 0), state.get("elapsed_s", 0.0)
+    else:
+        torch.manual_seed(config.seed)
+
+    top_k = _model_config(model).num_experts_per_tok
+    aux_coef = _model_config(model).aux_loss_coef
+    metrics = MetricsLog(out_dir, runtime.is_main, step if found else None)
+    progress = Progress(config.progress and runtime.is_main, config.max_steps, step)
+    expert_load = ExpertLoad()
+    throughput = Throughput()
+    config_yaml = dump_yaml(config)
+    autocast = _autocast(config, runtime.device)
+    started = time.perf_counter()
+    last = {}
+    val_result = None
+
+    def save() -> str:
+        elapsed = elapsed_before + time.perf_counter() - started
+        state = {"step": step, "position": position, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
+                 "world": runtime.world, "global_batch": global_batch}
+        path = ckpt.save_checkpoint(
+            out_dir=out_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
+            tokenizer=tokenizer, trainer_state=state, config_yaml=config_yaml, runtime=runtime,
+            lora_scaling=lora_scaling, keep=config.keep_checkpoints, log=log,
+        )
+        progress.write(f"step {step}: saved checkpoint {path}")
+        return path
+
+    saved_path = found.path if found else None
+    while step < config.max_steps:
+        model.train()
+        micro = [
+            data.train_batch(position + step_positions(0, config.batch_size, config.grad_accum, runtime.world, runtime.rank, m), config.batch_size)
+            for m in range(config.grad_accum)
+        ]
+        global_targets = int(runtime.sum([float(sum(count_targets(labels) for _, labels in micro))])[0])
+        ce_sum = aux_sum = z_sum = 0.0
+        try:
+            for index, (ids, labels) in enumerate(micro):
+                if runtime.distributed:  # reduce-scatter gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(index == len(micro) - 1)
+                with autocast:
+                    output = model(input_ids=ids.to(runtime.device), output_router_logits=True, use_cache=False)
+                terms = compute_terms(output, labels.to(runtime.device))
+                micro_batch_loss(terms, global_targets, aux_coef, config.grad_accum, runtime.world).backward()
+                ce_sum += float(terms.ce_sum.detach())
+                aux_sum += float(terms.aux.detach())
+                z_sum += float(terms.z_loss)
+                expert_load.add(output.router_logits, top_k)
+        except torch.OutOfMemoryError as error:
+            raise TrainingError(
+                f"out of memory at step {step} with batch_size {config.batch_size} x seq_len {config.seq_len}: "
+                "lower batch_size (raise grad_accum to keep the global batch), enable gradient_checkpointing "
+                "or bf16, or add processes"
+            ) from error
+        ce_total, aux_total, z_total = runtime.sum([ce_sum, aux_sum, z_sum])
+        micro_count = config.grad_accum * runtime.world
+        ce = ce_total / max(1, global_targets)
+        aux = aux_total / micro_count
+        loss = ce + aux_coef * aux
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"the loss is {loss} at step {step + 1} (cross-entropy {ce}, balancing {aux}) with lr "
+                f"{scheduler.get_last_lr()[0]:.3g}: lower lr, keep grad_clip on, check the data; "
+                f"the last good checkpoint is {saved_path or 'none'} (resume from it with --resume)"
+            )
+        grad_norm = clip_gradients(model, config.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        position += global_batch
+        tokens_seen += global_batch * config.seq_len
+        throughput.add(global_batch * config.seq_len)
+
+        last = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z_loss": z_total / micro_count,
+                "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen}
+        if step % config.log_every == 0 or step == config.max_steps:
+            last["tokens_per_s"] = throughput.take()
+            last["elapsed_s"] = elapsed_before + time.perf_counter() - started
+            last["expert_load"] = expert_load.take(runtime)
+            metrics.write(last)
+        progress.update(1, loss=loss, aux=aux, lr=lr, tok_s=last.get("tokens_per_s", float("nan")))
+
+        if step % config.val_every == 0 or step == config.max_steps:
+            val_result = validate(model, data, config, runtime, autocast)
+            if val_result is not None:
+                metrics.write({"step": step, **val_result})
+                progress.write(f"step {step}: validation loss {val_result['val_loss']:.4f}, perplexity {val_result['val_ppl']:.2f}")
+        if step % config.save_every == 0 or step == config.max_steps:
+            saved_path = save()
+
+    progress.close()
+    elapsed = elapsed_before + time.perf_counter() - started
+    summary = {"step": step, "out_dir": out_dir, "checkpoint": saved_path, "elapsed_s": elapsed,
+               "tokens_seen": tokens_seen, **{k: v for k, v in last.items() if k != "expert_load"}}
+    if val_result:
+        summary.update(val_result)
+    if runtime.is_main:
+        if config.plots:
+            plot(out_dir)
+        if config.export_dir:
+            export(saved_path, config.export_dir)
+            log(f"exported the model and tokenizer to {config.export_dir}")
+    return summary
+
+
+def validate(model, data: PackedSequences, config: TrainConfig, runtime: Runtime, autocast) -> dict | None:
+    """Mean cross-entropy and perplexity over the validation sequences (the same set for any process count)."""
+    if len(data.val_ids) == 0:
+        return None
+    model.eval()
+    ce_sum, targets = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in data.val_batches(config.batch_size, config.val_batches, runtime.rank, runtime.world):
+            with autocast:
+                output = model(input_ids=ids.to(runtime.device), use_cache=False)
+            terms = compute_terms(output, labels.to(runtime.device))
+            ce_sum += float(terms.ce_sum)
+            targets += terms.targets
+    ce_total, target_total = runtime.sum([ce_sum, float(targets)])
+    model.train()
+    if target_total == 0:
+        return None
+    mean = ce_total / target_total
+    return {"val_loss": mean, "val_ppl": perplexity(mean), "val_tokens": int(target_total)}
+
+
+def _autocast(config: TrainConfig, device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
+
+
+def _model_config(model) -> JetMoeConfig:
+    return model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
+
+
+def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=print):
+    """The model to train: a checkpoint to resume, a model to fine-tune, or a fresh one. Returns (model, lora scaling)."""
+    if resume_folder and not config.lora:
+        model = JetMoeForCausalLM.from_pretrained(resume_folder, dtype=torch.float32)
+    elif config.init_from:
+        if not os.path.isdir(config.init_from):
+            raise FileNotFoundError(f"init_from {config.init_from!r} is not a folder holding an HF-format checkpoint")
+        model = JetMoeForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+    else:
+        torch.manual_seed(config.seed)
+        fields = dict(config.model)
+        if len(tokenizer) != fields.get("vocab_size"):
+            log(f"vocab_size set to the tokenizer's {len(tokenizer)} (was {fields.get('vocab_size')})")
+            fields["vocab_size"] = len(tokenizer)
+        fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+        model = JetMoeForCausalLM(JetMoeConfig(**fields))
+    model_config = model.config
+    if len(tokenizer) > model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}")
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len {config.seq_len} is above the model's max_position_embeddings "
+            f"{model_config.max_position_embeddings}: lower seq_len (or build the model with a larger max_position_embeddings)"
+        )
+    # The objective's settings live on the model config, so the saved checkpoint records what it was trained with.
+    if config.aux_loss_type is not None:
+        model_config.router_aux_loss_type = config.aux_loss_type
+    if config.aux_loss_coef is not None:
+        model_config.aux_loss_coef = config.aux_loss_coef
+    if config.z_loss_coef is not None:
+        model_config.router_z_loss_coef = config.z_loss_coef
+    model_config.validate_architecture()
+    model_config.use_cache = True  # for whoever generates with the saved model; training passes use_cache=False
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora_scaling = None
+    if config.lora:
+        model, lora_scaling = _add_lora(model, config, resume_folder)
+    return model, lora_scaling
+
+
+def _add_lora(model, config: TrainConfig, resume_folder: str | None):
+    try:
+        from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    except ImportError:
+        raise ValueError("lora needs peft: pip install 'jetmoe[train]'") from None
+    lora_config = LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, lora_config)
+    except ValueError as error:
+        raise ValueError(f"lora_target_modules {config.lora_target_modules}: {error}") from None
+    if resume_folder:
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(os.path.join(resume_folder, "adapter", "adapter_model.safetensors")))
+    return model, config.lora_alpha / config.lora_rank
+
+
+def export(checkpoint_folder: str | None, export_dir: str) -> None:
+    """Copy a checkpoint's model and tokenizer (no optimizer or trainer state) into `export_dir`."""
+    import shutil
+
+    if checkpoint_folder is None:
+        raise ValueError("nothing to export: no checkpoint was written")
+    os.makedirs(export_dir, exist_ok=True)
+    for name in sorted(os.listdir(checkpoint_folder)):
+        source = os.path.join(checkpoint_folder, name)
+        if os.path.isfile(source) and (name.endswith((".json", ".safetensors", ".jinja")) or name.startswith("tokenizer")):
+            if name in ("trainer_state.json", ckpt.MANIFEST):
+                continue
+            shutil.copyfile(source, os.path.join(export_dir, name))
