@@ -28,6 +28,10 @@ _POSITIVE_INT_FIELDS = (
 )
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 class JetMoeConfig(PreTrainedConfig):
     r"""Configuration of a JetMoE model. The defaults describe JetMoE-4B; jetmoe-8b uses 24 layers.
 
@@ -84,6 +88,9 @@ class JetMoeConfig(PreTrainedConfig):
             if getattr(self, standard) == self.__dataclass_fields__[standard].default:
                 setattr(self, standard, value)
         self.num_attention_heads = self.num_key_value_heads * self.num_experts_per_tok
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            # Checked before the framework's RoPE handling, which would fail with an AttributeError.
+            raise ValueError(f"JetMoeConfig.rope_parameters must be a dict or None, got {self.rope_parameters!r}")
         super().__post_init__(**kwargs)
         self.validate_architecture()
         self.validate_rope()
@@ -100,22 +107,21 @@ class JetMoeConfig(PreTrainedConfig):
             )
         if self.kv_channels % 2:
             raise ValueError(f"JetMoeConfig.kv_channels must be even for rotary embeddings, got {self.kv_channels}")
-        if self.activation_function not in ACT2FN:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACT2FN:
             raise ValueError(
                 f"JetMoeConfig.activation_function {self.activation_function!r} is unknown; "
                 f"choose one of {sorted(ACT2FN)}"
             )
         for name in ("rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if not value > 0:
+            if not _is_real(value) or not value > 0:
                 raise ValueError(f"JetMoeConfig.{name} must be > 0, got {value!r}")
-        if not 0.0 <= self.attention_dropout < 1.0:
+        if not _is_real(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"JetMoeConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
-        if self.aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ValueError(
-                "JetMoeConfig.aux_loss_coef and router_z_loss_coef must be >= 0, got "
-                f"{self.aux_loss_coef!r} and {self.router_z_loss_coef!r}"
-            )
+        for name in ("aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not _is_real(value) or value < 0:
+                raise ValueError(f"JetMoeConfig.{name} must be >= 0, got {value!r}")
         if self.router_aux_loss_type not in ("reference", "switch"):
             raise ValueError(
                 f"JetMoeConfig.router_aux_loss_type must be 'reference' or 'switch', got {self.router_aux_loss_type!r}"
@@ -129,8 +135,12 @@ class JetMoeConfig(PreTrainedConfig):
                 f"choose one of {['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
             )
         theta = (self.rope_parameters or {}).get("rope_theta")
-        if theta is not None and not theta > 0:
+        if theta is not None and (not _is_real(theta) or not theta > 0):
             raise ValueError(f"JetMoeConfig.rope_parameters['rope_theta'] must be > 0, got {theta!r}")
+        # The framework only logs a warning for a scaling factor below 1; such a config is a mistake.
+        factor = (self.rope_parameters or {}).get("factor")
+        if factor is not None and (not _is_real(factor) or factor < 1):
+            raise ValueError(f"JetMoeConfig.rope_parameters['factor'] must be a number >= 1, got {factor!r}")
         try:
             super().validate_rope()
         except (KeyError, TypeError) as error:
