@@ -1,0 +1,119 @@
+"""Checkpoint interop with transformers' JetMoeForCausalLM: safetensors, sharded, tied and untied embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from oracle_pair import assert_close, build_pair, random_ids
+from safetensors import safe_open
+
+import jetmoe
+
+
+def _saved_keys(directory) -> dict[str, tuple]:
+    """Every tensor in the directory's safetensors files -> shape (a key in two files would be lost: checked)."""
+    keys = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                assert key not in keys, f"{key} saved twice"
+                keys[key] = tuple(f.get_slice(key).get_shape())
+    return keys
+
+
+def _same_logits(a, b, what):
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        return assert_close(a(ids).logits, b(ids).logits, atol=0, what=what)
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_transformers_checkpoint_loads_in_ours(tmp_path, tie):
+    _, oracle = build_pair(tie_word_embeddings=tie)
+    oracle.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    ours = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(ours, jetmoe.JetMoeForCausalLM) and isinstance(ours.config, jetmoe.JetMoeConfig)
+    _same_state(ours, oracle)
+    _same_logits(ours, oracle, f"ours loaded from transformers (tie={tie})")
+    tied = ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
+    assert tied == tie
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_our_checkpoint_loads_in_transformers(tmp_path, tie):
+    ours, _ = build_pair(tie_word_embeddings=tie)
+    ours.save_pretrained(tmp_path)
+    saved = _saved_keys(tmp_path)
+    # Tied embeddings are saved once (under the embedding's name); untied, both are saved.
+    assert "model.embed_tokens.weight" in saved
+    assert ("lm_head.weight" in saved) == (not tie)
+    assert len(saved) == len(ours.state_dict()) - (1 if tie else 0)
+    oracle = transformers.JetMoeForCausalLM.from_pretrained(tmp_path)
+    assert type(oracle).__module__.startswith("transformers.")
+    _same_state(ours, oracle)
+    _same_logits(ours, oracle, f"transformers loaded from ours (tie={tie})")
+    if not tie:
+        assert not torch.equal(oracle.lm_head.weight, oracle.model.embed_tokens.weight)
+
+
+def test_same_file_layout_as_transformers(tmp_path):
+    ours, oracle = build_pair()
+    ours.save_pretrained(tmp_path / "ours")
+    oracle.save_pretrained(tmp_path / "oracle")
+    assert _saved_keys(tmp_path / "ours") == _saved_keys(tmp_path / "oracle")
+
+
+@pytest.mark.parametrize("direction", ["transformers->ours", "ours->transformers"])
+def test_sharded_checkpoints_load_both_ways(tmp_path, direction):
+    ours, oracle = build_pair(tie_word_embeddings=False)
+    writer, reader = (oracle, jetmoe.JetMoeForCausalLM) if direction == "transformers->ours" else (
+        ours, transformers.JetMoeForCausalLM)
+    writer.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(_saved_keys(tmp_path)) == set(writer.state_dict())
+    loaded = reader.from_pretrained(tmp_path)
+    _same_state(loaded, writer)
+    _same_logits(loaded, writer, f"sharded {direction}")
+
+
+def test_load_in_bf16(tmp_path):
+    _, oracle = build_pair()
+    oracle.save_pretrained(tmp_path)
+    ours = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert torch.equal(ours.model.embed_tokens.weight, oracle.model.embed_tokens.weight.to(torch.bfloat16))
+
+
+def test_base_model_and_classifier_load_from_a_causal_lm_checkpoint(tmp_path):
+    _, oracle = build_pair()
+    oracle.save_pretrained(tmp_path)
+    base = jetmoe.JetMoeModel.from_pretrained(tmp_path)
+    assert torch.equal(base.norm.weight, oracle.model.norm.weight)
+    # The classification head is new (not in a causal-LM checkpoint): allowed, and only that.
+    classifier, info = jetmoe.JetMoeForSequenceClassification.from_pretrained(
+        tmp_path, num_labels=3, pad_token_id=0, output_loading_info=True
+    )
+    assert set(info["missing_keys"]) == {"score.weight"}
+    assert torch.equal(classifier.model.layers[1].mlp.bias, oracle.model.layers[1].mlp.bias)
+
+
+def test_auto_classes_build_ours_after_registration(tmp_path):
+    _, oracle = build_pair()
+    oracle.save_pretrained(tmp_path)
+    jetmoe.register_with_transformers()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(model, jetmoe.JetMoeForCausalLM)
+    _same_logits(model, oracle, "AutoModelForCausalLM after register_with_transformers")
