@@ -64,6 +64,33 @@ def test_causal_lm_outputs_match_oracle(geometry, attn_implementation, padding):
         assert_close(g[real], w[real], what=f"hidden_states[{i}] {tag}")
 
 
+CONFIG_VARIANTS = {
+    # Only the final norm reads rms_norm_eps (the per-layer norms keep 1e-6): a large eps makes that visible.
+    "rms_norm_eps": dict(rms_norm_eps=0.5),
+    "gelu": dict(activation_function="gelu_new"),
+    "rope_theta": dict(rope_parameters={"rope_type": "default", "rope_theta": 37.0}),
+    "rope_linear": dict(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 1e4}),
+    "rope_dynamic_long": dict(
+        max_position_embeddings=6, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    ),
+    "dropout_in_eval": dict(attention_dropout=0.3),
+    "untied": dict(tie_word_embeddings=False),
+    "k_equals_e": dict(num_local_experts=3, num_experts_per_tok=3),
+    "single_expert": dict(num_local_experts=1, num_experts_per_tok=1),
+}
+
+
+@pytest.mark.parametrize("variant", list(CONFIG_VARIANTS))
+def test_config_variants_match_oracle(variant):
+    ours, oracle = build_pair(**CONFIG_VARIANTS[variant])
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        got = ours(ids, labels=ids, output_router_logits=True)
+        want = oracle(ids, labels=ids, output_router_logits=True)
+    assert_close(got.logits, want.logits, what=f"logits [{variant}]")
+    assert_close(got.loss, want.loss, what=f"loss [{variant}]")
+
+
 def test_loss_includes_aux_loss_only_when_router_logits_requested():
     ours, oracle = build_pair()
     ids = random_ids(2, 7)
@@ -283,3 +310,34 @@ def test_sequence_classification_losses_match_oracle(problem):
     with torch.no_grad():
         got, want = ours(ids, labels=labels), oracle(ids, labels=labels)
     assert_close(got.loss, want.loss, what=f"seq-cls {problem} loss")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16
+
+
+def test_bf16_runs_and_stays_close_to_fp32(attn_implementation):
+    ours, oracle = build_pair(attn_implementation=attn_implementation)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        reference = ours(ids).logits
+        oracle_bf16 = oracle.to(torch.bfloat16)(ids).logits.float()
+    ours.to(torch.bfloat16).train()
+    out = ours(ids, labels=ids, output_router_logits=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert all(r.dtype == torch.float32 for r in out.router_logits)  # router logits stay fp32
+    assert torch.isfinite(out.loss) and torch.isfinite(out.aux_loss)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all()
+               for p in ours.parameters())
+
+    logits = out.logits.detach().float()
+    scale = reference.abs().max().item()
+    error = max_diff(logits, reference)
+    oracle_error = max_diff(oracle_bf16, reference)
+    print(f"PARITY bf16 vs fp32 [{attn_implementation}]: ours {error:.3e}, oracle {oracle_error:.3e}, "
+          f"ours vs oracle bf16 {max_diff(logits, oracle_bf16):.3e} (logit scale {scale:.1f})")
+    assert error <= 0.03 * scale
+    assert (logits - reference).abs().mean() <= 0.005 * scale
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+    assert error <= 1.5 * oracle_error + 1e-3  # no worse than the reference's own bf16 rounding
