@@ -140,3 +140,13 @@ def test_generate_with_cache_off_matches_cached():
         cached = ours.generate(ids, max_new_tokens=6, eos_token_id=None, use_cache=True)
         uncached = ours.generate(ids, max_new_tokens=6, eos_token_id=None, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_static_cache_generate_gives_the_oracle_tokens():
+    ours, oracle = build_pair(pad_token_id=PAD)
+    ids, mask = _left_padded([5, 3], 5)
+    got, want = _generate_both(ours, oracle, input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                               eos_token_id=None, cache_implementation="static")
+    assert torch.equal(got, want)
+    dynamic, _ = _generate_both(ours, oracle, input_ids=ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(got, dynamic)

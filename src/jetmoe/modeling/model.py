@@ -171,10 +171,19 @@ class JetMoeModel(JetMoePreTrainedModel):
                 f"attention_mask must be 2-D [batch, past + seq] (or a prepared 4-D mask), "
                 f"got shape {tuple(attention_mask.shape)}"
             )
+        elif attention_mask is not None:
+            # [batch or 1, 1, seq, keys]; keys may exceed past + seq (a static cache's full length).
+            rows, _, queries, keys = attention_mask.shape
+            if rows not in (1, batch) or queries != length or keys < past_length + length:
+                raise ValueError(
+                    f"a 4-D attention_mask must have shape [{batch}, 1, {length}, >= {past_length + length}], "
+                    f"got {list(attention_mask.shape)}"
+                )
         if past_length + length > self.config.max_position_embeddings:
+            # warning_once dedupes by message: keep the length out of it, or generation warns at every step.
             logger.warning_once(
-                f"Sequence length {past_length + length} exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings}); RoPE extrapolates and quality may degrade."
+                f"Sequence longer than max_position_embeddings ({self.config.max_position_embeddings}); "
+                "RoPE extrapolates and quality may degrade."
             )
 
     def forward(
