@@ -150,3 +150,18 @@ def test_static_cache_generate_gives_the_oracle_tokens():
     assert torch.equal(got, want)
     dynamic, _ = _generate_both(ours, oracle, input_ids=ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
     assert torch.equal(got, dynamic)
+
+
+def test_cache_argument_names_and_use_cache():
+    ours, _ = build_pair()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        full = ours(ids).logits
+        assert isinstance(ours(ids).cache, DynamicCache)  # made when use_cache (the default) and none is given
+        assert ours(ids, use_cache=False).cache is None
+        cache = DynamicCache(config=ours.config)
+        ours(ids[:, :4], past_key_values=cache)  # the seed's (deprecated) name for the cache
+        step = ours(ids[:, 4:], past_key_values=cache).logits
+        assert_close(step, full[:, 4:], what="past_key_values= decoding")
+        with pytest.raises(ValueError, match="not both"):
+            ours(ids, past_key_values=DynamicCache(config=ours.config), cache=DynamicCache(config=ours.config))

@@ -341,3 +341,21 @@ def test_bf16_runs_and_stays_close_to_fp32(attn_implementation):
     assert (logits - reference).abs().mean() <= 0.005 * scale
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
     assert error <= 1.5 * oracle_error + 1e-3  # no worse than the reference's own bf16 rounding
+
+
+def test_attention_dropout_is_active_in_training_only(attn_implementation):
+    """Dropout masks cannot match the oracle's draw for draw (the heads are laid out differently), so this
+    checks the behaviour: off in eval, on in training, a fresh mask per call."""
+    ours, _ = build_pair(attn_implementation=attn_implementation, attention_dropout=0.5)
+    plain, _ = build_pair(attn_implementation=attn_implementation)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, plain(ids).logits)
+        ours.train()
+        torch.manual_seed(0)
+        first = ours(ids).logits
+        second = ours(ids).logits
+        torch.manual_seed(0)
+        again = ours(ids).logits
+    assert not torch.allclose(first, plain(ids).logits) and not torch.allclose(first, second)
+    assert torch.equal(first, again)
