@@ -1,0 +1,130 @@
+"""The machine's limits, measured: matmul peak (FLOP/s) per dtype and memory bandwidth (bytes/s)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+# Nominal dense bf16 tensor-core peak of the GPUs this project is lent (H100 SXM and H200 share it).
+NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best_seconds(fn, device: torch.device, repeats: int, inner: int) -> float:
+    """Best (not median: a limit is what the machine can reach) time of one call, over `repeats` timings
+    of `inner` back-to-back calls each. The first call is a warm-up (oneDNN / cuBLAS pick kernels then)."""
+    fn()
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / inner)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, quick: bool = False) -> dict:
+    """FLOP/s of square torch.matmul, the best over a few sizes (2*n^3 FLOPs each)."""
+    if quick:
+        sizes, repeats, inner = [256], 2, 2
+    elif device.type == "cuda":
+        sizes, repeats, inner = [4096, 8192], 5, 20
+    else:
+        sizes, repeats, inner = [2048, 4096], 5, 1
+    best = {"flops_per_s": 0.0, "n": 0}
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        seconds = _best_seconds(lambda: torch.matmul(a, b), device, repeats, inner)
+        rate = 2 * n**3 / seconds
+        if rate > best["flops_per_s"]:
+            best = {"flops_per_s": rate, "n": n}
+        del a, b
+    return best
+
+
+def memory_bandwidth(device: torch.device, quick: bool = False) -> dict:
+    """Bytes/s of (a) a tensor copy, counting the read and the write, and (b) a sum, which only reads.
+
+    Buffers are far larger than the last-level cache, so this is main memory. The roofline uses the higher
+    of the two (a conservative choice: a higher bandwidth means a higher roofline and a lower fraction).
+    """
+    if quick:
+        size_bytes, repeats = 32 * 2**20, 2
+    elif device.type == "cuda":
+        size_bytes, repeats = 4 * 2**30, 10
+    else:
+        size_bytes, repeats = 2 * 2**30, 5
+    numel = size_bytes // 4
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    copy_s = _best_seconds(lambda: dst.copy_(src), device, repeats, 1)
+    del dst
+    sum_s = _best_seconds(lambda: src.sum(), device, repeats, 1)
+    del src
+    copy_bw = 2 * size_bytes / copy_s
+    read_bw = size_bytes / sum_s
+    return {"copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw, "bytes_per_s": max(copy_bw, read_bw),
+            "buffer_bytes": size_bytes}
+
+
+def _lscpu() -> dict:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _git_revision() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "src"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + (" (src/ has uncommitted changes)" if dirty else "")
+
+
+def describe(device: torch.device) -> dict:
+    """What the results were measured on, as name -> text."""
+    import transformers
+
+    cpu = _lscpu()
+    cores = cpu.get("Core(s) per socket", "?").strip()
+    sockets = cpu.get("Socket(s)", "1").strip()
+    try:
+        physical = str(int(cores) * int(sockets))
+    except ValueError:
+        physical = "?"
+    info = {
+        "CPU": cpu.get("Model name", platform.processor() or "unknown").strip(),
+        "cores": f"{physical} physical, {os.cpu_count()} logical, torch threads {torch.get_num_threads()}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "jetmoe revision": _git_revision(),
+    }
+    if device.type == "cuda":
+        info["GPU"] = torch.cuda.get_device_name(device)
+        info["CUDA"] = str(torch.version.cuda)
+    return info
+
+
+def nominal_bf16_peak(device: torch.device) -> float | None:
+    """The vendor's dense bf16 peak for known GPUs, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in NOMINAL_BF16_PEAK.items() if key in name), None)
