@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from oracle_pair import build_pair, random_ids
+from oracle_pair import assert_close, build_pair, random_ids
 from safetensors.torch import load_file, save_file
 
 import jetmoe
@@ -135,3 +135,15 @@ def test_sequence_longer_than_max_position_embeddings_warns_once(caplog):
     warnings = [r for r in caplog.records if r.name.startswith("jetmoe") and "max_position_embeddings" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "11" in warnings[0].getMessage()
+
+
+def test_vocabulary_bound_follows_resize_token_embeddings():
+    ours, oracle = build_pair()
+    ids = torch.tensor([[150, 199, 3]])
+    for model in (ours, oracle):
+        model.resize_token_embeddings(200, mean_resizing=False)
+    with torch.no_grad():
+        ours.model.embed_tokens.weight.copy_(oracle.model.embed_tokens.weight)  # the new rows are random
+        assert_close(ours(ids).logits, oracle(ids).logits, what="logits after resize_token_embeddings")
+    with pytest.raises(ValueError, match="200.*200"):
+        ours(torch.tensor([[200]]))

@@ -151,9 +151,11 @@ class JetMoeModel(JetMoePreTrainedModel):
             # A host read; skipped under torch.compile so that compiled graphs stay free of syncs.
             if input_ids.numel() and not torch.compiler.is_compiling():
                 low, high = int(input_ids.min()), int(input_ids.max())
-                if low < 0 or high >= self.vocab_size:
+                # The embedding table is the bound (resize_token_embeddings changes it, not self.vocab_size).
+                vocab = getattr(self.embed_tokens, "num_embeddings", self.config.vocab_size)
+                if low < 0 or high >= vocab:
                     bad = low if low < 0 else high
-                    raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary of size {self.vocab_size}")
+                    raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary of size {vocab}")
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], got shape {tuple(inputs_embeds.shape)}"
