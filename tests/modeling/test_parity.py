@@ -49,6 +49,7 @@ def test_causal_lm_outputs_match_oracle(geometry, attn_implementation, padding):
     tag = f"[{attn_implementation}, E={geometry['num_local_experts']}, {padding} padding]"
 
     assert_close(got.logits[real], want.logits[real], what=f"logits {tag}")
+    assert torch.isfinite(got.logits).all()  # pad positions too: a NaN there would poison masked losses
     assert_close(got.loss, want.loss, what=f"loss {tag}")
     assert_close(got.aux_loss, want.aux_loss, what=f"aux_loss {tag}")
     assert got.aux_loss.shape == () and got.aux_loss.dtype == torch.float32
@@ -300,6 +301,21 @@ def test_sequence_classification_with_inputs_embeds_pools_last_and_warns(caplog)
     assert torch.equal(got, last)
     # (warning_once: this is the only test that triggers it.)
     assert any(r.name.startswith("jetmoe") and "inputs_embeds" in r.getMessage() for r in caplog.records)
+
+
+def test_sequence_classification_gradients_match_oracle():
+    ours, oracle = _seq_cls_pair()
+    ids = random_ids(3, 6)
+    ids[1, :2] = PAD
+    labels = torch.tensor([0, 1, 2])
+    ours.train()
+    oracle.train()
+    ours(ids, labels=labels).loss.backward()
+    oracle(ids, labels=labels).loss.backward()
+    theirs = dict(oracle.named_parameters())
+    worst = max(max_diff(p.grad, theirs[name].grad) for name, p in ours.named_parameters())
+    print(f"PARITY seq-cls gradients: max abs diff {worst:.3e}")
+    assert worst <= GRAD_ATOL
 
 
 @pytest.mark.parametrize("problem", ["regression", "multi_label_classification"])
