@@ -35,7 +35,7 @@ def shared_kv_attention_reference(
     Returns output [B, Nkv, k, T, D] and probabilities [B, Nkv, k, T, S].
     """
     if attention_mask is None and query.shape[3] > 1:
-        attention_mask = _causal_mask(query.shape[3], key.shape[2], query.device)
+        attention_mask = _causal_mask(query.shape[3], key.shape[2], query.device)[None, None]
     scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scale
     if attention_mask is not None:
         scores = scores + _as_additive(attention_mask, scores.dtype).unsqueeze(2)
