@@ -110,10 +110,30 @@ def test_base_model_and_classifier_load_from_a_causal_lm_checkpoint(tmp_path):
     assert torch.equal(classifier.model.layers[1].mlp.bias, oracle.model.layers[1].mlp.bias)
 
 
-def test_auto_classes_build_ours_after_registration(tmp_path):
+@pytest.fixture
+def restored_auto_registry():
+    """Registration is process-global: undo it, so later tests in this worker get transformers' own classes."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    autos = (transformers.AutoModel, transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification)
+    saved = [dict(CONFIG_MAPPING._extra_content)] + [dict(a._model_mapping._extra_content) for a in autos]
+    yield
+    for mapping, content in zip([CONFIG_MAPPING] + [a._model_mapping for a in autos], saved):
+        mapping._extra_content.clear()
+        mapping._extra_content.update(content)
+
+
+def test_auto_classes_build_ours_after_registration(tmp_path, restored_auto_registry):
     _, oracle = build_pair()
     oracle.save_pretrained(tmp_path)
     jetmoe.register_with_transformers()
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(model, jetmoe.JetMoeForCausalLM)
     _same_logits(model, oracle, "AutoModelForCausalLM after register_with_transformers")
+    assert isinstance(transformers.AutoModel.from_pretrained(tmp_path), jetmoe.JetMoeModel)
+
+
+def test_auto_registry_is_restored_after_the_registration_test(tmp_path):
+    _, oracle = build_pair()
+    oracle.save_pretrained(tmp_path)
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)) is transformers.JetMoeForCausalLM
