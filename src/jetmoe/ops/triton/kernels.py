@@ -17,6 +17,7 @@ interpreter or the compiler at import) the kernels run in triton's interpreter, 
 """
 
 from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
