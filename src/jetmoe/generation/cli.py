@@ -1,0 +1,149 @@
+"""`jetmoe generate`, `jetmoe chat` and `jetmoe quantize`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .loading import DTYPES
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--dtype/--int8/--max-len/--compile: shared with `jetmoe serve`."""
+    parser.add_argument("--model", metavar="DIR", help="HF-format JetMoE checkpoint directory (default: the bundled tiny model)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype (default bfloat16)")
+    parser.add_argument("--int8", action="store_true", help="quantise dense and expert weights to int8 on load")
+    parser.add_argument("--max-len", type=int, default=None, help="context length: prompt + output tokens (default: the model's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1: off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def build_engine(args, max_batch: int = 1):
+    from .engine import Engine
+    from .loading import load
+
+    _quiet_transformers()
+    model, tokenizer, _ = load(args.model, args.dtype, args.int8)
+    return Engine(model, tokenizer, max_batch=max_batch, max_len=args.max_len, compile=args.compile)
+
+
+def _sampling(args, extra_stop: tuple[str, ...] = ()):
+    from .sampler import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop) + extra_stop,
+    )
+
+
+def run_generate(args) -> int:
+    params = _sampling(args)  # bad settings fail before the model loads
+    engine = build_engine(args, max_batch=max(1, min(len(args.prompt), 32)))
+    if len(args.prompt) == 1 and not args.no_stream:
+        out = sys.stdout
+        out.write(args.prompt[0])
+        out.flush()
+        for piece in engine.stream(args.prompt[0], params):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return 0
+    for prompt, completion in zip(args.prompt, engine.generate(args.prompt, params)):
+        print(prompt + completion.text)
+        if len(args.prompt) > 1:
+            print("-" * 40)
+    return 0
+
+
+def run_chat(args) -> int:
+    from .chat import chat_prompt_ids, chat_stop_strings
+
+    engine = build_engine(args)
+    params = _sampling(args, chat_stop_strings(engine.tokenizer))
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("jetmoe chat: /reset starts over, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = chat_prompt_ids(engine.tokenizer, messages)
+        if len(prompt) >= engine.max_len:
+            print(f"(the conversation has {len(prompt)} tokens, over the context of {engine.max_len}: /reset)", file=sys.stderr)
+            messages.pop()
+            continue
+        reply = []
+        for piece in engine.stream(prompt, params):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+    return 0
+
+
+def run_quantize(args) -> int:
+    from .loading import load
+    from .quantize import quantize_model, save_quantized
+
+    _quiet_transformers()
+    model, tokenizer, _ = load(args.model, args.dtype)
+    quantize_model(model)
+    path = save_quantized(model, args.out, tokenizer)
+    print(f"int8 checkpoint written to {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help="complete a prompt", description="Complete one or more prompts.")
+    gen.add_argument("prompt", nargs="+", help="prompt text (several: completed as one batch)")
+    add_model_arguments(gen)
+    _add_sampling_arguments(gen, max_tokens=64)
+    gen.add_argument("--no-stream", action="store_true", help="print the completion when it is done")
+    gen.set_defaults(run=run_generate)
+
+    chat = subparsers.add_parser("chat", help="interactive chat", description="Chat on stdin/stdout.")
+    add_model_arguments(chat)
+    _add_sampling_arguments(chat, max_tokens=256)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.set_defaults(run=run_chat)
+
+    quant = subparsers.add_parser("quantize", help="write an int8 copy of a checkpoint")
+    quant.add_argument("--model", metavar="DIR", help="source checkpoint (default: the bundled tiny model)")
+    quant.add_argument("--out", metavar="DIR", required=True, help="where to write the int8 checkpoint")
+    quant.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the float tensors kept")
+    quant.set_defaults(run=run_quantize)

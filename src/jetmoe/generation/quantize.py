@@ -1,0 +1,220 @@
+"""int8 weight-only quantisation for CPU inference: experts and dense layers, one scale per output channel.
+
+W [out, in] is stored as int8 Q = round(W / s) with s = max|W[row]| / 127 per output row; y = (x @ Q.T) * s.
+Activations stay in the model dtype. On CPU the product runs in `aten._weight_int8pack_mm` (int8 weights
+are read as they are, half the bytes of bf16: decoding is bound by reading weights). Elsewhere, or for
+shapes that kernel does not take, the weight is dequantised on the fly.
+
+What is quantised: every nn.Linear except the routers (their few weights decide which experts run, so they
+stay exact), and every ParallelExperts (the MoA and MoE experts). The embedding stays in float; with tied
+embeddings the LM head becomes its own int8 copy.
+
+Checkpoint format (a directory): config.json, generation_config.json, tokenizer files, `quantization.json`
+(method and the quantised module names) and `model-int8.safetensors` (int8 weights, fp32 scales, the
+float tensors). `JetMoeForCausalLM.from_pretrained` refuses such a directory (no model.safetensors);
+`load_quantized` (and `jetmoe generate --model`) reads it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from jetmoe import JetMoeConfig, JetMoeForCausalLM
+from jetmoe.modeling.experts import ParallelExperts
+from jetmoe.modeling.routing import TopKRouter
+
+METHOD = "int8-weight-only-per-channel"
+SPEC_FILE = "quantization.json"
+WEIGHTS_FILE = "model-int8.safetensors"
+
+
+def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., out, in] float -> (int8 of the same shape, fp32 scales [..., out])."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ dequant(q [out, in], scale [out]).T -> [M, out] in x's dtype."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32, torch.float16) and q.shape[1] % 16 == 0:
+        # The CPU kernel wants the scales in the activation dtype and needs `in` a multiple of 16 (it
+        # crashes on other widths in bf16).
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(x.dtype))
+    return F.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_tensor(linear.weight)
+        module.register_buffer("weight_int8", q)
+        module.register_buffer("scale", scale.to(linear.weight.dtype))
+        module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _int8_matmul(x.reshape(-1, self.in_features), self.weight_int8, self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
+
+
+class Int8ParallelExperts(nn.Module):
+    """ParallelExperts with int8 weights [E, out, in]: same forward(grouped_inputs, plan)."""
+
+    def __init__(self, num_experts: int, input_size: int, output_size: int, dtype=torch.float32):
+        super().__init__()
+        self.num_experts, self.input_size, self.output_size = num_experts, input_size, output_size
+        self.register_buffer("weight_int8", torch.zeros(num_experts, output_size, input_size, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_experts, output_size, dtype=dtype))
+
+    @classmethod
+    def from_float(cls, experts: ParallelExperts) -> Int8ParallelExperts:
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.num_experts, module.input_size, module.output_size = (
+            experts.num_experts,
+            experts.input_size,
+            experts.output_size,
+        )
+        q, scale = quantize_tensor(experts.weight)
+        module.register_buffer("weight_int8", q)
+        module.register_buffer("scale", scale.to(experts.weight.dtype))
+        return module
+
+    def forward(self, grouped_inputs: torch.Tensor, plan) -> torch.Tensor:
+        # Group sizes on the host: on CPU that read is cheap, and only experts with rows cost anything.
+        ends = plan.expert_ends.tolist()
+        outputs, start = [], 0
+        for expert, end in enumerate(ends):
+            if end > start:
+                outputs.append(_int8_matmul(grouped_inputs[start:end], self.weight_int8[expert], self.scale[expert]))
+            start = end
+        if not outputs:
+            return grouped_inputs.new_zeros(0, self.output_size)
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, in={self.input_size}, out={self.output_size}, int8 per-channel"
+
+
+def _quantizable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    routers = {id(m.layer) for m in model.modules() if isinstance(m, TopKRouter)}
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, ParallelExperts) or (isinstance(module, nn.Linear) and id(module) not in routers)
+    ]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@torch.no_grad()
+def quantize_model(model: JetMoeForCausalLM) -> list[str]:
+    """Replace, in place, the dense and expert layers of `model` by int8 ones; returns their names.
+
+    Layer by layer, so peak memory is the float model plus one layer's int8 copy."""
+    names = []
+    for name, module in _quantizable(model):
+        replacement = Int8ParallelExperts.from_float(module) if isinstance(module, ParallelExperts) else Int8Linear.from_float(module)
+        _set_module(model, name, replacement)
+        names.append(name)
+    if not names:
+        raise ValueError("nothing to quantise: the model has no nn.Linear or ParallelExperts layers (already int8?)")
+    model.config.tie_word_embeddings = False  # the LM head is its own int8 tensor now
+    model.jetmoe_int8_modules = names
+    return names
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / SPEC_FILE).is_file()
+
+
+def save_quantized(model: JetMoeForCausalLM, path: str | Path, tokenizer=None) -> Path:
+    """Write an int8 checkpoint directory (see the module docstring)."""
+    names = getattr(model, "jetmoe_int8_modules", None)
+    if not names:
+        raise ValueError("the model is not quantised: call quantize_model(model) first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.endswith(".scale"):
+            tensor = tensor.float()  # scales are saved in full precision whatever the activation dtype
+        state[key] = tensor.detach().contiguous()
+    save_file(state, path / WEIGHTS_FILE, metadata={"format": "pt", "method": METHOD})
+    (path / SPEC_FILE).write_text(json.dumps({"method": METHOD, "modules": names}, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+@torch.no_grad()
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> JetMoeForCausalLM:
+    """Build the model without allocating float weights, put the int8 modules in place, load the tensors."""
+    path = Path(path)
+    spec = json.loads((path / SPEC_FILE).read_text())
+    if spec.get("method") != METHOD:
+        raise ValueError(f"{path / SPEC_FILE}: unknown quantisation method {spec.get('method')!r} (expected {METHOD!r})")
+    config = JetMoeConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = JetMoeForCausalLM(config)
+        for name in spec["modules"]:
+            module = model.get_submodule(name)
+            if isinstance(module, ParallelExperts):
+                replacement = Int8ParallelExperts(module.num_experts, module.input_size, module.output_size)
+            elif isinstance(module, nn.Linear):
+                replacement = Int8Linear(module.in_features, module.out_features, module.bias is not None)
+            else:
+                raise ValueError(f"{path / SPEC_FILE}: {name} is a {type(module).__name__}, not a quantisable layer")
+            _set_module(model, name, replacement)
+    state = {}
+    with safe_open(path / WEIGHTS_FILE, framework="pt", device=device) as weights:
+        for key in weights.keys():
+            tensor = weights.get_tensor(key)
+            # A private copy, one tensor at a time: the int8 CPU kernel crashes on the file-backed memory
+            # safetensors hands out, and the peak stays at the model plus one tensor.
+            state[key] = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+    # Strict: a missing or extra tensor is an error naming it. assign=True adopts the loaded tensors as they
+    # are (no second copy).
+    model.load_state_dict(state, strict=True, assign=True)
+    # What the checkpoint does not hold (non-persistent buffers such as RoPE's inv_freq) is still on meta:
+    # materialise it and let the model's own initialiser compute it.
+    for module in model.modules():
+        if any(t.is_meta for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+            module.to_empty(device=device, recurse=False)
+            model._init_weights(module)
+    leftover = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise ValueError(f"int8 checkpoint {path} left tensors uninitialised: {leftover[:5]}")
+    model.config.tie_word_embeddings = False
+    model.jetmoe_int8_modules = list(spec["modules"])
+    return model.eval()

@@ -1,0 +1,37 @@
+"""Fixtures: a tiny random JetMoE checkpoint with a locally trained tokenizer (see toy_checkpoint.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_checkpoint import build_toy_checkpoint  # noqa: E402
+
+PROMPTS = ["The Python language", "Hello world, hello model", "A mixture of experts routes"]
+
+
+@pytest.fixture(scope="session")
+def toy_dir(tmp_path_factory) -> Path:
+    return build_toy_checkpoint(tmp_path_factory.mktemp("toy") / "toy")
+
+
+@pytest.fixture(scope="session")
+def toy_tokenizer(toy_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy_dir)
+
+
+def load_toy(toy_dir, attn_implementation: str = "sdpa", dtype=torch.float32):
+    import jetmoe
+
+    return jetmoe.JetMoeForCausalLM.from_pretrained(toy_dir, dtype=dtype, attn_implementation=attn_implementation).eval()
+
+
+@pytest.fixture(scope="session")
+def toy_model(toy_dir):
+    return load_toy(toy_dir)

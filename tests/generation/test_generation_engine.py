@@ -1,0 +1,153 @@
+"""The engine against transformers' generate() on the same model, and its request handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, load_toy
+
+from jetmoe.generation import Engine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+def reference_greedy(model, tokenizer, prompts, max_new_tokens):
+    """generate() on a left-padded batch; each row cut after its first end-of-sequence token."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    rows = []
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        if model.generation_config.eos_token_id in row:
+            row = row[: row.index(model.generation_config.eos_token_id) + 1]
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_greedy_equals_generate_batch_of_one(toy_dir, toy_tokenizer, attn_implementation):
+    model = load_toy(toy_dir, attn_implementation)
+    engine = Engine(model, toy_tokenizer, max_batch=1)
+    for prompt in PROMPTS:
+        expected = reference_greedy(model, toy_tokenizer, [prompt], GREEDY.max_tokens)[0]
+        completion = engine.generate([prompt], GREEDY)[0]
+        assert completion.token_ids == expected
+        assert len(expected) > 5  # a real comparison, not an immediate end-of-sequence
+
+
+def test_greedy_equals_generate_padded_batch(toy_model, toy_tokenizer):
+    expected = reference_greedy(toy_model, toy_tokenizer, PROMPTS, GREEDY.max_tokens)
+    lengths = {len(toy_tokenizer(p)["input_ids"]) for p in PROMPTS}
+    assert len(lengths) > 1  # the reference batch really is padded
+    engine = Engine(toy_model, toy_tokenizer, max_batch=len(PROMPTS))
+    assert [c.token_ids for c in engine.generate(PROMPTS, GREEDY)] == expected
+
+
+def test_requests_joining_a_running_batch_get_their_own_tokens(toy_model, toy_tokenizer):
+    """Two slots, four requests of different lengths: late ones join at a token boundary mid-batch."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (5, 20, 9, 14)]
+    prompts = PROMPTS + ["Servers answer many clients"]
+    alone = [Engine(toy_model, toy_tokenizer, max_batch=1).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    engine = Engine(toy_model, toy_tokenizer, max_batch=2)
+    together = engine.generate(prompts, params)
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [c.completion_tokens for c in together] == [5, 20, 9, 14]
+    assert not engine.running  # every slot was freed
+
+
+def test_stream_yields_the_completion_text(toy_model, toy_tokenizer):
+    engine = Engine(toy_model, toy_tokenizer, max_batch=2)
+    params = SamplingParams(max_tokens=30, temperature=0.9, seed=7)
+    pieces = list(engine.stream(PROMPTS[0], params))
+    assert len(pieces) > 1
+    assert "".join(pieces) == engine.generate([PROMPTS[0]], params)[0].text
+    assert not engine.running
+
+
+def test_max_tokens_and_context_limit(toy_model, toy_tokenizer):
+    engine = Engine(toy_model, toy_tokenizer, max_batch=2, max_len=12)
+    prompt_len = len(toy_tokenizer(PROMPTS[0])["input_ids"])
+    short, long = engine.generate(
+        [PROMPTS[0]] * 2,
+        [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), SamplingParams(max_tokens=100, ignore_eos=True)],
+    )
+    assert (short.completion_tokens, short.finish_reason) == (2, "length")
+    assert long.finish_reason == "length" and prompt_len + long.completion_tokens == 12  # the context is full
+
+
+def test_stop_string_cuts_the_text(toy_model, toy_tokenizer):
+    engine = Engine(toy_model, toy_tokenizer)
+    free = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    text = free.text
+    stop = next(text[i : i + 2] for i in range(4, len(text) - 2) if "\ufffd" not in text[i : i + 2])
+    cut = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+    assert cut.token_ids == free.token_ids[: cut.completion_tokens]
+    assert cut.completion_tokens < free.completion_tokens
+
+
+def test_stop_token_ids_and_end_of_sequence(toy_model, toy_tokenizer):
+    engine = Engine(toy_model, toy_tokenizer)
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    stop_token = free.token_ids[6]
+    first = free.token_ids.index(stop_token)
+    cut = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_token]))[0]
+    assert cut.token_ids == free.token_ids[: first + 1] and cut.finish_reason == "stop"
+    # The end token is counted but never shown.
+    assert cut.text == toy_tokenizer.decode(free.token_ids[:first], skip_special_tokens=True)
+
+
+def test_end_of_sequence_token_ends_a_request(toy_model, toy_tokenizer):
+    """Make the model's eos token the greedy choice after a few tokens by declaring a frequent token eos."""
+    engine = Engine(toy_model, toy_tokenizer)
+    free = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    engine.eos_ids = {free.token_ids[3]}
+    done = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0))[0]
+    assert done.finish_reason == "stop" and done.token_ids[-1] == free.token_ids[3]
+    assert len(done.token_ids) == free.token_ids.index(free.token_ids[3]) + 1
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(toy_model, toy_tokenizer):
+    engine = Engine(toy_model, toy_tokenizer, max_batch=4)
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = engine.generate([PROMPTS[0]], seeded)[0].token_ids
+    assert engine.generate([PROMPTS[0]], seeded)[0].token_ids == alone
+    mixed = engine.generate(
+        [PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+        [SamplingParams(max_tokens=7, temperature=1.0), seeded, SamplingParams(max_tokens=3, temperature=0)],
+    )
+    assert mixed[1].token_ids == alone
+    other = SamplingParams(max_tokens=20, temperature=1.0, top_k=50, top_p=0.9, seed=99, ignore_eos=True)
+    assert engine.generate([PROMPTS[0]], other)[0].token_ids != alone
+    greedy = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    assert greedy.token_ids != alone  # sampling really sampled
+
+
+def test_cancel_frees_the_slot(toy_model, toy_tokenizer):
+    engine = Engine(toy_model, toy_tokenizer, max_batch=2)
+    a = engine.make_sequence(PROMPTS[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    b = engine.make_sequence(PROMPTS[1], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.add(a)
+    engine.add(b)
+    engine.step()
+    assert engine.free_slots == 0
+    engine.cancel(a)
+    assert engine.free_slots == 1 and a.finish_reason == "abort" and b.slot == 0  # b moved into slot 0
+    for _ in range(5):
+        engine.step()
+    # b continues exactly as it would have alone, after moving slots.
+    alone = Engine(toy_model, toy_tokenizer, max_batch=1).generate([PROMPTS[1]], SamplingParams(max_tokens=7, temperature=0))
+    assert b.output_ids == alone[0].token_ids
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [([], "empty"), ("word " * 300, "context holds"), ([5, 9999], "outside the vocabulary")],
+)
+def test_bad_prompts_raise_value_error(toy_model, toy_tokenizer, prompt, message):
+    engine = Engine(toy_model, toy_tokenizer, max_len=128)
+    with pytest.raises(ValueError, match=message):
+        engine.generate([prompt], GREEDY)

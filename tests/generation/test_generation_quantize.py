@@ -1,0 +1,98 @@
+"""int8 weight-only quantisation: per-channel error bound, model closeness, save/load round trip, engine use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import PROMPTS, load_toy
+
+import jetmoe
+from jetmoe.generation import Engine, SamplingParams, load_model, load_quantized, quantize_model, save_quantized
+from jetmoe.generation.quantize import SPEC_FILE, Int8Linear, Int8ParallelExperts, quantize_tensor
+
+VALIDATION_TEXT = (
+    "The Python language is a programming language. A mixture of experts routes every token to two experts. "
+    "Servers answer many clients at once with continuous batching. Generation streams text one token at a time."
+)
+
+
+def test_quantize_tensor_error_is_at_most_half_a_step_per_channel():
+    weight = torch.randn(3, 40, 64) * torch.linspace(0.01, 5, 40)[None, :, None]  # very different row scales
+    q, scale = quantize_tensor(weight)
+    assert q.dtype == torch.int8 and scale.shape == (3, 40)
+    assert q.abs().max() == 127
+    error = (q.float() * scale[..., None] - weight).abs()
+    assert (error <= scale[..., None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("in_features", [64, 40])  # 40: not a multiple of 16, the dequantising fallback
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_matches_its_dequantised_weight(in_features, dtype):
+    linear = torch.nn.Linear(in_features, 24, bias=True).to(dtype)
+    quantized = Int8Linear.from_float(linear)
+    x = torch.randn(2, 5, in_features).to(dtype)
+    dequantised = quantized.weight_int8.float() * quantized.scale.float()[:, None]
+    expected = x.float() @ dequantised.T + linear.bias.float()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(quantized(x).float(), expected, rtol=tolerance, atol=tolerance)
+
+
+def perplexity(model, tokenizer, text: str) -> float:
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return torch.exp(model(ids, labels=ids).loss).item()
+
+
+def test_int8_model_stays_close_to_the_float_model(toy_dir, toy_tokenizer):
+    reference = load_toy(toy_dir)
+    model = load_toy(toy_dir)
+    names = quantize_model(model)
+    assert sum(isinstance(m, Int8ParallelExperts) for m in model.modules()) == 4 * 2  # MoA + MoE, in and out
+    assert any(n == "lm_head" for n in names) and not any("router" in n for n in names)
+    assert not any(isinstance(m, torch.nn.Linear) and "router" not in n for n, m in model.named_modules())
+    ids = toy_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref_logits, int8_logits = reference(**ids).logits, model(**ids).logits
+    relative = (int8_logits - ref_logits).norm() / ref_logits.norm()
+    assert relative < 0.02
+    ref_ppl, int8_ppl = perplexity(reference, toy_tokenizer, VALIDATION_TEXT), perplexity(model, toy_tokenizer, VALIDATION_TEXT)
+    assert abs(int8_ppl / ref_ppl - 1) < 0.01
+
+
+def test_save_and_load_round_trip(toy_dir, toy_tokenizer, tmp_path):
+    model = load_toy(toy_dir)
+    quantize_model(model)
+    save_quantized(model, tmp_path / "int8", toy_tokenizer)
+    spec = json.loads((tmp_path / "int8" / SPEC_FILE).read_text())
+    assert "lm_head" in spec["modules"]
+    loaded = load_model(tmp_path / "int8", dtype="float32")  # the generic loader recognises int8 checkpoints
+    ids = toy_tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    with pytest.raises(OSError, match="model.safetensors"):
+        jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path / "int8")  # never silently random weights
+    assert loaded.model.rotary_emb.inv_freq.equal(model.model.rotary_emb.inv_freq)
+
+
+def test_load_rejects_an_unknown_method(toy_dir, toy_tokenizer, tmp_path):
+    model = load_toy(toy_dir)
+    quantize_model(model)
+    save_quantized(model, tmp_path / "int8")
+    (tmp_path / "int8" / SPEC_FILE).write_text(json.dumps({"method": "int4-magic", "modules": []}))
+    with pytest.raises(ValueError, match="int4-magic"):
+        load_quantized(tmp_path / "int8")
+
+
+def test_engine_on_int8_equals_generate_on_int8(toy_dir, toy_tokenizer):
+    model = load_toy(toy_dir, dtype=torch.bfloat16)
+    quantize_model(model)
+    ids = toy_tokenizer(PROMPTS[1], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**ids, max_new_tokens=12, do_sample=False)[0, ids["input_ids"].shape[1] :].tolist()
+    engine = Engine(model, toy_tokenizer)
+    got = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+    assert got == expected[: len(got)] and len(got) > 3
