@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
@@ -53,47 +56,58 @@ class JetMoeConfig(PreTrainedConfig):
     attribute_map = {"head_dim": "kv_channels"}
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
-    vocab_size: int = 32000
-    hidden_size: int = 2048
-    num_hidden_layers: int = 12
-    num_key_value_heads: int = 16
-    kv_channels: int = 128
-    intermediate_size: int = 5632
-    max_position_embeddings: int = 4096
-    activation_function: str = "silu"
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
-    output_router_logits: bool = False
-    aux_loss_coef: float = 0.01
-    use_cache: bool = True
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-    pad_token_id: int | None = None
-    tie_word_embeddings: bool = True
-    rope_parameters: RopeParameters | dict | None = None
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.01
-    attention_dropout: float | int = 0.0
-    router_aux_loss_type: str = "reference"
-    router_z_loss_coef: float = 0.1
-
-    def __post_init__(self, **kwargs):
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 2048,
+        num_hidden_layers: int = 12,
+        num_key_value_heads: int = 16,
+        kv_channels: int = 128,
+        intermediate_size: int = 5632,
+        max_position_embeddings: int = 4096,
+        activation_function: str = "silu",
+        num_local_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        output_router_logits: bool = False,
+        aux_loss_coef: float = 0.01,
+        use_cache: bool = True,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        pad_token_id: int | None = None,
+        tie_word_embeddings: bool = True,
+        rope_parameters: RopeParameters | dict | None = None,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.01,
+        attention_dropout: float = 0.0,
+        router_aux_loss_type: str = "reference",
+        router_z_loss_coef: float = 0.1,
+        **kwargs,
+    ):
+        # A plain __init__ (not the dataclass fields transformers >= 5.20 declares) works with every
+        # transformers 5.x: the framework keeps supporting this form for remote-code configs.
+        fields = {name: value for name, value in locals().items() if name in _FIELD_DEFAULTS}
         # An original-style key is used when its standard twin still holds the default: either the twin was
         # absent, or the file was re-saved by the reference, which had silently written the default beside it.
         # The original key is then dropped: the standard one is what gets saved.
         for original, standard in ORIGINAL_KEY_NAMES.items():
-            if original not in kwargs:
-                continue
-            value = kwargs.pop(original)
-            if getattr(self, standard) == self.__dataclass_fields__[standard].default:
-                setattr(self, standard, value)
+            if original in kwargs:
+                value = kwargs.pop(original)
+                if fields[standard] == _FIELD_DEFAULTS[standard]:
+                    fields[standard] = value
+        for name, value in fields.items():
+            setattr(self, name, value)
+        # Always derived (the real head count); an explicit value in a file is ignored.
+        kwargs.pop("num_attention_heads", None)
         self.num_attention_heads = self.num_key_value_heads * self.num_experts_per_tok
-        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
-            # Checked before the framework's RoPE handling, which would fail with an AttributeError.
-            raise ValueError(f"JetMoeConfig.rope_parameters must be a dict or None, got {self.rope_parameters!r}")
-        super().__post_init__(**kwargs)
+        # Our checks run before the framework's, so that every bad value is a ValueError naming the field
+        # (the framework's own validators raise StrictDataclassError or KeyError).
         self.validate_architecture()
-        self.validate_rope()
+        self._check_rope_parameters(kwargs.get("rope_theta"))
+        try:
+            super().__init__(**kwargs)
+        except (KeyError, StrictDataclassError) as error:
+            raise ValueError(f"JetMoeConfig is invalid: {error}") from None
+
 
     def validate_architecture(self):
         for name in _POSITIVE_INT_FIELDS:
@@ -127,21 +141,31 @@ class JetMoeConfig(PreTrainedConfig):
                 f"JetMoeConfig.router_aux_loss_type must be 'reference' or 'switch', got {self.router_aux_loss_type!r}"
             )
 
-    def validate_rope(self):
-        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+    def _check_rope_parameters(self, legacy_theta=None):
+        """`legacy_theta`: a `rope_theta` given outside rope_parameters (older config files)."""
+        rope = self.rope_parameters
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"JetMoeConfig.rope_parameters must be a dict or None, got {rope!r}")
+        rope = dict(rope or {})
+        if legacy_theta is not None:
+            rope.setdefault("rope_theta", legacy_theta)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(
                 f"JetMoeConfig.rope_parameters['rope_type'] {rope_type!r} is unknown; "
                 f"choose one of {['default', *sorted(ROPE_INIT_FUNCTIONS)]}"
             )
-        theta = (self.rope_parameters or {}).get("rope_theta")
+        theta = rope.get("rope_theta")
         if theta is not None and (not _is_real(theta) or not theta > 0):
             raise ValueError(f"JetMoeConfig.rope_parameters['rope_theta'] must be > 0, got {theta!r}")
         # The framework only logs a warning for a scaling factor below 1; such a config is a mistake.
-        factor = (self.rope_parameters or {}).get("factor")
+        factor = rope.get("factor")
         if factor is not None and (not _is_real(factor) or factor < 1):
             raise ValueError(f"JetMoeConfig.rope_parameters['factor'] must be a number >= 1, got {factor!r}")
-        try:
-            super().validate_rope()
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"JetMoeConfig.rope_parameters {self.rope_parameters!r} is invalid: {error}") from None
+
+
+_FIELD_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(JetMoeConfig.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -14,7 +16,6 @@ from transformers.modeling_outputs import (
     MoeModelOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
 
 from ..configuration import JetMoeConfig
@@ -25,6 +26,33 @@ from .norm_rotary import JetMoeRMSNorm, JetMoeRotaryEmbedding
 from .routing import reference_balancing_loss, switch_balancing_loss
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the outputs' `past_key_values` field to `cache`; write whichever this version has.
+_CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+_MASK_PARAMETERS = inspect.signature(create_causal_mask).parameters
+
+
+def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position):
+    """transformers' mask builder for the configured attention backend (its signature changed within 5.x)."""
+    kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids)
+    kwargs["cache" if "cache" in _MASK_PARAMETERS else "past_key_values"] = cache
+    if "cache_position" in _MASK_PARAMETERS:
+        kwargs["cache_position"] = cache_position
+    return create_causal_mask(**kwargs)
+
+
+def select_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The positions whose logits are wanted: int n = the last n (0 = all); 1-D tensor = those positions;
+    2-D integer tensor = per-sample positions; 2-D bool tensor = the True positions, flattened to [n, H]."""
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dim() == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden_states[logits_to_keep]
+        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        logits_to_keep = slice(-logits_to_keep, None)
+    return hidden_states[:, logits_to_keep, :]
 
 
 class JetMoeDecoderLayer(GradientCheckpointingLayer):
@@ -219,18 +247,12 @@ class JetMoeModel(JetMoePreTrainedModel):
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if cache_position is None:
+            cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
         if position_ids is None:
-            if cache_position is None:
-                cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = cache_position.unsqueeze(0)
 
-        mask = create_causal_mask(
-            config=config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
@@ -256,7 +278,7 @@ class JetMoeModel(JetMoePreTrainedModel):
 
         output = MoeModelOutputWithPast(
             last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
+            **{_CACHE_FIELD: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
             router_logits=tuple(all_router_logits) if output_router_logits else None,
@@ -339,7 +361,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = self.lm_head(select_positions(outputs.last_hidden_state, logits_to_keep))
 
         loss = None
         if labels is not None:
@@ -356,7 +378,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            cache=outputs.cache,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
@@ -434,7 +456,7 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
         output = SequenceClassifierOutputWithPast(
             loss=loss,
             logits=pooled,
-            cache=outputs.cache,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
