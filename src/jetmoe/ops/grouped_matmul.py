@@ -10,6 +10,9 @@ single grouped call beat a loop of `F.linear` by 10-25% from 2 to 2048 rows and,
 only the experts that received rows; gathering each row's expert weight for a `bmm` cost 4-6x more there):
 - `torch.nn.functional.grouped_mm`: one call for all experts, no host sync. Needs 16-byte aligned row
   strides and a dtype the device's kernel accepts.
+- `triton` (CUDA, dtypes grouped_mm lacks there, e.g. fp32): the kernels of `ops/triton` in grouped mode.
+  For bf16 on an H100 `grouped_mm` measured faster (MoE forward+backward 7.9 ms vs 14.0 ms at 8192
+  tokens of the jetmoe-8b shapes; benchmarks/triton_experts.py), so it stays first there.
 - `loop`: `F.linear` per expert on host-known group sizes; the fallback for any other case.
 
 Both run inside the custom op `jetmoe::grouped_linear`, whose shape function is all torch.compile sees: a
@@ -42,6 +45,14 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _triton_ok(t: torch.Tensor) -> bool:
+    if t.device.type != "cuda":
+        return False
+    from .triton import TRITON_AVAILABLE
+
+    return TRITON_AVAILABLE
+
+
 def _group_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
     ends = offsets.tolist()
     return list(zip([0] + ends[:-1], ends))
@@ -64,6 +75,10 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
     out_features, in_features = weight.shape[1], weight.shape[2]
     if _grouped_mm_ok(x, weight) and _row_bytes_aligned(in_features, out_features, x):
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    if _triton_ok(x):
+        from .triton import scattered_experts
+
+        return scattered_experts(x, weight, None, offsets, None, grouped_in=True, grouped_out=True)
     return grouped_linear_reference(x, weight, offsets)
 
 
@@ -77,6 +92,11 @@ def _grouped_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torch
     grad_out, x = grad_out.contiguous(), x.contiguous()
     if _grouped_mm_ok(grad_out, x) and _row_bytes_aligned(grad_out.shape[1], x.shape[1], x.shape[0], x):
         return F.grouped_mm(grad_out.T, x, offs=offsets)
+    if _triton_ok(x):
+        from .triton.kernels import Blocks, weight_grad
+
+        shape = torch.Size((offsets.shape[0], grad_out.shape[1], x.shape[1]))
+        return weight_grad(grad_out, None, x, None, None, offsets, shape, Blocks())
     return grouped_weight_grad_reference(grad_out, x, offsets)
 
 
