@@ -71,6 +71,13 @@ def shared_kv_attention(
             is_causal = True
         else:
             attention_mask = _causal_mask(q_len, key_len, query.device)
+    sees_nothing = None
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        # A query that may attend to no key (a left-padding position) gets output 0, as SDPA's CPU kernel
+        # gives; but SDPA's CUDA backward turns such rows into NaN gradients for the whole model (the
+        # reference's bug in bf16). So such rows attend to every key instead and their output is zeroed.
+        sees_nothing = ~attention_mask.any(dim=-1, keepdim=True)
+        attention_mask = attention_mask | sees_nothing
     out = F.scaled_dot_product_attention(
         query.reshape(batch, kv_heads * groups, q_len, head_dim),
         key,
@@ -81,4 +88,6 @@ def shared_kv_attention(
         scale=scale,
         enable_gqa=True,
     )
+    if sees_nothing is not None:
+        out = out.masked_fill(sees_nothing, 0.0)
     return out.view(batch, kv_heads, groups, q_len, head_dim)
