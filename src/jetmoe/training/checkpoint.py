@@ -20,13 +20,23 @@ import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+# One process saving or loading a torch.distributed checkpoint is what we mean; torch warns about it each time.
+warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
+
+
+from torch.distributed.checkpoint.api import CheckpointException
+
+# torch.distributed.checkpoint reports its writers' failures as a CheckpointException (a BaseException).
+_WRITE_ERRORS = (Exception, CheckpointException)
 
 
 class CheckpointError(RuntimeError):
@@ -69,13 +79,6 @@ def save_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the training progress bar
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
     root = checkpoint_root(out_dir)
     final = os.path.join(root, step_dir_name(step))
     temp = os.path.join(root, f".tmp-{step_dir_name(step)}")
@@ -84,7 +87,7 @@ def save_checkpoint(
         if runtime.is_main:
             shutil.rmtree(temp, ignore_errors=True)
             os.makedirs(temp)
-    except OSError as caught:
+    except _WRITE_ERRORS as caught:
         error = caught
     _agree(runtime, error, temp, step)
 
@@ -99,7 +102,7 @@ def save_checkpoint(
             torch.save(scheduler.state_dict(), os.path.join(temp, "scheduler.pt"))
             _write_text(os.path.join(temp, "trainer_state.json"), json.dumps(trainer_state, indent=2))
             _write_text(os.path.join(temp, "train_config.yaml"), config_yaml)
-    except OSError as caught:
+    except _WRITE_ERRORS as caught:  # disk full, quota, I/O error: whatever the writer (torch, safetensors) raised
         error = caught
     _agree(runtime, error, temp, step)
 
@@ -112,7 +115,7 @@ def save_checkpoint(
             os.rename(temp, final)
             _fsync_dir(root)
             _prune(root, keep, log)
-    except OSError as caught:
+    except _WRITE_ERRORS as caught:
         error = caught
     _agree(runtime, error, temp, step)
     return final
@@ -125,12 +128,22 @@ def _agree(runtime, error: BaseException | None, temp: str, step: int) -> None:
         return
     if runtime.is_main:
         shutil.rmtree(temp, ignore_errors=True)
-    reason = f"{error}" if error is not None else "another process failed to write its part"
-    hint = " (the disk is full)" if getattr(error, "errno", None) == 28 else ""
+    reason = _root_reason(error) if error is not None else "another process failed to write its part"
+    disk_full = getattr(error, "errno", None) == 28 or "No space left" in reason
+    hint = " (the disk is full: free space or point out_dir elsewhere)" if disk_full else ""
     raise CheckpointError(
         f"could not write the checkpoint of step {step}{hint}: {reason}. "
         "The partial checkpoint was removed; earlier checkpoints are intact."
     ) from error
+
+
+def _root_reason(error: BaseException) -> str:
+    """A one-line reason: the original error inside torch's CheckpointException (whose text is a traceback)."""
+    while isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    while error.__cause__ is not None and not isinstance(error, OSError):
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}".strip()
 
 
 def _save_model(model, full_state: dict, folder: str, lora_scaling: float | None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .config import TrainConfig, build_config, parse_value
@@ -78,7 +79,8 @@ def run_train(args: argparse.Namespace) -> int:
     except (TrainingError, CheckpointError) as error:
         print(f"jetmoe train: error: {error}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in summary.items()}, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary
+        print(json.dumps(summary, default=str))
     return 0
 
 

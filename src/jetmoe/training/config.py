@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ TINY_MODEL = dict(
     num_hidden_layers=4,
     num_key_value_heads=2,
     kv_channels=32,
-    intermediate_size=192,
+    intermediate_size=128,
     num_local_experts=4,
     num_experts_per_tok=2,
     max_position_embeddings=512,
@@ -111,12 +112,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         model=TINY_MODEL,
         seq_len=256,
         batch_size=16,
-        max_steps=600,
+        max_steps=400,
         lr=3e-3,
-        warmup_steps=30,
-        decay_fraction=0.2,
-        save_every=200,
-        val_every=100,
+        warmup_steps=20,
+        decay_fraction=0.25,
+        save_every=100,
+        val_every=50,
         out_dir="runs/tiny",
     ),
     "jetmoe-8b": dict(
@@ -153,8 +154,16 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+@functools.lru_cache(maxsize=1)
+def _model_defaults() -> dict[str, Any]:
+    """Every key a JetMoeConfig has (its own fields and transformers' common ones), with the default values."""
+    defaults = JetMoeConfig().to_dict()
+    defaults.pop("transformers_version", None)
+    return defaults
+
+
 def model_field_names() -> list[str]:
-    return sorted(JetMoeConfig.__dataclass_fields__) if hasattr(JetMoeConfig, "__dataclass_fields__") else []
+    return sorted(_model_defaults())
 
 
 def _unknown_key_error(keys: list[str], valid: list[str], where: str) -> ValueError:
@@ -186,7 +195,7 @@ def apply_settings(config: TrainConfig, settings: dict[str, Any], where: str = "
 
 def _coerce_model(name: str, value: Any) -> Any:
     """Numbers YAML left as text (`1e-5`) become numbers when the JetMoeConfig default is a number."""
-    default = JetMoeConfig.__dataclass_fields__[name].default if name in JetMoeConfig.__dataclass_fields__ else None
+    default = _model_defaults().get(name)
     if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
         try:
             return type(default)(float(value)) if isinstance(default, float) else int(value)

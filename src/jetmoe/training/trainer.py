@@ -31,6 +31,9 @@ class TrainingError(RuntimeError):
 
 def train(config: TrainConfig, resume: bool = False) -> dict:
     """Run (or resume) training as configured. Returns a summary (final step, losses, timings, paths)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading / saving bars would break the training progress bar
     runtime = init_runtime(config.device)
     try:
         return _train(config, resume, runtime)
@@ -91,6 +94,7 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
     autocast = _autocast(config, runtime.device)
     started = time.perf_counter()
     last = {}
+    rate = float("nan")  # tokens/s over the last logging interval, shown on the bar
     val_result = None
 
     def save() -> str:
@@ -156,11 +160,11 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
         last = {"step": step, "loss": loss, "ce": ce, "aux": aux, "z_loss": z_total / micro_count,
                 "lr": lr, "grad_norm": grad_norm, "tokens": tokens_seen}
         if step % config.log_every == 0 or step == config.max_steps:
-            last["tokens_per_s"] = throughput.take()
+            last["tokens_per_s"] = rate = throughput.take()
             last["elapsed_s"] = elapsed_before + time.perf_counter() - started
             last["expert_load"] = expert_load.take(runtime)
             metrics.write(last)
-        progress.update(1, loss=loss, aux=aux, lr=lr, tok_s=last.get("tokens_per_s", float("nan")))
+        progress.update(1, loss=loss, aux=aux, lr=lr, tok_s=rate)
 
         if step % config.val_every == 0 or step == config.max_steps:
             val_result = validate(model, data, config, runtime, autocast)

@@ -1,0 +1,132 @@
+"""Checkpoints: HF-format model, atomic writes, a failed write leaves nothing, broken checkpoints are skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import jetmoe
+from jetmoe.training.checkpoint import check_checkpoint, checkpoint_root, find_latest
+from jetmoe.training.trainer import train
+from train_helpers import micro_config, micro_settings, subprocess_env, write_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus, token_cache):
+    """A 10-step run saving at steps 5 and 10 (keeping both)."""
+    out = tmp_path_factory.mktemp("run")
+    summary = train(micro_config(corpus, token_cache, out, max_steps=10, save_every=5, keep_checkpoints=5, plots=True))
+    return out, summary
+
+
+def test_layout_and_hf_format(trained):
+    out, summary = trained
+    folders = sorted(os.listdir(checkpoint_root(out)))
+    assert folders == ["step-00000005", "step-00000010"]
+    latest = os.path.join(checkpoint_root(out), "step-00000010")
+    assert summary["checkpoint"] == latest and check_checkpoint(latest) is None
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "manifest.json", "trainer_state.json",
+                 "scheduler.pt", "rng-rank0.pt", "train_config.yaml", "optimizer"):
+        assert os.path.exists(os.path.join(latest, name)), name
+    state = json.load(open(os.path.join(latest, "trainer_state.json")))
+    assert state["step"] == 10 and state["position"] == 10 * 2  # data position: sequences consumed
+
+    ours = jetmoe.JetMoeForCausalLM.from_pretrained(latest)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(latest)  # transformers' own JetMoe loads it too
+    assert type(theirs).__module__.startswith("transformers.models.jetmoe")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(latest)
+    ids = tokenizer("the lazy dog returns a value", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_metrics_and_plots(trained):
+    out, _ = trained
+    from jetmoe.training.metrics import read_metrics
+
+    records = read_metrics(str(out))
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 11))
+    for key in ("loss", "ce", "aux", "z_loss", "lr", "grad_norm", "tokens_per_s", "tokens"):
+        assert key in steps[-1]
+    load = steps[-1]["expert_load"]
+    assert len(load["moa"]) == len(load["moe"]) == 2  # one row per layer, MoA and MoE
+    for row in load["moa"] + load["moe"]:
+        assert len(row) == 4 and sum(row) == pytest.approx(1.0, abs=1e-3)
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [10] and val[0]["val_ppl"] == pytest.approx(2.718281828 ** val[0]["val_loss"])
+    assert os.path.getsize(out / "loss.png") > 1000 and os.path.getsize(out / "expert_load.png") > 1000
+
+
+def test_corrupt_or_incomplete_latest_falls_back(trained, tmp_path):
+    import shutil
+
+    out, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    root = checkpoint_root(copy)
+    with open(os.path.join(root, "step-00000010", "model.safetensors"), "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00garbage\x00")
+    os.makedirs(os.path.join(root, ".tmp-step-00000015"))  # an interrupted write
+    messages = []
+    found = find_latest(str(copy), log=messages.append)
+    assert found is not None and found.step == 5
+    text = "\n".join(messages)
+    assert "step-00000010 is unusable, file model.safetensors does not match its checksum" in text
+    assert "falling back to the previous checkpoint" in text and ".tmp-step-00000015" in text
+
+    os.remove(os.path.join(root, "step-00000005", "manifest.json"))  # now none is usable
+    messages.clear()
+    assert find_latest(str(copy), log=messages.append) is None
+    assert any("incomplete: it has no manifest.json" in m for m in messages)
+
+
+def test_resume_falls_back_through_the_cli(trained, tmp_path, corpus, token_cache):
+    """`jetmoe train --resume` with a truncated latest checkpoint says so and resumes from the previous one."""
+    import shutil
+
+    out, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(os.path.join(checkpoint_root(copy), "step-00000010", "model.safetensors"), "r+b") as handle:
+        handle.truncate(64)
+    config = write_config(tmp_path / "run.yaml", micro_settings(corpus, token_cache, out_dir=str(copy), max_steps=10,
+                                                                save_every=5, keep_checkpoints=5))
+    result = subprocess.run([sys.executable, "-m", "jetmoe.cli", "train", "--config", config, "--resume"],
+                            env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "step-00000010 is unusable, file model.safetensors has 64 bytes" in result.stdout
+    assert "resuming from" in result.stdout and "step-00000005" in result.stdout
+    assert check_checkpoint(os.path.join(checkpoint_root(copy), "step-00000010")) is None  # rewritten
+
+
+FULL_DISK = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, writes fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))
+from jetmoe.cli import main
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+def test_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, corpus, token_cache):
+    """A real write failure (a file-size limit makes the OS refuse the model file) gives a clear error."""
+    train(micro_config(corpus, token_cache, tmp_path / "warm", max_steps=1))  # token cache built without the limit
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", micro_settings(corpus, token_cache, out_dir=str(out), max_steps=3,
+                                                                save_every=3))
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, config], env=subprocess_env(), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "could not write the checkpoint of step 3" in result.stderr
+    assert "The partial checkpoint was removed; earlier checkpoints are intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(checkpoint_root(out)) == []
+    assert find_latest(str(out), log=lambda _: None) is None
