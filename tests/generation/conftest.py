@@ -6,12 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy_checkpoint import build_toy_checkpoint  # noqa: E402
-
-PROMPTS = ["The Python language", "Hello world, hello model", "A mixture of experts routes"]
+from toy_checkpoint import build_toy_checkpoint, load_toy
 
 
 @pytest.fixture(scope="session")
@@ -24,12 +21,6 @@ def toy_tokenizer(toy_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(toy_dir)
-
-
-def load_toy(toy_dir, attn_implementation: str = "sdpa", dtype=torch.float32):
-    import jetmoe
-
-    return jetmoe.JetMoeForCausalLM.from_pretrained(toy_dir, dtype=dtype, attn_implementation=attn_implementation).eval()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import load_toy
+from toy_checkpoint import load_toy
 
 from jetmoe.cli import main
 from jetmoe.generation import Engine, SamplingParams
@@ -21,8 +21,20 @@ def greedy_text(toy_dir, tokenizer, prompt, max_tokens):
 
 
 def test_generate_streams_the_greedy_completion(toy_dir, toy_tokenizer, capsys):
-    code = main(["generate", "The Python language", "--model", str(toy_dir), "--dtype", "float32",
-                 "--temperature", "0", "--max-tokens", "12"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "The Python language",
+            "--model",
+            str(toy_dir),
+            "--dtype",
+            "float32",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+        ]
+    )
     assert code == 0
     expected = "The Python language" + greedy_text(toy_dir, toy_tokenizer, "The Python language", 12) + "\n"
     assert capsys.readouterr().out == expected
@@ -68,7 +80,9 @@ def test_console_script(toy_dir):
     assert script, "the jetmoe console script is not installed next to this python"
     result = subprocess.run(
         [script, "generate", "Hello world", "--model", str(toy_dir), "--max-tokens", "8", "--seed", "0"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Hello world") and len(result.stdout) > len("Hello world\n")

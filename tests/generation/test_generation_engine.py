@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, load_toy
+from toy_checkpoint import PROMPTS, load_toy
 
 from jetmoe.generation import Engine, SamplingParams
 
@@ -139,7 +139,9 @@ def test_cancel_frees_the_slot(toy_model, toy_tokenizer):
     for _ in range(5):
         engine.step()
     # b continues exactly as it would have alone, after moving slots.
-    alone = Engine(toy_model, toy_tokenizer, max_batch=1).generate([PROMPTS[1]], SamplingParams(max_tokens=7, temperature=0))
+    alone = Engine(toy_model, toy_tokenizer, max_batch=1).generate(
+        [PROMPTS[1]], SamplingParams(max_tokens=7, temperature=0)
+    )
     assert b.output_ids == alone[0].token_ids
 
 

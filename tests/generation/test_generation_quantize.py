@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, load_toy
+from toy_checkpoint import PROMPTS, load_toy
 
 import jetmoe
 from jetmoe.generation import Engine, SamplingParams, load_model, load_quantized, quantize_model, save_quantized
@@ -57,7 +57,10 @@ def test_int8_model_stays_close_to_the_float_model(toy_dir, toy_tokenizer):
         ref_logits, int8_logits = reference(**ids).logits, model(**ids).logits
     relative = (int8_logits - ref_logits).norm() / ref_logits.norm()
     assert relative < 0.02
-    ref_ppl, int8_ppl = perplexity(reference, toy_tokenizer, VALIDATION_TEXT), perplexity(model, toy_tokenizer, VALIDATION_TEXT)
+    ref_ppl, int8_ppl = (
+        perplexity(reference, toy_tokenizer, VALIDATION_TEXT),
+        perplexity(model, toy_tokenizer, VALIDATION_TEXT),
+    )
     assert abs(int8_ppl / ref_ppl - 1) < 0.01
 
 

@@ -89,3 +89,10 @@ def build_toy_checkpoint(path: Path, seed: int = 0, chat_template: bool = True, 
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return Path(path)
+
+
+PROMPTS = ["The Python language", "Hello world, hello model", "A mixture of experts routes"]
+
+
+def load_toy(path, attn_implementation: str = "sdpa", dtype=torch.float32) -> jetmoe.JetMoeForCausalLM:
+    return jetmoe.JetMoeForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).eval()

@@ -1,9 +1,9 @@
 """Fast generation: a slot K/V cache engine with continuous batching, sampling, streaming text, int8 weights.
 
-    from jetmoe.generation import Engine, SamplingParams, load
-    model, tokenizer, _ = load("path/to/checkpoint")          # or load() for the bundled tiny model
-    engine = Engine(model, tokenizer, max_batch=8)
-    print(engine.generate(["The Python language"], SamplingParams(max_tokens=32, temperature=0))[0].text)
+from jetmoe.generation import Engine, SamplingParams, load
+model, tokenizer, _ = load("path/to/checkpoint")          # or load() for the bundled tiny model
+engine = Engine(model, tokenizer, max_batch=8)
+print(engine.generate(["The Python language"], SamplingParams(max_tokens=32, temperature=0))[0].text)
 """
 
 from .cache import SlotKVCache

@@ -10,19 +10,27 @@ from .loading import DTYPES
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model/--dtype/--int8/--max-len/--compile: shared with `jetmoe serve`."""
-    parser.add_argument("--model", metavar="DIR", help="HF-format JetMoE checkpoint directory (default: the bundled tiny model)")
+    parser.add_argument(
+        "--model", metavar="DIR", help="HF-format JetMoE checkpoint directory (default: the bundled tiny model)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype (default bfloat16)")
     parser.add_argument("--int8", action="store_true", help="quantise dense and expert weights to int8 on load")
-    parser.add_argument("--max-len", type=int, default=None, help="context length: prompt + output tokens (default: the model's)")
+    parser.add_argument(
+        "--max-len", type=int, default=None, help="context length: prompt + output tokens (default: the model's)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})")
+    parser.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})"
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default 0.7)")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95; 1: off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1: off)")
+    parser.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1: off)"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
 
@@ -102,7 +110,10 @@ def run_chat(args) -> int:
         messages.append({"role": "user", "content": line})
         prompt = chat_prompt_ids(engine.tokenizer, messages)
         if len(prompt) >= engine.max_len:
-            print(f"(the conversation has {len(prompt)} tokens, over the context of {engine.max_len}: /reset)", file=sys.stderr)
+            print(
+                f"(the conversation has {len(prompt)} tokens, over the context of {engine.max_len}: /reset)",
+                file=sys.stderr,
+            )
             messages.pop()
             continue
         reply = []

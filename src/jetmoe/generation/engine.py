@@ -192,7 +192,11 @@ class Engine:
 
     def _decode_eager(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(
-            input_ids=ids, position_ids=positions[:, None], attention_mask=mask, past_key_values=self.cache, use_cache=True
+            input_ids=ids,
+            position_ids=positions[:, None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
         )
         return out.logits[:, -1]
 

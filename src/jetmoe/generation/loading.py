@@ -24,7 +24,9 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     if model is None:
         path = bundled_model_dir()
         if path is None:
-            raise FileNotFoundError("the bundled tiny model is not in this build; pass --model DIR (an HF-format checkpoint)")
+            raise FileNotFoundError(
+                "the bundled tiny model is not in this build; pass --model DIR (an HF-format checkpoint)"
+            )
         return path
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():

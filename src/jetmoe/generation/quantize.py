@@ -141,7 +141,11 @@ def quantize_model(model: JetMoeForCausalLM) -> list[str]:
     Layer by layer, so peak memory is the float model plus one layer's int8 copy."""
     names = []
     for name, module in _quantizable(model):
-        replacement = Int8ParallelExperts.from_float(module) if isinstance(module, ParallelExperts) else Int8Linear.from_float(module)
+        replacement = (
+            Int8ParallelExperts.from_float(module)
+            if isinstance(module, ParallelExperts)
+            else Int8Linear.from_float(module)
+        )
         _set_module(model, name, replacement)
         names.append(name)
     if not names:
@@ -183,7 +187,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
     path = Path(path)
     spec = json.loads((path / SPEC_FILE).read_text())
     if spec.get("method") != METHOD:
-        raise ValueError(f"{path / SPEC_FILE}: unknown quantisation method {spec.get('method')!r} (expected {METHOD!r})")
+        raise ValueError(
+            f"{path / SPEC_FILE}: unknown quantisation method {spec.get('method')!r} (expected {METHOD!r})"
+        )
     config = JetMoeConfig.from_pretrained(path)
     with torch.device("meta"):
         model = JetMoeForCausalLM(config)

@@ -51,7 +51,9 @@ class SamplingParams:
         check(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         check(is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty", "a number > 0")
         check(is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]")
-        check(is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]")
+        check(
+            is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]"
+        )
         check(self.seed is None or is_int(self.seed), "seed", "an integer or None")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))

@@ -1,0 +1,275 @@
+"""OpenAI request validation and response bodies.
+
+Every problem with a request raises `APIError`, which the app turns into the OpenAI error body
+`{"error": {"message", "type", "param", "code"}}` with its HTTP status. Types are checked strictly (a
+string is not a number, a bool is not an integer), as the OpenAI API does. Unknown fields are ignored so
+that clients sending newer parameters still work. `top_k`, `repetition_penalty` and `ignore_eos` are
+accepted as extensions (the names vLLM uses).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+from jetmoe.generation.sampler import SamplingParams
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_json_body(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise bad_request(
+            f"the request body is not valid UTF-8 (byte {error.start})", code="invalid_encoding"
+        ) from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+# ---- typed field access -----------------------------------------------------------------------------------
+_MISSING = object()
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _field(body: dict, name: str, check, expected: str, default=None, required: bool = False):
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise bad_request(f"missing required field '{name}'", param=name, code="missing_field")
+        return default
+    if not check(value):
+        raise bad_request(f"'{name}' must be {expected}, got {json.dumps(value)[:80]}", param=name, code="invalid_type")
+    return value
+
+
+def _number(body, name, default, low, high, low_open=False):
+    value = _field(body, name, _is_number, "a number", default)
+    if value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low}, {high}]"
+        raise bad_request(f"'{name}' must be in {interval}, got {value}", param=name, code="invalid_value")
+    return value
+
+
+@dataclass
+class GenerationRequest:
+    """What both endpoints reduce to: prompts (text or token ids), sampling settings, streaming options."""
+
+    prompts: list  # list[str | list[int]]
+    params: SamplingParams
+    max_tokens_given: bool
+    stream: bool
+    include_usage: bool
+
+
+def _check_model(body: dict, served_name: str) -> None:
+    model = _field(body, "model", lambda v: isinstance(v, str), "a string", required=True)
+    if model != served_name:
+        raise bad_request(
+            f"the model '{model}' does not exist; this server serves '{served_name}'",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _unsupported(body: dict, name: str, allowed) -> None:
+    value = body.get(name)
+    if value is not None and value not in allowed:
+        raise bad_request(
+            f"'{name}' = {json.dumps(value)[:40]} is not supported by this server", param=name, code="unsupported"
+        )
+
+
+def _sampling(
+    body: dict, max_tokens_key: str, max_tokens_limit: int, default_max_tokens: int, extra_stop=()
+) -> tuple[SamplingParams, bool]:
+    max_tokens = _field(body, max_tokens_key, _is_int, "an integer")
+    given = max_tokens is not None
+    if given and max_tokens <= 0:
+        raise bad_request(
+            f"'{max_tokens_key}' must be >= 1, got {max_tokens}", param=max_tokens_key, code="invalid_value"
+        )
+    if given and max_tokens > max_tokens_limit:
+        raise bad_request(
+            f"'{max_tokens_key}' = {max_tokens} is over this server's limit of {max_tokens_limit}",
+            param=max_tokens_key,
+            code="invalid_value",
+        )
+    stop = _field(
+        body,
+        "stop",
+        lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+        "a string or a list of strings",
+        [],
+    )
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 4 or any(not s for s in stop):
+        raise bad_request("'stop' takes at most 4 non-empty strings", param="stop", code="invalid_value")
+    _unsupported(body, "n", (1,))
+    _unsupported(body, "best_of", (1,))
+    _unsupported(body, "logprobs", (False, 0))
+    _unsupported(body, "top_logprobs", (0,))
+    _unsupported(body, "echo", (False,))
+    _unsupported(body, "suffix", ("",))
+    _unsupported(body, "logit_bias", ({},))
+    _unsupported(body, "tools", ([],))
+    top_k = _field(body, "top_k", _is_int, "an integer", 0)
+    if top_k < -1:
+        raise bad_request("'top_k' must be -1 or 0 (off) or a positive integer", param="top_k", code="invalid_value")
+    fields = dict(
+        max_tokens=max_tokens if given else default_max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
+        top_k=max(top_k, 0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, low_open=True),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
+        seed=_field(body, "seed", _is_int, "an integer"),
+        stop=tuple(stop) + tuple(extra_stop),
+        ignore_eos=_field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False),
+    )
+    try:
+        return SamplingParams(**fields), given
+    except ValueError as error:
+        raise bad_request(str(error), code="invalid_value") from None
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _field(body, "stream", lambda v: isinstance(v, bool), "a boolean", False)
+    options = _field(body, "stream_options", lambda v: isinstance(v, dict), "an object", {})
+    include_usage = _field(options, "include_usage", lambda v: isinstance(v, bool), "a boolean", False)
+    return stream, include_usage
+
+
+def parse_completion(body: dict, served_name: str, max_tokens_limit: int) -> GenerationRequest:
+    _check_model(body, served_name)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad_request("missing required field 'prompt'", param="prompt", code="missing_field")
+
+    def token_list(v):
+        return isinstance(v, list) and bool(v) and all(_is_int(t) for t in v)
+
+    if isinstance(prompt, str) or token_list(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or token_list(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad_request(
+            "'prompt' must be a string, a list of strings, a list of token ids or a list of such lists (non-empty)",
+            param="prompt",
+            code="invalid_type",
+        )
+    params, given = _sampling(body, "max_tokens", max_tokens_limit, default_max_tokens=16)
+    stream, include_usage = _stream_options(body)
+    return GenerationRequest(prompts, params, given, stream, include_usage)
+
+
+def parse_chat(body: dict, served_name: str, max_tokens_limit: int, extra_stop=()) -> tuple[list, GenerationRequest]:
+    """(messages, request with an empty prompt list: the app renders the messages with the tokenizer)."""
+    _check_model(body, served_name)
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("missing required field 'messages'", param="messages", code="missing_field")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    params, given = _sampling(body, key, max_tokens_limit, default_max_tokens=max_tokens_limit, extra_stop=extra_stop)
+    stream, include_usage = _stream_options(body)
+    return messages, GenerationRequest([], params, given, stream, include_usage)
+
+
+# ---- responses ----------------------------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(request_id, model, choices, usage_counts) -> dict:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+            for i, (text, reason) in enumerate(choices)
+        ],
+        "usage": usage_counts,
+    }
+
+
+def chat_body(request_id, model, text, reason, usage_counts) -> dict:
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        ],
+        "usage": usage_counts,
+    }
+
+
+def completion_chunk(request_id, model, created, index=None, text="", reason=None, usage_counts=None) -> dict:
+    choices = [] if index is None else [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_counts,
+    }
+
+
+def chat_chunk(request_id, model, created, delta=None, reason=None, usage_counts=None, final_usage=False) -> dict:
+    choices = [] if final_usage else [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": reason}]
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_counts,
+    }
