@@ -14,7 +14,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..ops.attention import shared_kv_attention, shared_kv_attention_reference
-from .experts import ParallelExperts, combine
+from .experts import ParallelExperts, combine, grouped_to_slots, slots_to_grouped, tokens_to_grouped
 from .norm_rotary import apply_rotary
 from .routing import RoutingPlan, TopKRouter
 
@@ -32,14 +32,11 @@ class JetMoeMoA(nn.Module):
 
     def map(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """x [N, H] -> queries per slot [N*k, Nkv*D] (slot order: token-major, best choice first)."""
-        grouped = self.input_linear(x[plan.sorted_tokens], plan)
-        slots = grouped.new_zeros(grouped.shape)
-        return slots.index_copy(0, plan.sorted_slots, grouped)
+        return grouped_to_slots(self.input_linear(tokens_to_grouped(x, plan), plan), plan)
 
     def reduce(self, slot_outputs: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Attention outputs per slot [N*k, Nkv*D] -> [N, H]."""
-        grouped = self.output_linear(slot_outputs[plan.sorted_slots], plan)
-        return combine(grouped, plan, self.bias)
+        return combine(self.output_linear(slots_to_grouped(slot_outputs, plan), plan), plan, self.bias)
 
 
 class JetMoeAttention(nn.Module):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..ops import grouped_linear
+from ..ops.permute import permute_rows, repeat_rows
 from .routing import RoutingPlan
 
 
@@ -27,8 +28,22 @@ class ParallelExperts(nn.Module):
         return f"num_experts={self.num_experts}, in={self.input_size}, out={self.output_size}"
 
 
+def tokens_to_grouped(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Token rows [N, H] -> each token's k slots in grouped order [N*k, H]."""
+    return repeat_rows(x, plan.sorted_tokens, plan.slot_to_grouped, plan.top_k)
+
+
+def slots_to_grouped(slot_rows: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Slot order [N*k, D] -> grouped order."""
+    return permute_rows(slot_rows, plan.sorted_slots, plan.slot_to_grouped)
+
+
+def grouped_to_slots(grouped_rows: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Grouped order [N*k, D] -> slot order (token-major, best choice first)."""
+    return permute_rows(grouped_rows, plan.slot_to_grouped, plan.sorted_slots)
+
+
 def combine(grouped_outputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor) -> torch.Tensor:
-    """Gate-weight grouped expert outputs [N*k, H] and sum them per token, then add the (ungated) bias."""
-    weighted = grouped_outputs * plan.sorted_gates[:, None]
-    out = grouped_outputs.new_zeros(plan.num_tokens, grouped_outputs.shape[1])
-    return out.index_add(0, plan.sorted_tokens, weighted) + bias
+    """Gate-weight grouped expert outputs [N*k, H] and sum each token's k of them, then add the (ungated) bias."""
+    slot_outputs = grouped_to_slots(grouped_outputs, plan).view(plan.num_tokens, plan.top_k, -1)
+    return (slot_outputs * plan.gates[..., None]).sum(1) + bias

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .experts import ParallelExperts, combine
+from .experts import ParallelExperts, combine, tokens_to_grouped
 from .routing import TopKRouter
 
 
@@ -25,6 +25,6 @@ class JetMoeMoE(nn.Module):
         """[B, T, H] -> ([B, T, H], router logits [B*T, E])."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         plan = self.router(x)
-        gate, up = self.input_linear(x[plan.sorted_tokens], plan).chunk(2, dim=-1)
+        gate, up = self.input_linear(tokens_to_grouped(x, plan), plan).chunk(2, dim=-1)
         expert_out = self.output_linear(self.activation(gate) * up, plan)
         return combine(expert_out, plan, self.bias).view_as(hidden_states), plan.router_logits

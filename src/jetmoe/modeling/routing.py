@@ -21,6 +21,7 @@ class RoutingPlan:
     expert_ids: torch.Tensor  # [N, k] chosen experts, best first
     gates: torch.Tensor  # [N, k] softmax over the k chosen logits, in the activation dtype
     sorted_slots: torch.Tensor  # [N*k] slot ids grouped by expert
+    slot_to_grouped: torch.Tensor  # [N*k] inverse permutation: the grouped row of each slot
     sorted_tokens: torch.Tensor  # [N*k] token id of each grouped slot
     sorted_gates: torch.Tensor  # [N*k] gate of each grouped slot
     expert_ends: torch.Tensor  # [E] int32, end row of each expert's group (cumulative counts)
@@ -51,6 +52,9 @@ def make_plan(router_logits: torch.Tensor, top_k: int, gate_dtype: torch.dtype) 
         expert_ids=expert_ids,
         gates=gates,
         sorted_slots=sorted_slots,
+        slot_to_grouped=torch.empty_like(sorted_slots).scatter_(
+            0, sorted_slots, torch.arange(sorted_slots.numel(), device=sorted_slots.device)
+        ),
         sorted_tokens=sorted_slots // top_k,
         sorted_gates=gates.flatten()[sorted_slots],
         expert_ends=expert_ends,

@@ -1,0 +1,55 @@
+"""Row moves between token order, slot order and the expert-grouped order of a routing plan.
+
+All of them are gathers, forward and backward. The obvious `index_add`/`index_copy` formulations scatter, and
+a bf16 scatter-add on CPU ran at ~0.5 GB/s here (18 ms for one [4096, 1024] reduce, ~10% of a whole
+prefill), while a gather of the same rows takes ~2 ms.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
+class _RepeatRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.repeats = repeats
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        grad_slots = grad[inverse]
+        return grad_slots.view(-1, ctx.repeats, grad.shape[-1]).sum(1), None, None, None
+
+
+def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """`x[index]` for a permutation `index` whose inverse permutation is `inverse`."""
+    return _PermuteRows.apply(x, index, inverse)
+
+
+def permute_rows_reference(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    return x[index]
+
+
+def repeat_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int) -> torch.Tensor:
+    """`x[index]` where `index` holds every row of x exactly `repeats` times: index = slot_order // repeats
+    for a permutation `slot_order` of the repeated rows, with inverse permutation `inverse`."""
+    return _RepeatRows.apply(x, index, inverse, repeats)
+
+
+def repeat_rows_reference(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int) -> torch.Tensor:
+    return x[index]
