@@ -253,7 +253,13 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
     model_config.validate_architecture()
     model_config.use_cache = True  # for whoever generates with the saved model; training passes use_cache=False
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.x names it activation_checkpointing_enable (gradient_checkpointing_enable is its
+        # deprecated alias, which older versions only have).
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_scaling = None
     if config.lora:
         model, lora_scaling = _add_lora(model, config, resume_folder)
