@@ -122,4 +122,9 @@ _grouped_linear.register_autograd(_backward, setup_context=_setup_context)
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of `x` [M, in] grouped by expert (group e ends at `offsets[e]`), weight [E, out, in] -> [M, out]."""
+    if torch.is_autocast_enabled(x.device.type):
+        # The custom op is opaque to autocast (its backward would mix a bf16 gradient with fp32 weights):
+        # cast here, as autocast casts F.linear's operands; the cast is differentiable, so fp32 weights get grads.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     return _grouped_linear(x, weight, offsets)
