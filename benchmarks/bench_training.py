@@ -1,6 +1,6 @@
 """Training throughput against a raw forward+backward of the same model, in one process.
 
-    python benchmarks/bench_training.py [--preset tiny] [--steps 20] [--threads N]
+    python benchmarks/bench_training.py [--preset tiny] [--steps 20] [--threads N] [--set key=value ...]
 
 raw:     model(ids, labels=ids, output_router_logits=True).loss.backward() on random ids, nothing else;
 raw+opt: the same plus clip_grad_norm_ and AdamW.step (what any training loop must do);
@@ -19,18 +19,27 @@ import time
 import torch
 
 import jetmoe
-from jetmoe.training.config import build_config
+from jetmoe.training.config import build_config, parse_value
+from jetmoe.training.distributed import pick_device
 from jetmoe.training.trainer import train
 
 
-def raw_tokens_per_s(config, steps: int, optimizer_step: bool) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def raw_tokens_per_s(config, steps: int, optimizer_step: bool, device: torch.device) -> float:
     torch.manual_seed(0)
-    model = jetmoe.JetMoeForCausalLM(jetmoe.JetMoeConfig(**config.model)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(4, config.model["vocab_size"], (config.batch_size, config.seq_len))
+    model = jetmoe.JetMoeForCausalLM(jetmoe.JetMoeConfig(**config.model)).to(device).train()
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    ids = torch.randint(4, config.model["vocab_size"], (config.batch_size, config.seq_len), device=device)
 
     def step():
-        out = model(ids, labels=ids, output_router_logits=True, use_cache=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            out = model(ids, labels=ids, output_router_logits=True, use_cache=False)
         out.loss.backward()
         if optimizer_step:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -39,9 +48,11 @@ def raw_tokens_per_s(config, steps: int, optimizer_step: bool) -> float:
 
     for _ in range(3):
         step()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    _sync(device)
     return steps * config.batch_size * config.seq_len / (time.perf_counter() - start)
 
 
@@ -78,15 +89,26 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides, as for `jetmoe train --set`")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = build_config(args.preset)
+    overrides = {}
+    for item in args.settings:
+        key, _, value = item.partition("=")
+        overrides[key] = parse_value(value)
+    config = build_config(args.preset, None, overrides)
+    device = pick_device(config.device, 0)
     results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "model": config.model,
+        "bf16": config.bf16,
+        "gradient_checkpointing": config.gradient_checkpointing,
         "tokens_per_step": config.batch_size * config.grad_accum * config.seq_len,
-        "raw_fwd_bwd_tok_s": raw_tokens_per_s(config, args.steps, optimizer_step=False),
-        "raw_fwd_bwd_adamw_tok_s": raw_tokens_per_s(config, args.steps, optimizer_step=True),
+        "raw_fwd_bwd_tok_s": raw_tokens_per_s(config, args.steps, optimizer_step=False, device=device),
+        "raw_fwd_bwd_adamw_tok_s": raw_tokens_per_s(config, args.steps, optimizer_step=True, device=device),
         "trainer_tok_s": trainer_tokens_per_s(config, args.steps),
     }
     results["trainer_vs_raw_fwd_bwd"] = results["trainer_tok_s"] / results["raw_fwd_bwd_tok_s"]

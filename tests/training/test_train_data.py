@@ -196,3 +196,16 @@ def test_embedded_corpus_is_python_documentation():
                                        'class C:\n    """A class."""\n    def m(self):\n        """A method."""\n'
                                        'def _private():\n    """hidden"""\n')
     assert document == "demo\n\nDemo module.\n\ndemo.f(a, b=1)\nAdd things.\n\nclass demo.C\nA class.\n\ndemo.C.m(self)\nA method."
+
+
+def test_validation_shares_are_even_across_processes(corpus, tokenizer, tmp_path):
+    """Every process runs the same number of validation batches (FSDP's collectives would hang otherwise)."""
+    token_file = build_token_file(resolve_source([corpus]), tokenizer, str(tmp_path), log=lambda _: None)
+    packed = PackedSequences(token_file, 16, val_fraction=0.1, seed=0)
+    assert len(packed.val_ids) >= 5
+    alone = [ids for ids, _ in packed.val_batches(batch_size=2, max_batches=3)]
+    assert sum(len(b) for b in alone) == 6
+    for world in (2, 4):
+        shares = [[ids for ids, _ in packed.val_batches(2, 3, rank, world)] for rank in range(world)]
+        assert len({len(batches) for batches in shares}) == 1
+        assert len({sum(len(b) for b in batches) for batches in shares}) == 1

@@ -55,13 +55,20 @@ def test_torchrun_fsdp2_matches_one_process(tmp_path, corpus, token_cache):
     single = run_jetmoe("train", "--config", config, "--out-dir", str(tmp_path / "single"), "--grad-accum", "2")
     assert single.returncode == 0, single.stderr
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    distributed = subprocess.run(
+    # Its own process group, so that a hang is cleaned up whole (torchrun's workers would outlive it otherwise).
+    process = subprocess.Popen(
         [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "jetmoe.cli", "train", "--config", config,
          "--out-dir", str(tmp_path / "fsdp")],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300,
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    assert distributed.returncode == 0, distributed.stdout[-3000:] + distributed.stderr[-3000:]
-    assert distributed.stdout.count('"step": 20') == 1  # one summary, from rank 0
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert stdout.count('"step": 20') == 1  # one summary, from rank 0
     one, two = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
     assert sorted(one) == sorted(two) == list(range(1, steps + 1))
     for step in one:

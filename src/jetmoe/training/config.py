@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration import JetMoeConfig
+from .. import JetMoeConfig
 
 # JetMoE-8B's geometry (see docs/reference-semantics.md §7) and the recipe of the JetMoE technical report:
 # AdamW (0.9, 0.95), weight decay 0.1, peak lr 5e-4, 4M-token batches of 4096-token sequences,

@@ -173,9 +173,11 @@ class PackedSequences:
         return _stack([self.sequence(self.train_index(position + i)) for i in range(size)])
 
     def val_batches(self, batch_size: int, max_batches: int, rank: int = 0, world: int = 1):
-        """This process's share of the validation set used (its first max_batches * batch_size sequences,
-        whatever the number of processes, so the perplexity does not depend on it)."""
-        ids = self.val_ids[: max_batches * batch_size][rank::world]
+        """This process's share of the validation sequences used: the first max_batches * batch_size (whatever the
+        number of processes, so the perplexity does not depend on it), cut to a multiple of the process count
+        so that every process runs the same number of forward passes (FSDP gathers weights collectively)."""
+        used = min(len(self.val_ids), max_batches * batch_size) // world * world
+        ids = self.val_ids[:used][rank::world]
         for start in range(0, len(ids), batch_size):
             yield _stack([self.sequence(int(i)) for i in ids[start : start + batch_size]])
 

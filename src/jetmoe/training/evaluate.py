@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..modeling import JetMoeForCausalLM
+from .. import JetMoeForCausalLM
 from .objective import compute_terms
 from .sources import resolve_source
 from .tokenizer import adds_bos, load_tokenizer

@@ -13,8 +13,7 @@ import time
 
 import torch
 
-from ..configuration import JetMoeConfig
-from ..modeling import JetMoeForCausalLM
+from .. import JetMoeConfig, JetMoeForCausalLM  # the public classes only
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_yaml
 from .data import PackedSequences, prepare_data, step_positions
