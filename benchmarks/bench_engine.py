@@ -1,0 +1,158 @@
+"""Decode speed of the generation engine against transformers' generate() (the reference), same weights.
+
+    python benchmarks/bench_engine.py                 # "small" config, bf16, batch 1 and 8 -> RESULTS_inference.md
+    python benchmarks/bench_engine.py --compile       # also the torch.compile'd decode step
+    python benchmarks/bench_engine.py --quick         # tiny config, few tokens: checks the script in seconds
+
+Method: one random-init checkpoint of the reference (transformers.JetMoeForCausalLM) is saved in bf16; the
+reference and ours both load it with from_pretrained(dtype=bf16). For each batch size, B random prompts of
+--prompt-len tokens generate exactly --new-tokens greedy tokens each (the reference with min_new_tokens, the
+engine with ignore_eos). Each measurement is warmed up once, then the median of --repeats runs is taken,
+alternating reference and engine.
+- end-to-end tokens/s = B * new_tokens / (time of the whole call, prefill included), as a caller sees it;
+- decode tokens/s = B * (new_tokens - 1) / (time after the prompts are prefilled). For the reference this is
+  (B * (new_tokens - 1)) / (t(new_tokens) - t(1)), the difference of two generate() calls;
+- time to first token: one prompt of --ttft-len tokens, prefill and first token (engine.add; the reference's
+  generate(max_new_tokens=1));
+- roofline: the tokens/s if a decode step took exactly the time to read its weights once (the experts the
+  batch touches, every dense layer, the lm_head) at the measured memory bandwidth (benchmarks/machine.py,
+  cost_model.py). int8 rows read 1 byte per quantised weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cost_model import Geometry
+from inference_common import GEOMETRIES, median, random_checkpoint, random_prompt, table, write_section
+from machine import memory_bandwidth
+
+
+def engine_run(engine, prompts, new_tokens):
+    from jetmoe.generation import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    for prompt in prompts:
+        engine.add(engine.make_sequence(prompt, params))
+    prefilled = time.perf_counter()
+    while engine.running:
+        engine.step()
+    end = time.perf_counter()
+    return end - start, end - prefilled
+
+
+def reference_run(model, prompts, new_tokens):
+    ids = torch.tensor(prompts)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)  # fmt: skip
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="small", choices=sorted(GEOMETRIES))
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--ttft-len", type=int, default=128, help="prompt length for the time-to-first-token row")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd decode step")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
+    parser.add_argument("--quick", action="store_true", help="tiny config, 8 tokens, 1 repeat; writes nothing")
+    parser.add_argument("--out", action="store_true", help="write the section even with --quick")
+    args = parser.parse_args()
+    if args.quick:
+        args.config, args.new_tokens, args.repeats, args.ttft_len, args.prompt_len = "tiny", 8, 1, 16, 8
+
+    import transformers
+
+    from jetmoe import JetMoeForCausalLM
+    from jetmoe.generation import Engine, quantize_model
+    from jetmoe.generation.loading import load_tokenizer
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = random_checkpoint(args.config, Path(tmp) / args.config)
+        reference = transformers.JetMoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        ours = JetMoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        tokenizer = load_tokenizer(path)
+    config = ours.config
+    max_len = max(args.prompt_len + args.new_tokens, args.ttft_len + 2)
+    variants = {"engine bf16": ours}
+    if not args.no_int8:
+        int8 = copy.deepcopy(ours)
+        quantize_model(int8)
+        variants["engine int8"] = int8
+    engines = {
+        name: Engine(model, tokenizer, max_batch=max(batches), max_len=max_len) for name, model in variants.items()
+    }
+    if args.compile:
+        engines["engine bf16 compiled"] = Engine(ours, tokenizer, max_batch=max(batches), max_len=max_len, compile=True)
+
+    bandwidth = memory_bandwidth(torch.device("cpu"), quick=args.quick)["bytes_per_s"]
+    geometry = Geometry.of(config)
+    rows = []
+    for batch in batches:
+        prompts = [random_prompt(config.vocab_size, args.prompt_len, seed=batch * 100 + i) for i in range(batch)]
+        reference_run(reference, prompts, args.new_tokens)  # warm-up (oneDNN picks kernels per shape)
+        for engine in engines.values():
+            engine_run(engine, prompts, args.new_tokens)
+        times = {name: [] for name in ["reference", *engines]}
+        decode_times = {name: [] for name in engines}
+        one_token = []
+        for _ in range(args.repeats):
+            times["reference"].append(reference_run(reference, prompts, args.new_tokens))
+            one_token.append(reference_run(reference, prompts, 1))
+            for name, engine in engines.items():
+                total, decode = engine_run(engine, prompts, args.new_tokens)
+                times[name].append(total)
+                decode_times[name].append(decode)
+        ref_total = median(times["reference"])
+        ref_decode = batch * (args.new_tokens - 1) / max(ref_total - median(one_token), 1e-9)
+        ref_e2e = batch * args.new_tokens / ref_total
+        for name in times:
+            e2e = batch * args.new_tokens / median(times[name])
+            decode = ref_decode if name == "reference" else batch * (args.new_tokens - 1) / median(decode_times[name])
+            bytes_per_param = 1 if "int8" in name else 2
+            roofline = geometry.decode_roofline_tokens_per_s(batch, bytes_per_param, bandwidth)
+            rows.append([batch, name, e2e, decode, e2e / ref_e2e, decode / ref_decode, decode / roofline])
+            print(f"batch {batch} {name:22s} end-to-end {e2e:8.1f} tok/s  decode {decode:8.1f} tok/s  "
+                  f"x{decode / ref_decode:.2f} vs reference  {100 * decode / roofline:.0f}% of roofline", flush=True)  # fmt: skip
+
+    ttft_prompt = [random_prompt(config.vocab_size, args.ttft_len, seed=7)]
+    ttft_rows = []
+    for name, fn in [("reference", lambda: reference_run(reference, ttft_prompt, 1))] + [
+        (name, lambda e=engine: engine_run(e, ttft_prompt, 1)[0]) for name, engine in engines.items()
+    ]:
+        fn()
+        ttft_rows.append([name, args.ttft_len, 1000 * median([fn() for _ in range(args.repeats)])])
+        print(f"time to first token, {name}: {ttft_rows[-1][2]:.1f} ms", flush=True)
+
+    body = "\n\n".join([
+        f"Config `{args.config}` ({', '.join(f'{k}={v}' for k, v in GEOMETRIES[args.config].items())}), bf16 "
+        f"activations, {torch.get_num_threads()} threads, prompt {args.prompt_len} tokens, {args.new_tokens} new "
+        f"tokens, median of {args.repeats}. Memory bandwidth {bandwidth / 1e9:.1f} GB/s. "
+        "Command: `python benchmarks/bench_engine.py" + (" --compile" if args.compile else "") + "`.",
+        table(["batch", "implementation", "end-to-end tok/s", "decode tok/s", "e2e vs reference",
+               "decode vs reference", "fraction of roofline"], rows),
+        table(["implementation", "prompt tokens", "time to first token (ms)"], ttft_rows),
+    ])  # fmt: skip
+    if not args.quick or args.out:
+        write_section(f"Engine decode ({args.config})", body)
+        print("written to benchmarks/RESULTS_inference.md")
+
+
+if __name__ == "__main__":
+    main()
