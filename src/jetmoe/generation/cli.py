@@ -19,6 +19,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-len", type=int, default=None, help="context length: prompt + output tokens (default: the model's)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -47,7 +48,7 @@ def build_engine(args, max_batch: int = 1):
     from .loading import load
 
     _quiet_transformers()
-    model, tokenizer, _ = load(args.model, args.dtype, args.int8)
+    model, tokenizer, _ = load(args.model, args.dtype, args.int8, args.device)
     return Engine(model, tokenizer, max_batch=max_batch, max_len=args.max_len, compile=args.compile)
 
 

@@ -45,7 +45,9 @@ class Completion:
 class Sequence:
     """One request's state: its tokens, sampler settings and random stream, and its streamed text."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, tokenizer, request_id: str | None = None):
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, tokenizer, request_id: str | None = None, device="cpu"
+    ):
         self.request_id = request_id or f"seq-{next(_ids)}"
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -53,7 +55,7 @@ class Sequence:
         self.text = ""
         self.finish_reason: str | None = None
         self.slot: int | None = None
-        self.generator = params.make_generator()
+        self.generator = params.make_generator(device)  # on the logits' device: torch.multinomial needs that
         self._detokenizer = StreamingDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self._stops = StopMatcher(params.stop)
 
@@ -138,7 +140,7 @@ class Engine:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary of size {vocab}")
-        return Sequence(ids, params, self.tokenizer, request_id)
+        return Sequence(ids, params, self.tokenizer, request_id, self.device)
 
     @property
     def free_slots(self) -> int:

@@ -138,16 +138,16 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_model(model: JetMoeForCausalLM) -> list[str]:
     """Replace, in place, the dense and expert layers of `model` by int8 ones; returns their names.
 
-    Layer by layer, so peak memory is the float model plus one layer's int8 copy."""
-    names = []
-    for name, module in _quantizable(model):
-        replacement = (
-            Int8ParallelExperts.from_float(module)
-            if isinstance(module, ParallelExperts)
-            else Int8Linear.from_float(module)
-        )
-        _set_module(model, name, replacement)
-        names.append(name)
+    Layer by layer, so peak memory is the float model plus one layer's int8 copy (a tied LM head's float
+    weight stays alive as the embedding)."""
+    names = [name for name, _ in _quantizable(model)]
+    for name in names:
+        # One layer at a time, holding no reference to the float layer once it is replaced, so its weight is
+        # freed before the next one is quantised (an 8B model never holds bf16 and int8 copies at once).
+        module = model.get_submodule(name)
+        int8 = Int8ParallelExperts.from_float(module) if isinstance(module, ParallelExperts) else Int8Linear.from_float(module)
+        _set_module(model, name, int8)
+        del module, int8
     if not names:
         raise ValueError("nothing to quantise: the model has no nn.Linear or ParallelExperts layers (already int8?)")
     model.config.tie_word_embeddings = False  # the LM head is its own int8 tensor now
