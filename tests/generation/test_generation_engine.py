@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from toy_checkpoint import PROMPTS, load_toy
@@ -153,3 +155,14 @@ def test_bad_prompts_raise_value_error(toy_model, toy_tokenizer, prompt, message
     engine = Engine(toy_model, toy_tokenizer, max_len=128)
     with pytest.raises(ValueError, match=message):
         engine.generate([prompt], GREEDY)
+
+
+def test_compiled_engine_decodes_the_same_tokens(toy_model, toy_tokenizer):
+    """--compile: a compiled decode step, or (where tracing this model fails, e.g. an op without a compile path
+    in this dtype) the eager one after a warning; either way the greedy tokens are generate()'s."""
+    expected = reference_greedy(toy_model, toy_tokenizer, [PROMPTS[0]], 6)[0]
+    engine = Engine(toy_model, toy_tokenizer, max_batch=1, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    assert got == expected

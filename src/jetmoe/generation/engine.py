@@ -14,6 +14,7 @@ scheduler both drive the same add/step loop. Greedy decoding gives the tokens `m
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ class Engine:
         self.running: list[Sequence] = []
         self.compiled = compile
         self._decode = torch.compile(self._decode_eager, dynamic=True) if compile else self._decode_eager
+        self._decode_checked = not compile
+        self.last_completion: Completion | None = None  # of the latest stream()
 
     # ---- requests -------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -184,13 +187,27 @@ class Engine:
         mask = (torch.arange(view_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         ids = torch.tensor([[s.output_ids[-1]] for s in running], device=self.device)
         self.cache.begin_decode(positions, mask)
-        logits = self._decode(ids, positions, mask)
+        logits = self._decode_once(ids, positions, mask)
         tokens = self.sampler.choose(logits, [s.params for s in running], [s.generator for s in running])
         outputs = [self._accept(s, t) for s, t in zip(running, tokens)]
         for output in outputs:
             if output.finished:
                 self._release(output.sequence)
         return outputs
+
+    def _decode_once(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self._decode_checked:
+            return self._decode(ids, positions, mask)
+        # The first compiled call traces the model. If tracing fails (an op without a compile path for this
+        # dtype, say), decode eagerly instead: same results, and nothing was written yet.
+        self._decode_checked = True
+        try:
+            return self._decode(ids, positions, mask)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means "cannot compile here"
+            warnings.warn(f"torch.compile of the decode step failed; decoding eagerly ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''})", stacklevel=2)  # fmt: skip
+            self._decode, self.compiled = self._decode_eager, False
+            return self._decode(ids, positions, mask)
 
     def _decode_eager(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(
