@@ -12,10 +12,6 @@ from jetmoe.assets import TINY_MODEL_DIR
 from jetmoe.training import bundled_model_path
 from jetmoe.training.config import TINY_MODEL
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(TINY_MODEL_DIR, "model.safetensors")),
-                                reason="the bundled model has not been trained into the package yet")
-
-
 def test_bundled_model_loads_and_generates():
     from transformers import AutoTokenizer
 
