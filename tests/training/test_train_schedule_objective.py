@@ -57,8 +57,10 @@ def test_scheduler_drives_the_optimizer_lr():
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    expected = [0.5 * lr_factor(s, total_steps=TOTAL, warmup_steps=WARMUP, schedule="wsd", decay_fraction=0.2,
-                                decay_type="exponential", min_lr_ratio=0.1) for s in range(TOTAL)]
+    expected = [0.5 * lr_factor(s, total_steps=TOTAL, warmup_steps=WARMUP, schedule=config.schedule,
+                                decay_fraction=config.decay_fraction, decay_type=config.decay_type,
+                                min_lr_ratio=config.min_lr_ratio) for s in range(TOTAL)]
+    assert seen[WARMUP - 1] == pytest.approx(0.5) and seen[-1] < 0.5 * 0.2  # warmed up, then decayed
     assert seen == pytest.approx(expected)
 
 
