@@ -28,7 +28,7 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def tight_server(model_dir):
-    """One slot, one queue place, one second of patience: every limit is easy to reach."""
+    """One slot, one queue place, four seconds of patience: every limit is easy to reach."""
     srv = Server(
         model_dir,
         "--max-batch",

@@ -44,7 +44,7 @@ def test_queue_full_is_429_and_waiting_too_long_is_503(tight_server):
         assert caught.value.status_code == 429
         assert caught.value.body["type"] == "rate_limit_error" and "capacity" in caught.value.body["message"]
         thread.join(timeout=60)
-        error = waiting["error"]  # it waited more than --queue-timeout 1 s for the slot
+        error = waiting["error"]  # it waited more than --queue-timeout (4 s) for the slot
         assert error.status_code == 503 and "retry" in error.body["message"]
         assert tight_server.health() == {**tight_server.health(), "running": 1, "waiting": 0}
     finally:
