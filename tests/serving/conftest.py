@@ -36,7 +36,7 @@ def tight_server(model_dir):
         "--max-queue",
         "1",
         "--queue-timeout",
-        "1",
+        "4",
         "--max-len",
         "30000",
         "--max-tokens-limit",
