@@ -39,7 +39,7 @@ def test_bundled_model_learned_the_corpus(tmp_path):
     text = tmp_path / "topic.txt"
     text.write_text(topics["assert"] + "\n" + topics["pass"])
     result = evaluate_perplexity(TINY_MODEL_DIR, str(text), seq_len=256)
-    assert result["perplexity"] < 60 < TINY_MODEL["vocab_size"]
+    assert result["perplexity"] < 100 < TINY_MODEL["vocab_size"]
 
 
 def test_bundled_files_are_package_data():
