@@ -20,6 +20,7 @@ def test_presets_resolve_and_build_valid_models():
     assert (model.intermediate_size, model.num_local_experts, model.num_experts_per_tok) == (5632, 8, 2)
     assert model.num_attention_heads == 32 and model.router_aux_loss_type == "switch"
     assert big.seq_len == 4096 and big.bf16 and big.schedule == "wsd"
+    assert "pad_token_id" not in big.model  # nothing of the tiny preset leaks into it
 
 
 def test_unknown_preset_lists_choices():

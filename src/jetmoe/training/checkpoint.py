@@ -14,6 +14,7 @@ anything else is reported and skipped when resuming, which falls back to the pre
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,9 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-# One process saving or loading a torch.distributed checkpoint is what we mean; torch warns about it each time.
-warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
@@ -94,7 +92,8 @@ def save_checkpoint(
     try:
         full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-        dcp.save(optim_state, checkpoint_id=os.path.join(temp, "optimizer"))
+        with _single_process_ok():
+            dcp.save(optim_state, checkpoint_id=os.path.join(temp, "optimizer"))
         torch.save(_rng_state(), os.path.join(temp, f"rng-rank{runtime.rank}.pt"))
         if runtime.is_main:
             _save_model(model, full_state, temp, lora_scaling)
@@ -119,6 +118,14 @@ def save_checkpoint(
         error = caught
     _agree(runtime, error, temp, step)
     return final
+
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """One process saving or loading a torch.distributed checkpoint is what we mean; torch warns each time."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+        yield
 
 
 def _agree(runtime, error: BaseException | None, temp: str, step: int) -> None:
@@ -311,7 +318,8 @@ def load_training_state(folder: str, model, optimizer, scheduler, runtime) -> di
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=os.path.join(folder, "optimizer"))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=os.path.join(folder, "optimizer"))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=False))
     restore_rng(folder, runtime.rank)

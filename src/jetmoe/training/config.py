@@ -275,7 +275,8 @@ def build_config(
     file_settings.pop("preset", None)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    config = apply_settings(TrainConfig(), PRESETS[preset], where=f"preset {preset}")
+    # A preset's model replaces the default one whole (its keys are not merged into another geometry's).
+    config = apply_settings(TrainConfig(model={}), PRESETS[preset], where=f"preset {preset}")
     if file_settings:
         apply_settings(config, file_settings, where=f"config file {file}")
     if overrides:
