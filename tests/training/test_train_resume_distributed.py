@@ -47,18 +47,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, corpus, toke
         assert got[step] == pytest.approx(expected[step], rel=0, abs=1e-6), step
 
 
-def test_torchrun_fsdp2_matches_one_process(tmp_path, corpus, token_cache):
-    steps = 20
-    config = write_config(tmp_path / "run.yaml", micro_settings(corpus, token_cache, max_steps=steps, save_every=steps,
-                                                                val_every=10))
-    # One process: micro-batches of 2, accumulated twice. Two processes: one micro-batch of 2 each.
-    single = run_jetmoe("train", "--config", config, "--out-dir", str(tmp_path / "single"), "--grad-accum", "2")
-    assert single.returncode == 0, single.stderr
+def torchrun_train(*args: str) -> str:
+    """`torchrun --nproc_per_node 2 -m jetmoe.cli train ARGS`; returns its stdout."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     # Its own process group, so that a hang is cleaned up whole (torchrun's workers would outlive it otherwise).
     process = subprocess.Popen(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "jetmoe.cli", "train", "--config", config,
-         "--out-dir", str(tmp_path / "fsdp")],
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "jetmoe.cli", "train", *args],
         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
@@ -68,7 +62,18 @@ def test_torchrun_fsdp2_matches_one_process(tmp_path, corpus, token_cache):
         process.communicate()
         raise
     assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert stdout.count('"step": 20') == 1  # one summary, from rank 0
+    return stdout
+
+
+def test_torchrun_fsdp2_matches_one_process(tmp_path, corpus, token_cache):
+    steps = 20
+    config = write_config(tmp_path / "run.yaml", micro_settings(corpus, token_cache, max_steps=steps, save_every=steps,
+                                                                val_every=10))
+    # One process: micro-batches of 2, accumulated twice. Two processes: one micro-batch of 2 each.
+    single = run_jetmoe("train", "--config", config, "--out-dir", str(tmp_path / "single"), "--grad-accum", "2")
+    assert single.returncode == 0, single.stderr
+    stdout = torchrun_train("--config", config, "--out-dir", str(tmp_path / "fsdp"))
+    assert stdout.count('"step": 20') == 1 and stdout.count("validation loss") == 2  # printed by rank 0 only
     one, two = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
     assert sorted(one) == sorted(two) == list(range(1, steps + 1))
     for step in one:
@@ -84,3 +89,22 @@ def test_torchrun_fsdp2_matches_one_process(tmp_path, corpus, token_cache):
     b = JetMoeForCausalLM.from_pretrained(os.path.join(checkpoint_root(tmp_path / "fsdp"), "step-00000020"))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_torchrun_fsdp2_lora_matches_one_process(tmp_path, corpus, token_cache):
+    pytest.importorskip("peft")
+    from jetmoe.training.trainer import train
+    from train_helpers import micro_config
+
+    base = train(micro_config(corpus, token_cache, tmp_path / "base", max_steps=3))["checkpoint"]
+    config = write_config(tmp_path / "run.yaml", micro_settings(corpus, token_cache, max_steps=6, save_every=6,
+                                                                init_from=base, lora=True, lr=0.005))
+    single = run_jetmoe("train", "--config", config, "--out-dir", str(tmp_path / "single"), "--grad-accum", "2")
+    assert single.returncode == 0, single.stderr
+    torchrun_train("--config", config, "--out-dir", str(tmp_path / "fsdp"))
+    one, two = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
+    assert sorted(one) == sorted(two) == list(range(1, 7))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), step
+    assert os.path.exists(os.path.join(checkpoint_root(tmp_path / "fsdp"), "step-00000006", "adapter",
+                                       "adapter_model.safetensors"))

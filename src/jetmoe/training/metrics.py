@@ -88,9 +88,10 @@ def read_metrics(out_dir: str) -> list[dict]:
 class Progress:
     """A tqdm bar on the main process: loss, balancing loss, lr, tokens/s and ETA (tqdm's own)."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
+    def __init__(self, enabled: bool, total: int, start: int, is_main: bool = True):
         self.bar = None
-        if enabled:
+        self.is_main = is_main  # only the main process prints
+        if enabled and is_main:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train")
@@ -104,7 +105,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif self.is_main:
             print(text, flush=True)
 
     def close(self) -> None:

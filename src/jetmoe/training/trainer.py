@@ -35,7 +35,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict:
     hf_logging.disable_progress_bar()  # loading / saving bars would break the training progress bar
     runtime = init_runtime(config.device)
     try:
-        return _train(config, resume, runtime)
+        summary = _train(config, resume, runtime)
+        runtime.barrier()  # leave together: tearing the process group down while a peer still works can abort it
+        return summary
     finally:
         shutdown(runtime)
 
@@ -86,7 +88,7 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
     top_k = _model_config(model).num_experts_per_tok
     aux_coef = _model_config(model).aux_loss_coef
     metrics = MetricsLog(out_dir, runtime.is_main, step if found else None)
-    progress = Progress(config.progress and runtime.is_main, config.max_steps, step)
+    progress = Progress(config.progress, config.max_steps, step, runtime.is_main)
     expert_load = ExpertLoad()
     throughput = Throughput()
     config_yaml = dump_yaml(config)
@@ -219,6 +221,8 @@ def _model_config(model) -> JetMoeConfig:
 
 def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=print):
     """The model to train: a checkpoint to resume, a model to fine-tune, or a fresh one. Returns (model, lora scaling)."""
+    # Whatever is initialised randomly (a fresh model, LoRA's A matrices) is the same in every process and run.
+    torch.manual_seed(config.seed)
     if resume_folder and not config.lora:
         model = JetMoeForCausalLM.from_pretrained(resume_folder, dtype=torch.float32)
     elif config.init_from:
@@ -226,7 +230,6 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
             raise FileNotFoundError(f"init_from {config.init_from!r} is not a folder holding an HF-format checkpoint")
         model = JetMoeForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
     else:
-        torch.manual_seed(config.seed)
         fields = dict(config.model)
         if len(tokenizer) != fields.get("vocab_size"):
             log(f"vocab_size set to the tokenizer's {len(tokenizer)} (was {fields.get('vocab_size')})")
