@@ -137,3 +137,50 @@ def test_resume_without_checkpoints_starts_fresh(tmp_path, corpus, token_cache, 
     summary = train(micro_config(corpus, token_cache, tmp_path, max_steps=2), resume=True)
     assert summary["step"] == 2 and "starting from scratch" in capsys.readouterr().out
     assert os.listdir(checkpoint_root(tmp_path)) == ["step-00000002"]
+
+
+def test_given_hf_tokenizer_sets_the_vocabulary(tmp_path, corpus, token_cache):
+    from jetmoe.assets import TINY_MODEL_DIR
+
+    summary = train(micro_config(corpus, token_cache, tmp_path, tokenizer=TINY_MODEL_DIR, max_steps=2,
+                                 **{"model.max_position_embeddings": 64}))
+    model = JetMoeForCausalLM.from_pretrained(summary["checkpoint"])
+    assert model.config.vocab_size == 2048  # the tokenizer's size, not the micro preset's 300
+    assert os.path.exists(os.path.join(summary["checkpoint"], "tokenizer.json"))
+
+
+def test_chat_fine_tuning_counts_only_assistant_tokens(base_checkpoint, tmp_path, token_cache):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from jetmoe.training.metrics import read_metrics
+    from jetmoe.training.sources import resolve_source
+    from jetmoe.training.tokenizer import encode_conversation
+
+    records = [{"prompt": f"what does function {i} return", "completion": f"it returns value {i}"} for i in range(40)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = train(micro_config(str(data), token_cache, tmp_path / "out", init_from=base_checkpoint, max_steps=3,
+                                 val_fraction=0.0, lr=1e-3))
+    assert summary["step"] == 3 and math.isfinite(summary["loss"])
+    tokenizer = AutoTokenizer.from_pretrained(base_checkpoint)
+    examples = list(resolve_source([str(data)]).examples())
+    masks = [encode_conversation(tokenizer, e)[1] for e in examples]
+    trained_share = sum(map(sum, masks)) / sum(map(len, masks))
+    assert 0.1 < trained_share < 0.7  # the prompts, tags and user turns are left out of the loss
+    assert all(r["loss"] > 0 for r in read_metrics(str(tmp_path / "out")) if "loss" in r)
+
+
+def test_switch_objective_and_coefficients_are_recorded(tmp_path, corpus, token_cache):
+    from jetmoe.training.metrics import read_metrics
+
+    summary = train(micro_config(corpus, token_cache, tmp_path, aux_loss_type="switch", aux_loss_coef=0.02,
+                                 z_loss_coef=0.001, max_steps=2))
+    config = JetMoeForCausalLM.from_pretrained(summary["checkpoint"]).config
+    assert (config.router_aux_loss_type, config.aux_loss_coef, config.router_z_loss_coef) == ("switch", 0.02, 0.001)
+    last = [r for r in read_metrics(str(tmp_path)) if "loss" in r][-1]
+    # The switch loss is per router (1 when balanced, more when not) summed over the 4 routers (2 layers x MoA,
+    # MoE), where the reference loss averages them (k = 2 when balanced).
+    assert 4.0 <= last["aux"] < 6.0 and last["z_loss"] > 0
+    assert last["loss"] == pytest.approx(last["ce"] + 0.02 * last["aux"])
