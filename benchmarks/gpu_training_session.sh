@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared device session for the training work (run from the repo root on a GPU machine; $OUT collects results):
+# One prepared device session for the training work (prepared; not run yet: no device time was left) (run from the repo root on a GPU machine; $OUT collects results):
 #  1. trains the bundled tiny model with the documented command (on the GPU) and exports it to $OUT/tiny;
 #  2. times the same preset on 2 CPU cores (a stand-in for a quiet 2-core developer machine);
 #  3. measures the trainer against a raw forward+backward on a ~0.6B-parameter JetMoE in bf16 on the GPU.
