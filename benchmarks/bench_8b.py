@@ -23,20 +23,9 @@ import torch
 from safetensors.torch import save_file
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
+from jetmoe.training.config import JETMOE_8B_MODEL
 
-GEOMETRY = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    num_hidden_layers=24,
-    num_key_value_heads=16,
-    kv_channels=128,
-    intermediate_size=5632,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
+GEOMETRY = JETMOE_8B_MODEL  # the jetmoe-8b preset of `jetmoe train`
 SHARD_BYTES = 2 * 1024**3
 
 
