@@ -23,8 +23,12 @@ class RoutingPlan:
     sorted_slots: torch.Tensor  # [N*k] slot ids grouped by expert
     slot_to_grouped: torch.Tensor  # [N*k] inverse permutation: the grouped row of each slot
     sorted_tokens: torch.Tensor  # [N*k] token id of each grouped slot
-    sorted_gates: torch.Tensor  # [N*k] gate of each grouped slot
     expert_ends: torch.Tensor  # [E] int32, end row of each expert's group (cumulative counts)
+
+    @property
+    def sorted_gates(self) -> torch.Tensor:
+        """[N*k] gate of each grouped slot (for kernels that gate in grouped order; the CPU path gates in slot order)."""
+        return self.gates.flatten()[self.sorted_slots]
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +60,6 @@ def make_plan(router_logits: torch.Tensor, top_k: int, gate_dtype: torch.dtype) 
             0, sorted_slots, torch.arange(sorted_slots.numel(), device=sorted_slots.device)
         ),
         sorted_tokens=sorted_slots // top_k,
-        sorted_gates=gates.flatten()[sorted_slots],
         expert_ends=expert_ends,
     )
 
