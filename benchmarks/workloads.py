@@ -61,8 +61,11 @@ def _primed_optimizer(model) -> torch.optim.AdamW:
     AdamW allocates its moments lazily in the first step(). That first step is done here on zero
     gradients with lr=0, which leaves every weight exactly unchanged (decay factor 1 - 0*wd, update -0*...).
     A fresh optimizer per run keeps only one model's gradients and moments in memory at a time.
+    The fused kernel (CPU and CUDA) is what a user who cares about speed picks, and the same for both
+    models: torch's default per-tensor loop took 2.6 s of a 5 s bf16 step of the "small" config on the
+    2-core CPU, an identical cost in both that would only hide the models' difference.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
     optimizer.step()
@@ -165,7 +168,7 @@ def training_peak_memory(model, shapes: Shapes, device: torch.device, steps: int
     else:
         exact = _reset_peak_rss()
         baseline = _proc_status_kib("VmRSS") * 1024
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=True)
     for _ in range(steps):
         train_step(model, optimizer, ids)
     if device.type == "cuda":

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .cpu_memory import retain_freed_memory_unless_disabled
+
 FRONT_ENDS = ("jetmoe.training.cli", "jetmoe.generation.cli", "jetmoe.serving.cli")
 
 
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    retain_freed_memory_unless_disabled()  # a CLI run owns its process: keep freed tensors' pages warm
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
