@@ -115,6 +115,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--write-only", action="store_true", help="write the checkpoint and stop")
     args = parser.parse_args()
+    from jetmoe.cpu_runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()  # as the jetmoe command line does
 
     config = JetMoeConfig(**GEOMETRY)
     # Measured first: once the model's pages fill RAM, a fresh 1 GiB buffer competes with the page cache

@@ -80,6 +80,9 @@ def main() -> None:
     from jetmoe.generation import Engine, quantize_model
     from jetmoe.generation.loading import load_tokenizer
 
+    from jetmoe.cpu_runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()  # as the jetmoe CLI does; process-wide, so the reference gets them too
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     batches = [int(b) for b in args.batches.split(",")]

@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="random tiny model, built-in text; writes nothing")
     args = parser.parse_args()
+    from jetmoe.cpu_runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()  # as the jetmoe command line does
 
     import transformers
 

@@ -26,10 +26,12 @@ Method (one process for all timings):
   before them (Linux VmHWM, reset through /proc/self/clear_refs right before the steps). It is the memory
   training adds on top of the weights: gradients, AdamW moments, activations and workspace. On CUDA:
   torch.cuda.max_memory_allocated minus memory_allocated before the steps.
-- CPU allocator: by default the process keeps freed memory for reuse (jetmoe.cpu_memory, what the jetmoe
-  command line does); glibc's default returns every block over 32 MiB to the kernel, which then faults and
-  zeroes it again on the next step. It is one process-wide setting, so it applies to both models alike;
-  --allocator system measures glibc's defaults.
+- CPU settings: by default the process applies jetmoe.cpu_runtime.apply_cpu_defaults(), as the jetmoe command
+  line does: freed memory is kept for reuse (glibc's default returns every block over 32 MiB to the kernel,
+  which faults and zeroes it again on the next step) and oneDNN keeps 8192 compiled matmul kernels instead of
+  1024 (an MoE meets a new matmul shape at every new expert row count, and the reference's shapes would
+  otherwise evict ours and ours the reference's). Both are process-wide, so they apply to both models alike;
+  --cpu-defaults off measures PyTorch's and glibc's defaults.
 Fractions of the machine's limits (see cost_model.py for the formulas):
 - matmul peak: best FLOP/s of a square torch.matmul per dtype (2 n^3 FLOPs); bandwidth: the higher of a
   large fp32 copy (read + write bytes) and a large fp32 sum (read bytes), buffers far beyond the caches.
@@ -63,7 +65,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import jetmoe  # noqa: E402
-import jetmoe.cpu_memory  # noqa: E402
+import jetmoe.cpu_runtime  # noqa: E402
 import machine  # noqa: E402
 import workloads  # noqa: E402
 from cost_model import Geometry  # noqa: E402
@@ -156,7 +158,7 @@ def time_alternating(measure: str, models: dict, shapes: Shapes, device: torch.d
 def memory_probe_in_subprocess(impl: str, directory: str, dtype: str, device: torch.device, shapes: Shapes) -> dict:
     """Training peak memory of one model, measured in a fresh process (see workloads.training_peak_memory)."""
     request = {"impl": impl, "dir": directory, "dtype": dtype, "device": str(device), "shapes": shapes.__dict__}
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--allocator", ALLOCATOR[0],
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--cpu-defaults", CPU_DEFAULTS[0],
                            "--memory-probe", json.dumps(request)],
                           capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("MEMORY-PROBE ")]
@@ -240,7 +242,7 @@ def report(args, info: dict, limits: dict, rows: list[dict], shapes: Shapes, nom
         f"- date: {now}",
         f"- command: `{shlex.join(['python', *sys.argv])}`",
         f"- device: {args.device}",
-        f"- CPU allocator: {ALLOCATOR[0]} (retain = freed memory kept for reuse, jetmoe.cpu_memory; both models)",
+        f"- CPU defaults (jetmoe.cpu_runtime, both models): {CPU_DEFAULTS[0]}",
         *[f"- {key}: {value}" for key, value in info.items()],
         f"- shapes: prefill {shapes.prefill_batch}x{shapes.prefill_len}, train {shapes.train_batch}x"
         f"{shapes.train_len}, generate() prompt {shapes.prompt_len} + {shapes.new_tokens} new tokens; "
@@ -317,9 +319,9 @@ def parse_args(argv=None):
                         help="the device's nominal bf16 peak (default: known for H100/H200, else none)")
     parser.add_argument("--no-memory", action="store_true", help="skip the training peak memory probes")
     parser.add_argument("--quick", action="store_true", help="the tiny config and tiny shapes: a seconds-long check")
-    parser.add_argument("--allocator", default="retain", choices=("retain", "system"),
-                        help="retain: keep freed CPU memory for reuse (jetmoe.cpu_memory, as the jetmoe CLI does), "
-                             "for both models; system: glibc's defaults")
+    parser.add_argument("--cpu-defaults", default="on", choices=("on", "off"),
+                        help="on: jetmoe.cpu_runtime.apply_cpu_defaults() for the whole process (both models), "
+                             "as the jetmoe CLI does; off: PyTorch's and glibc's defaults")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: one model's memory, in a fresh process
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -365,13 +367,13 @@ def bench_config(config: str, args, device: torch.device, shapes: Shapes, limits
     return rows
 
 
-ALLOCATOR = ["system"]  # set once by main(); the memory probes run under the same setting
+CPU_DEFAULTS = ["off"]  # set once by main(); the memory probes run under the same setting
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.allocator == "retain" and jetmoe.cpu_memory.retain_freed_memory():
-        ALLOCATOR[0] = "retain"
+    if args.cpu_defaults == "on" and jetmoe.cpu_runtime.apply_cpu_defaults():
+        CPU_DEFAULTS[0] = "on"
     if args.memory_probe:
         run_memory_probe(json.loads(args.memory_probe))
         return 0

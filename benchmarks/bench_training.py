@@ -92,6 +92,9 @@ def main() -> None:
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides, as for `jetmoe train --set`")
     args = parser.parse_args()
+    from jetmoe.cpu_runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()  # as the jetmoe command line does
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}

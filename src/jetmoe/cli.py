@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from .cpu_memory import retain_freed_memory_unless_disabled
+from .cpu_runtime import apply_cpu_defaults
 
 FRONT_ENDS = ("jetmoe.training.cli", "jetmoe.generation.cli", "jetmoe.serving.cli")
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    retain_freed_memory_unless_disabled()  # a CLI run owns its process: keep freed tensors' pages warm
+    apply_cpu_defaults()  # a CLI run owns its process (see cpu_runtime.py)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

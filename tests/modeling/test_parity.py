@@ -375,3 +375,18 @@ def test_attention_dropout_is_active_in_training_only(attn_implementation):
         again = ours(ids).logits
     assert not torch.allclose(first, plain(ids).logits) and not torch.allclose(first, second)
     assert torch.equal(first, again)
+
+
+def test_loss_with_num_items_in_batch_and_a_custom_loss_function():
+    """The trainer-style sum / num_items_in_batch loss equals the oracle's; a loss set on the model is used."""
+    ours, oracle = build_pair()
+    ids = random_ids(2, 6)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    items = torch.tensor(7)
+    got = ours(input_ids=ids, labels=labels, num_items_in_batch=items).loss
+    want = oracle(input_ids=ids, labels=labels, num_items_in_batch=items).loss
+    assert_close(got, want, what="loss with num_items_in_batch")
+
+    ours.loss_function = lambda logits, labels, vocab_size, num_items_in_batch=None: logits.float().mean() * 0 + 42.0
+    assert ours(input_ids=ids, labels=labels).loss.item() == 42.0

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from ..configuration import JetMoeConfig
+from ..ops.cross_entropy import summed_cross_entropy
 from .attention import JetMoeAttention, JetMoeMoA
 from .experts import ParallelExperts
 from .mlp import JetMoeMoE
@@ -53,6 +54,30 @@ def select_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Te
     if isinstance(logits_to_keep, int):
         logits_to_keep = slice(-logits_to_keep, None)
     return hidden_states[:, logits_to_keep, :]
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token cross-entropy in fp32, as transformers' causal LM loss: position t predicts labels[t + 1]
+    (or shift_labels[t]); mean over counted positions, or sum / num_items_in_batch when that is given.
+
+    Computed by ops.summed_cross_entropy, which keeps no fp32 copy of the logits for backward.
+    """
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    targets = shift_labels.reshape(-1).to(flat_logits.device)
+    total = summed_cross_entropy(flat_logits, targets, ignore_index)
+    if num_items_in_batch is None:
+        return total / (targets != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 class JetMoeDecoderLayer(GradientCheckpointingLayer):
@@ -365,9 +390,14 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
-            )
+            # A loss function set on the model (transformers' `_loss_function` hook) wins over ours.
+            custom_loss = getattr(self, "_loss_function", None)
+            if custom_loss is None:
+                loss = causal_lm_loss(logits, labels, num_items_in_batch)
+            else:
+                loss = custom_loss(
+                    logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+                )
         aux_loss = None
         if output_router_logits:
             aux_loss = self.balancing_loss(outputs.router_logits, attention_mask)

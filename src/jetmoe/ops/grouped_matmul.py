@@ -136,8 +136,7 @@ def _use_cpu_lowp(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
 
 
-@torch.library.custom_op("jetmoe::grouped_linear", mutates_args=())
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _grouped_linear_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out_features, in_features = weight.shape[1], weight.shape[2]
     if _use_cpu_lowp(x, weight):
@@ -149,6 +148,11 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
 
         return scattered_experts(x, weight, None, offsets, None, grouped_in=True, grouped_out=True)
     return grouped_linear_reference(x, weight, offsets)
+
+
+@torch.library.custom_op("jetmoe::grouped_linear", mutates_args=())
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _grouped_linear_impl(x, weight, offsets)
 
 
 @_grouped_linear.register_fake
@@ -198,4 +202,10 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         # cast here, as autocast casts F.linear's operands; the cast is differentiable, so fp32 weights get grads.
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
+    if not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    ):
+        # Eager inference: the custom op's dispatch alone cost ~80 us a call here, 2.6 ms of a 31 ms decode
+        # step (32 calls); it is only needed for autograd and for torch.compile to trace through.
+        return _grouped_linear_impl(x, weight, offsets)
     return _grouped_linear(x, weight, offsets)

@@ -1,0 +1,73 @@
+"""Two process-wide CPU settings that an MoE model needs and PyTorch's defaults get wrong.
+
+1. Freed memory goes back to the kernel (glibc). glibc serves every allocation above its mmap threshold
+   (at most 32 MiB) with a fresh `mmap` and unmaps it when freed, so each large tensor a step creates (expert
+   activations, gradients, logits) starts as untouched pages the kernel must fault in and zero, 4 KiB at a
+   time. On the 2-core Sapphire Rapids machine that ran at about 5 GB/s: allocating and filling a 46 MB bf16
+   gradient took 10 ms, against 1.1 ms once the memory is reused. `retain_freed_memory()` makes glibc serve
+   everything from its heap (`M_MMAP_MAX = 0`) and trim it only past 2 GiB of free top
+   (`M_TRIM_THRESHOLD`): the process then keeps its peak heap, the trade jemalloc and tcmalloc make too.
+
+2. oneDNN keeps 1024 compiled matmul kernels, one per shape. An expert's row count changes with every routing
+   decision, and a new shape costs 2-3 ms of JIT compilation (ops/grouped_matmul.py buckets row counts to
+   keep the set small). Once more shapes than the cache holds are in play (a training run with prefill and
+   decode, or two models in one process), kernels are evicted and compiled again: revisiting 10 shapes after
+   1200 others took 10 ms instead of 0.6 ms. `enlarge_kernel_cache()` raises the capacity to 8192 through
+   `ONEDNN_PRIMITIVE_CACHE_CAPACITY`, which oneDNN reads when it builds its first kernel, so it must run
+   before the first bf16 matmul; a value the user set is kept.
+
+Both are process-wide, so importing jetmoe changes nothing: the `jetmoe` command line applies them (unless
+`JETMOE_CPU_DEFAULTS=0`), and programs opt in with `apply_cpu_defaults()` at start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_TRIM_ABOVE = 2**31 - 1  # mallopt takes an int
+KERNEL_CACHE_CAPACITY = 8192
+ENV_SWITCH = "JETMOE_CPU_DEFAULTS"
+
+_retained = False
+
+
+def _glibc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # only glibc has it: other C libraries have no such mallopt knobs
+    except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def retain_freed_memory() -> bool:
+    """Make freed memory stay in the process for reuse. Returns whether it is in effect (glibc on Linux)."""
+    global _retained
+    if not _retained:
+        libc = _glibc()
+        _retained = libc is not None and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE)
+        )
+    return _retained
+
+
+def enlarge_kernel_cache(capacity: int = KERNEL_CACHE_CAPACITY) -> int:
+    """Ask oneDNN to keep `capacity` compiled kernels (unless the environment sets it); returns the setting."""
+    return int(os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity)))
+
+
+def apply_cpu_defaults() -> bool:
+    """Both settings, unless JETMOE_CPU_DEFAULTS is 0 / false / no / off. Returns whether they were applied."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    enlarge_kernel_cache()
+    return retain_freed_memory()
