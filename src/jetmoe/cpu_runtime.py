@@ -5,8 +5,9 @@
    activations, gradients, logits) starts as untouched pages the kernel must fault in and zero, 4 KiB at a
    time. On the 2-core Sapphire Rapids machine that ran at about 5 GB/s: allocating and filling a 46 MB bf16
    gradient took 10 ms, against 1.1 ms once the memory is reused. `retain_freed_memory()` makes glibc serve
-   everything from its heap (`M_MMAP_MAX = 0`) and trim it only past 2 GiB of free top
-   (`M_TRIM_THRESHOLD`): the process then keeps its peak heap, the trade jemalloc and tcmalloc make too.
+   everything from its heap (`M_MMAP_MAX = 0`) and never trim it (`M_TRIM_THRESHOLD`): the process then
+   keeps its peak heap, the trade jemalloc and tcmalloc make too. (A 2 GiB trim threshold was not enough:
+   a reference model's training step freed more than that at once, and ours then faulted it back in.)
 
 2. oneDNN keeps 1024 compiled matmul kernels, one per shape. An expert's row count changes with every routing
    decision, and a new shape costs 2-3 ms of JIT compilation (ops/grouped_matmul.py buckets row counts to
@@ -29,7 +30,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_TRIM_ABOVE = 2**31 - 1  # mallopt takes an int
+_NEVER_TRIM = -1  # glibc stores the threshold as a size_t: -1 becomes SIZE_MAX, i.e. never
 KERNEL_CACHE_CAPACITY = 8192
 ENV_SWITCH = "JETMOE_CPU_DEFAULTS"
 
@@ -55,7 +56,7 @@ def retain_freed_memory() -> bool:
     if not _retained:
         libc = _glibc()
         _retained = libc is not None and bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE)
+            libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
         )
     return _retained
 
