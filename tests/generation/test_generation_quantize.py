@@ -99,3 +99,17 @@ def test_engine_on_int8_equals_generate_on_int8(toy_dir, toy_tokenizer):
     engine = Engine(model, toy_tokenizer)
     got = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
     assert got == expected[: len(got)] and len(got) > 3
+
+
+@pytest.mark.parametrize("rows", [1, 24, 25, 64])  # aten's int8 kernel up to 24 rows, bf16 matmul above
+def test_int8_matmul_equals_the_dequantized_product_on_both_paths(rows):
+    from jetmoe.generation.quantize import _int8_matmul, quantize_tensor
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 32)
+    q, scale = quantize_tensor(weight)
+    x = torch.randn(rows, 32, dtype=torch.bfloat16)
+    got = _int8_matmul(x, q, scale.to(torch.bfloat16))
+    want = x.double() @ (q.double() * scale.to(torch.bfloat16).double()[:, None]).T
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 48)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
