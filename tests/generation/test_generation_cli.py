@@ -40,6 +40,18 @@ def test_generate_streams_the_greedy_completion(toy_dir, toy_tokenizer, capsys):
     assert capsys.readouterr().out == expected
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_generate_stats_report_the_tokens_and_memory(toy_dir, toy_tokenizer, capsys, stream):
+    args = ["generate", "Hello", "--model", str(toy_dir), "--temperature", "0", "--max-tokens", "5", "--stats"]
+    assert main(args + ([] if stream else ["--no-stream"])) == 0
+    err = capsys.readouterr().err
+    prompt_tokens = len(Engine(load_toy(toy_dir), toy_tokenizer).encode("Hello"))
+    assert f"{prompt_tokens} prompt + 5 generated tokens in" in err, err
+    assert "tok/s" in err and "tok/s after the first token" in err
+    if sys.platform.startswith("linux"):
+        assert "GiB own" in err and "GiB mapped files" in err
+
+
 def test_generate_several_prompts_as_a_batch(toy_dir, capsys):
     assert main(["generate", "Hello", "A mixture", "--model", str(toy_dir), "--max-tokens", "4", "--seed", "3"]) == 0
     out = capsys.readouterr().out

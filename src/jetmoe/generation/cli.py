@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from .loading import DTYPES
 
@@ -66,9 +67,36 @@ def _sampling(args, extra_stop: tuple[str, ...] = ()):
     )
 
 
+def _memory_gib() -> dict[str, float]:
+    """This process's resident memory by kind (Linux): RssAnon is its own, RssFile mapped files (weights)."""
+    try:
+        with open("/proc/self/status") as status:
+            fields = dict(line.split(":", 1) for line in status if line.startswith(("RssAnon", "RssFile")))
+    except OSError:
+        return {}
+    return {key: int(value.split()[0]) / 2**20 for key, value in fields.items()}
+
+
+def _print_stats(load_s: float, completions, generate_s: float) -> None:
+    prompt_tokens = sum(c.prompt_tokens for c in completions)
+    tokens = sum(c.completion_tokens for c in completions)
+    line = (
+        f"[stats] load {load_s:.1f} s; {prompt_tokens} prompt + {tokens} generated tokens in {generate_s:.2f} s "
+        f"({tokens / max(generate_s, 1e-9):.2f} tok/s)"
+    )
+    if len(completions) == 1 and completions[0].decode_tokens_per_s is not None:
+        line += f", {completions[0].decode_tokens_per_s:.2f} tok/s after the first token"
+    memory = _memory_gib()
+    if memory:
+        line += f"; resident: {memory.get('RssAnon', 0):.2f} GiB own, {memory.get('RssFile', 0):.2f} GiB mapped files"
+    print(line, file=sys.stderr)
+
+
 def run_generate(args) -> int:
     params = _sampling(args)  # bad settings fail before the model loads
+    started = time.perf_counter()
     engine = build_engine(args, max_batch=max(1, min(len(args.prompt), 32)))
+    loaded = time.perf_counter()
     if len(args.prompt) == 1 and not args.no_stream:
         out = sys.stdout
         out.write(args.prompt[0])
@@ -77,11 +105,15 @@ def run_generate(args) -> int:
             out.write(piece)
             out.flush()
         out.write("\n")
-        return 0
-    for prompt, completion in zip(args.prompt, engine.generate(args.prompt, params)):
-        print(prompt + completion.text)
-        if len(args.prompt) > 1:
-            print("-" * 40)
+        completions = [engine.last_completion]
+    else:
+        completions = engine.generate(args.prompt, params)
+        for prompt, completion in zip(args.prompt, completions):
+            print(prompt + completion.text)
+            if len(args.prompt) > 1:
+                print("-" * 40)
+    if args.stats:
+        _print_stats(loaded - started, completions, time.perf_counter() - loaded)
     return 0
 
 
@@ -146,6 +178,9 @@ def register(subparsers) -> None:
     add_model_arguments(gen)
     _add_sampling_arguments(gen, max_tokens=64)
     gen.add_argument("--no-stream", action="store_true", help="print the completion when it is done")
+    gen.add_argument(
+        "--stats", action="store_true", help="print load time, tokens/s and resident memory to stderr at the end"
+    )
     gen.set_defaults(run=run_generate)
 
     chat = subparsers.add_parser("chat", help="interactive chat", description="Chat on stdin/stdout.")

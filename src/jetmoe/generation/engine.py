@@ -14,6 +14,7 @@ scheduler both drive the same add/step loop. Greedy decoding gives the tokens `m
 from __future__ import annotations
 
 import itertools
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -37,10 +38,19 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (end-of-sequence token or stop string), "length", or "abort"
     prompt_tokens: int
+    first_token_time: float | None = None  # time.perf_counter() when the first token was chosen
+    finish_time: float | None = None  # ... and when the last one was
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Tokens after the first over the time they took (the decode rate, prefill excluded)."""
+        if self.first_token_time is None or self.finish_time is None or self.completion_tokens < 2:
+            return None
+        return (self.completion_tokens - 1) / max(self.finish_time - self.first_token_time, 1e-9)
 
 
 class Sequence:
@@ -56,6 +66,8 @@ class Sequence:
         self.text = ""
         self.finish_reason: str | None = None
         self.slot: int | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
         self.generator = params.make_generator(device)  # on the logits' device: torch.multinomial needs that
         self._detokenizer = StreamingDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
         self._stops = StopMatcher(params.stop)
@@ -70,7 +82,10 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
     def completion(self) -> Completion:
-        return Completion(self.text, list(self.output_ids), self.finish_reason or "abort", len(self.prompt_ids))
+        return Completion(
+            self.text, list(self.output_ids), self.finish_reason or "abort", len(self.prompt_ids),
+            self.first_token_time, self.last_token_time,
+        )  # fmt: skip
 
     def _push_text(self, token_id: int) -> str:
         return self._stops.feed(self._detokenizer.push(token_id))
@@ -231,6 +246,9 @@ class Engine:
     def _accept(self, sequence: Sequence, token: int) -> StepOutput:
         params = sequence.params
         sequence.output_ids.append(token)
+        sequence.last_token_time = time.perf_counter()
+        if sequence.first_token_time is None:
+            sequence.first_token_time = sequence.last_token_time
         self.sampler.record(sequence.slot, token)
         reason = None
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
