@@ -135,3 +135,24 @@ def test_cpu_bucketed_groups_match_the_loop(dtype):
     assert torch.count_nonzero(weight.grad[2]) == 0  # the empty expert
     with torch.no_grad():  # inference skips the custom op's dispatch: same kernels, same result
         torch.testing.assert_close(grouped_linear(x, weight, offsets), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_linear_one_row_matches_f_linear(dtype):
+    """ops.dense.linear: the one-row bf16 inference path (a matrix-vector product) against F.linear."""
+    from jetmoe.ops.dense import Linear, linear
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 64, dtype=dtype), torch.randn(300, dtype=dtype)
+    for shape in [(1, 1, 64), (64,), (3, 64)]:
+        for b in (None, bias):
+            x = torch.randn(shape, dtype=dtype)
+            with torch.no_grad():
+                got = linear(x, weight, b)
+            want = torch.nn.functional.linear(x, weight, b)
+            exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+            assert got.shape == want.shape and got.dtype == dtype
+            torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=5e-2)  # one bf16 rounding
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=5e-2)
+    layer = Linear(64, 300, bias=False).to(dtype)
+    assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight"]

@@ -14,6 +14,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..ops.attention import shared_kv_attention, shared_kv_attention_reference
+from ..ops.dense import Linear
 from .experts import ParallelExperts, combine, grouped_to_slots, slots_to_grouped, tokens_to_grouped
 from .norm_rotary import apply_rotary
 from .routing import RoutingPlan, TopKRouter
@@ -54,7 +55,7 @@ class JetMoeAttention(nn.Module):
         # usual grouped-query convention (query head i reads kv head i // groups) is the right one.
         self.num_key_value_groups = self.top_k
         self.experts = JetMoeMoA(config)
-        self.kv_proj = nn.Linear(config.hidden_size, 2 * config.num_key_value_heads * config.kv_channels, bias=False)
+        self.kv_proj = Linear(config.hidden_size, 2 * config.num_key_value_heads * config.kv_channels, bias=False)
 
     def forward(
         self,

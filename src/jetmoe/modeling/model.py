@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from ..configuration import JetMoeConfig
 from ..ops.cross_entropy import summed_cross_entropy
+from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
 from .experts import ParallelExperts
 from .mlp import JetMoeMoE
@@ -318,7 +319,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = JetMoeModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)  # nn.Linear, faster decoding
         self.post_init()
 
     def get_input_embeddings(self):

@@ -1,0 +1,38 @@
+"""A dense projection that decodes faster on CPU: one row in bf16/fp16 goes through a matrix-vector product.
+
+On the 2-core Sapphire Rapids CPU, `torch.mv` read bf16 weights at 19-26 GB/s where a one-row `F.linear`
+managed 14-17 GB/s: the [32000, 1024] output head of the "small" config took 2.5 ms instead of 3.8 ms
+per decoded token. Everything else (several rows, fp32, autograd, torch.compile) is `F.linear` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _one_row_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype == weight.dtype
+        and x.numel() == x.shape[-1]
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`. The matrix-vector path (no bias: F.linear adds it before rounding) also
+    accumulates each output in fp32 and rounds once, so the two differ by the order of the additions only."""
+    if bias is None and _one_row_inference(x, weight):
+        return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose forward is `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
