@@ -2,23 +2,26 @@
 
 `grouped_linear(x, weight, offsets)` computes, for every expert e, `x[start_e:end_e] @ weight[e].T`, where the
 rows of `x` are already grouped by expert and `offsets[e]` is the end row of group e (an int32 cumulative sum
-that stays on the device). The result equals a per-expert loop of `F.linear` exactly: each output row is
-one dot product per column, in the same precision.
+that stays on the device). The result equals a per-expert loop of `F.linear`: each output element is one
+fp32-accumulated dot product rounded once (bit for bit in fp32; in bf16 a kernel may order the additions
+differently, within a rounding).
 
-Paths, picked per call by `_grouped_linear` (measured on the 2-core Sapphire Rapids CPU, bf16 and fp32: the
-single grouped call beat a loop of `F.linear` by 10-25% from 2 to 2048 rows and, at decode sizes, reads
-only the experts that received rows; gathering each row's expert weight for a `bmm` cost 4-6x more there):
-- `torch.nn.functional.grouped_mm`: one call for all experts, no host sync. Needs 16-byte aligned row
-  strides and a dtype the device's kernel accepts.
+Paths, picked per call by `_grouped_linear_impl` (measured on the 2-core Sapphire Rapids CPU):
+- CPU, bf16/fp16: a loop over the experts with bucketed row counts and a matrix-vector product for one-row
+  groups (see the section below: oneDNN compiles a kernel per new shape).
+- `torch.nn.functional.grouped_mm`: one call for all experts, no host sync (CPU fp32: it beat a loop of
+  `F.linear` by 10-25% from 2 to 2048 rows; gathering each row's expert weight for a `bmm` cost 4-6x more at
+  decode sizes). Needs 16-byte aligned row strides and a dtype the device's kernel accepts.
 - `triton` (CUDA, dtypes grouped_mm lacks there, e.g. fp32): the kernels of `ops/triton` in grouped mode.
   For bf16 on an H100 `grouped_mm` measured faster (MoE forward+backward 7.9 ms vs 14.0 ms at 8192
   tokens of the jetmoe-8b shapes; benchmarks/triton_experts.py), so it stays first there.
 - `loop`: `F.linear` per expert on host-known group sizes; the fallback for any other case.
 
-Both run inside the custom op `jetmoe::grouped_linear`, whose shape function is all torch.compile sees: a
-compiled model traces through it with no graph break and no host sync, whatever path runs underneath (the
-fake kernel torch ships for `aten._grouped_mm` accepts bf16 only, so calling it directly would not trace
-fp32). Its backward is two more grouped products: dX with the transposed weights, and dW per expert.
+All run inside the custom op `jetmoe::grouped_linear` (eager inference calls the implementation directly),
+whose shape function is all torch.compile sees: a compiled model traces through it with no graph break and
+no host sync, whatever path runs underneath (the fake kernel torch ships for `aten._grouped_mm` accepts bf16
+only, so calling it directly would not trace fp32). Its backward is two more grouped products: dX with the
+transposed weights, and dW per expert.
 """
 
 from __future__ import annotations
