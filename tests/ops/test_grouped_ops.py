@@ -113,10 +113,11 @@ def test_cpu_bucketed_groups_match_the_loop(dtype):
 
     torch.manual_seed(0)
     bucket = grouped_matmul._BUCKET_ROWS
-    # A group spilling into a one-row group and an empty one, then a last group running past the end.
-    ends = [bucket + 6, bucket + 7, bucket + 7, 3 * bucket + 8]
+    # A group spilling into a one-row group, an empty one and a five-row one (computed weight-first), then a
+    # last group running past the end.
+    ends = [bucket + 6, bucket + 7, bucket + 7, bucket + 12, 3 * bucket + 8]
     x = torch.randn(ends[-1], 48, dtype=dtype, requires_grad=True)
-    weight = torch.randn(4, 40, 48, dtype=dtype, requires_grad=True)
+    weight = torch.randn(5, 40, 48, dtype=dtype, requires_grad=True)
     offsets = torch.tensor(ends, dtype=torch.int32)
     grad = torch.randn(ends[-1], 40, dtype=dtype)
 

@@ -84,6 +84,9 @@ def grouped_weight_grad_reference(grad_out: torch.Tensor, x: torch.Tensor, offse
 # against 16-17 GB/s for a one-row matmul.
 
 _BUCKET_ROWS = 64
+# A few rows (batched decoding) run faster as weight @ rows.T: at 2-16 rows of a [2816, 1024] bf16 expert on the
+# 2-core CPU, 299-338 us against 400-424 us for rows @ weight.T (weights read from memory each time).
+_WEIGHT_FIRST_MAX_ROWS = 16
 _ONEDNN_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -111,6 +114,9 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
             continue
         if rows == 1:
             torch.mv(weight[e], x[start], out=out[start])
+            continue
+        if rows <= _WEIGHT_FIRST_MAX_ROWS:
+            out[start:end] = (weight[e] @ x[start:end].T).T
             continue
         padded = _bucketed(rows)
         if start + padded <= total:
