@@ -48,6 +48,10 @@ def test_transformers_checkpoint_loads_in_ours(tmp_path, tie):
     _same_logits(ours, oracle, f"ours loaded from transformers (tie={tie})")
     tied = ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()
     assert tied == tie
+    # Tensors read in their saved dtype come from the mapped file at its offsets; ours are 64-byte aligned
+    # private copies (vector loads that straddle cache lines slowed decoding by 13%).
+    misaligned = [name for name, t in (*ours.named_parameters(), *ours.named_buffers()) if t.data_ptr() % 64]
+    assert not misaligned, misaligned
 
 
 @pytest.mark.parametrize("tie", [True, False])
