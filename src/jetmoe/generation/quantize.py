@@ -29,6 +29,7 @@ from torch import nn
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.modeling.experts import ParallelExperts
 from jetmoe.modeling.routing import TopKRouter
+from jetmoe.ops import slot_products
 
 METHOD = "int8-weight-only-per-channel"
 SPEC_FILE = "quantization.json"
@@ -131,6 +132,13 @@ class Int8ParallelExperts(nn.Module):
         return module
 
     def forward(self, grouped_inputs: torch.Tensor, plan) -> torch.Tensor:
+        if plan.in_slot_order:  # a few-token plan (decoding): rows in slot order, experts known on the host
+            return slot_products(
+                grouped_inputs,
+                plan.slot_experts,
+                self.output_size,
+                lambda rows, e: _int8_matmul(rows, self.weight_int8[e], self.scale[e]),
+            )
         # Group sizes on the host: on CPU that read is cheap, and only experts with rows cost anything.
         ends = plan.expert_ends.tolist()
         outputs, start = [], 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import grouped_linear
+from ..ops import grouped_linear, slot_linear
 from ..ops.permute import permute_rows, repeat_rows
 from .routing import RoutingPlan
 
@@ -22,6 +22,8 @@ class ParallelExperts(nn.Module):
 
     def forward(self, grouped_inputs: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Rows in the plan's grouped order [N*k, in] -> [N*k, out]."""
+        if plan.in_slot_order:
+            return slot_linear(grouped_inputs, self.weight, plan.slot_experts)
         return grouped_linear(grouped_inputs, self.weight, plan.expert_ends)
 
     def extra_repr(self) -> str:
@@ -30,16 +32,22 @@ class ParallelExperts(nn.Module):
 
 def tokens_to_grouped(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Token rows [N, H] -> each token's k slots in grouped order [N*k, H]."""
+    if plan.in_slot_order:
+        return x.repeat_interleave(plan.top_k, dim=0)
     return repeat_rows(x, plan.sorted_tokens, plan.slot_to_grouped, plan.top_k)
 
 
 def slots_to_grouped(slot_rows: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Slot order [N*k, D] -> grouped order."""
+    if plan.in_slot_order:
+        return slot_rows
     return permute_rows(slot_rows, plan.sorted_slots, plan.slot_to_grouped)
 
 
 def grouped_to_slots(grouped_rows: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Grouped order [N*k, D] -> slot order (token-major, best choice first)."""
+    if plan.in_slot_order:
+        return grouped_rows
     return permute_rows(grouped_rows, plan.slot_to_grouped, plan.sorted_slots)
 
 

@@ -99,6 +99,13 @@ def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, rows - t.shape[0]))
 
 
+def _cpu_lowp_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [r, in] @ weight.T for 1 <= r <= _WEIGHT_FIRST_MAX_ROWS: a matrix-vector product, or weight-first."""
+    if x.shape[0] == 1:
+        return torch.mv(weight, x[0])[None]
+    return (weight @ x.T).T
+
+
 def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """out[group e] = x[group e] @ weight[e].T, each group computed on a bucketed row count.
 
@@ -112,11 +119,8 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
         rows = end - start
         if rows == 0:
             continue
-        if rows == 1:
-            torch.mv(weight[e], x[start], out=out[start])
-            continue
         if rows <= _WEIGHT_FIRST_MAX_ROWS:
-            out[start:end] = (weight[e] @ x[start:end].T).T
+            out[start:end] = _cpu_lowp_few_rows(x[start:end], weight[e])
             continue
         padded = _bucketed(rows)
         if start + padded <= total:
@@ -218,3 +222,34 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
         # step (32 calls); it is only needed for autograd and for torch.compile to trace through.
         return _grouped_linear_impl(x, weight, offsets)
     return _grouped_linear(x, weight, offsets)
+
+
+# --- few tokens, rows in slot order (routing.FEW_SLOTS: decoding on CPU) ------------------------------------
+
+
+def slot_products(x: torch.Tensor, slot_experts: tuple[int, ...], out_features: int, product) -> torch.Tensor:
+    """out[s] = row s of x through expert slot_experts[s]: `product(rows, e)` maps the rows [r, in] of expert e
+    to [r, out]. Rows stay in their own order (no sort); a few host ints say which rows each expert takes."""
+    rows_of: dict[int, list[int]] = {}
+    for slot, expert in enumerate(slot_experts):
+        rows_of.setdefault(expert, []).append(slot)
+    out = x.new_empty(x.shape[0], out_features)
+    for expert, rows in rows_of.items():
+        if len(rows) == 1:
+            out[rows[0]] = product(x[rows[0] : rows[0] + 1], expert)[0]
+        else:
+            out[rows] = product(x[rows], expert)
+    return out
+
+
+def slot_linear(x: torch.Tensor, weight: torch.Tensor, slot_experts: tuple[int, ...]) -> torch.Tensor:
+    """Row s of x [S, in] times weight[slot_experts[s]].T -> [S, out], for few rows in inference (no autograd).
+
+    Each expert's rows go through the product grouped_linear would use for a group of that many rows, so the
+    two agree bit for bit in bf16/fp16 on CPU (elsewhere, F.linear per expert)."""
+    if len(slot_experts) != x.shape[0]:
+        raise ValueError(f"slot_linear: {x.shape[0]} rows but {len(slot_experts)} slot experts")
+    if _use_cpu_lowp(x, weight) and x.shape[0] <= _WEIGHT_FIRST_MAX_ROWS:
+        return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: _cpu_lowp_few_rows(rows, weight[e]))
+    return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: F.linear(rows, weight[e]))
+

@@ -1,0 +1,62 @@
+"""Few-token routing plans (CPU inference, decoding): rows stay in slot order, no sort. They must give exactly
+what the sorted plan gives, for float and int8 experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle_pair import TINY, WIDE, build_pair, random_ids
+
+from jetmoe.generation.quantize import quantize_model
+from jetmoe.modeling import routing
+from jetmoe.modeling.routing import make_plan, use_few_token_plan
+
+
+def test_few_token_plan_keeps_slot_order_and_the_same_choices():
+    logits = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    sorted_plan, few = make_plan(logits, 3, torch.bfloat16), make_plan(logits, 3, torch.bfloat16, few_tokens=True)
+    assert few.in_slot_order and not sorted_plan.in_slot_order
+    assert few.slot_experts == tuple(sorted_plan.expert_ids.flatten().tolist())
+    assert torch.equal(few.expert_ids, sorted_plan.expert_ids) and torch.equal(few.gates, sorted_plan.gates)
+    assert few.sorted_slots is None and few.expert_ends is None
+
+
+def test_few_token_plan_only_for_cpu_inference_on_few_slots():
+    one_token = torch.randn(1, 8)
+    with torch.no_grad():
+        assert use_few_token_plan(one_token, top_k=2)
+        assert use_few_token_plan(torch.randn(routing.FEW_SLOTS // 2, 8), top_k=2)
+        assert not use_few_token_plan(torch.randn(routing.FEW_SLOTS // 2 + 1, 8), top_k=2)
+    assert not use_few_token_plan(one_token, top_k=2)  # autograd on: the sorted plan (it has the backward)
+
+
+def _decode_logits(model, ids, dtype):
+    """Prefill ids[:, :-1] (sorted plan: many tokens), then one cached decode step of ids[:, -1:]."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        return model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("geometry", [TINY, WIDE], ids=["tiny", "wide"])
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_decode_step_is_identical_with_either_plan(monkeypatch, dtype, geometry, int8):
+    model, _ = build_pair(geometry)
+    model = model.to(dtype)
+    if int8:
+        quantize_model(model)
+    batch = routing.FEW_SLOTS // geometry["num_experts_per_tok"]  # as many tokens as a few-token plan takes
+    ids = random_ids(batch, 7)
+    plans = []
+
+    def recording_make_plan(*args, **kwargs):
+        plans.append(make_plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(routing, "make_plan", recording_make_plan)
+    few = _decode_logits(model, ids, dtype)
+    assert plans[-1].in_slot_order  # the decode step did use the few-token plan
+    monkeypatch.setattr(routing, "FEW_SLOTS", 0)
+    grouped = _decode_logits(model, ids, dtype)
+    assert not plans[-1].in_slot_order
+    assert torch.equal(few, grouped), (few.float() - grouped.float()).abs().max()
