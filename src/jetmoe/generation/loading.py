@@ -49,8 +49,9 @@ def load_model(path: Path, dtype: str | torch.dtype = "bfloat16", int8: bool = F
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if is_quantized_checkpoint(path):
         return load_quantized(path, dtype=torch_dtype, device=device).eval()
-    # from_pretrained reads safetensors through mmap into the model's own tensors: no second copy in RAM.
-    model = JetMoeForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    # from_pretrained maps the safetensors files and gives the weights aligned private copies one tensor at a
+    # time: one copy in RAM. Weights about to be quantised stay mapped (their copies would be thrown away).
+    model = JetMoeForCausalLM.from_pretrained(path, dtype=torch_dtype, align_cpu_weights=not int8).to(device).eval()
     if int8:
         quantize_model(model)
     return model
