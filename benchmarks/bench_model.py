@@ -21,8 +21,9 @@ Method (one process for all timings):
   steady-state one; a fresh optimizer per run keeps one model's training state in memory at a time.
 - decode1 / decode8: generate() at batch 1 / 8 from a 32-token random prompt, greedy, min_new_tokens =
   max_new_tokens = 48; tokens/s = batch * 48 / time (the time includes the prompt's prefill).
-- train peak memory: for each model, a fresh process loads that model alone and runs two training steps with
-  a fresh AdamW; the figure is the peak resident set size during the steps minus the resident set size
+- train peak memory: for each model, a fresh process loads that model alone, makes its weights private
+  resident copies (a weight still mapped from the checkpoint file would otherwise count once training first
+  touches it), and runs two training steps with a fresh AdamW; the figure is the peak resident set size during the steps minus the resident set size
   before them (Linux VmHWM, reset through /proc/self/clear_refs right before the steps). It is the memory
   training adds on top of the weights: gradients, AdamW moments, activations and workspace. On CUDA:
   torch.cuda.max_memory_allocated minus memory_allocated before the steps.
@@ -172,6 +173,12 @@ def run_memory_probe(request: dict) -> None:
     torch.manual_seed(0)
     device = torch.device(request["device"])
     model = load(request["impl"], request["dir"], DTYPES[request["dtype"]], device)
+    # Both models' weights become private resident copies before the baseline: a weight still mapped from the
+    # checkpoint (the reference's, in the checkpoint's dtype) would otherwise enter the figure when training
+    # first reads and writes it, while ours are already copied at load.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
     result = workloads.training_peak_memory(model, Shapes(**request["shapes"]), device)
     print("MEMORY-PROBE " + json.dumps(result), flush=True)
 
