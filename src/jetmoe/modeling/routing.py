@@ -1,7 +1,8 @@
 """Top-k routing: the router, the routing plan it produces, and the balancing losses over router logits.
 
 A `RoutingPlan` is made once per router call and consumed as is by every step that follows (the MoA map and
-reduce, the MoE MLP). It lives on the device: nothing here reads a value back to the host.
+reduce, the MoE MLP). It lives on the device: nothing here reads a value back to the host, except for the
+few-token plans below (CPU only, where such a read costs microseconds).
 
 Slots: token n's j-th choice is slot `n * k + j` (j = 0 is the highest logit). Sorting the slots by expert
 (stable, so ties keep slot order) gives the grouped order every expert kernel works in.

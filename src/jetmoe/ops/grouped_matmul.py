@@ -17,6 +17,9 @@ Paths, picked per call by `_grouped_linear_impl` (measured on the 2-core Sapphir
   tokens of the jetmoe-8b shapes; benchmarks/triton_experts.py), so it stays first there.
 - `loop`: `F.linear` per expert on host-known group sizes; the fallback for any other case.
 
+`slot_linear(x, weight, slot_experts)` is the few-token counterpart (routing's few-token plans, CPU decoding):
+the rows stay in their own order and a few host ints name each row's expert, so nothing is sorted or moved.
+
 All run inside the custom op `jetmoe::grouped_linear` (eager inference calls the implementation directly),
 whose shape function is all torch.compile sees: a compiled model traces through it with no graph break and
 no host sync, whatever path runs underneath (the fake kernel torch ships for `aten._grouped_mm` accepts bf16
