@@ -2,7 +2,8 @@
 
 All of them are gathers, forward and backward. The obvious `index_add`/`index_copy` formulations scatter, and
 a bf16 scatter-add on CPU ran at ~0.5 GB/s here (18 ms for one [4096, 1024] reduce, ~10% of a whole
-prefill), while a gather of the same rows takes ~2 ms.
+prefill), while a gather of the same rows takes ~2 ms. The gathers are `index_select` (0.4 ms for 4096 rows
+of 1024 bf16 on the 2-core CPU, against 1.1 ms for the same gather written `x[index]`; the same values).
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import torch
 
 
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.index_select(0, index)
+
+
 class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return x[index]
+        return _gather(x, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return grad[inverse], None, None
+        return _gather(grad, inverse), None, None
 
 
 class _RepeatRows(torch.autograd.Function):
@@ -27,12 +32,12 @@ class _RepeatRows(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int) -> torch.Tensor:
         ctx.save_for_backward(inverse)
         ctx.repeats = repeats
-        return x[index]
+        return _gather(x, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        grad_slots = grad[inverse]
+        grad_slots = _gather(grad, inverse)
         return grad_slots.view(-1, ctx.repeats, grad.shape[-1]).sum(1), None, None, None
 
 
@@ -43,7 +48,7 @@ def _needs_autograd(x: torch.Tensor) -> bool:
 def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """`x[index]` for a permutation `index` whose inverse permutation is `inverse`."""
     # Without autograd the Function's bookkeeping is pure overhead (~20 us a call while decoding).
-    return _PermuteRows.apply(x, index, inverse) if _needs_autograd(x) else x[index]
+    return _PermuteRows.apply(x, index, inverse) if _needs_autograd(x) else _gather(x, index)
 
 
 def permute_rows_reference(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -53,7 +58,7 @@ def permute_rows_reference(x: torch.Tensor, index: torch.Tensor, inverse: torch.
 def repeat_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int) -> torch.Tensor:
     """`x[index]` where `index` holds every row of x exactly `repeats` times: index = slot_order // repeats
     for a permutation `slot_order` of the repeated rows, with inverse permutation `inverse`."""
-    return _RepeatRows.apply(x, index, inverse, repeats) if _needs_autograd(x) else x[index]
+    return _RepeatRows.apply(x, index, inverse, repeats) if _needs_autograd(x) else _gather(x, index)
 
 
 def repeat_rows_reference(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int) -> torch.Tensor:
