@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops import grouped_linear, slot_linear
-from ..ops.permute import permute_rows, repeat_rows
+from ..ops.permute import permute_rows, repeat_rows, sum_slots
 from .routing import RoutingPlan
 
 
@@ -53,11 +53,5 @@ def grouped_to_slots(grouped_rows: torch.Tensor, plan: RoutingPlan) -> torch.Ten
 
 def combine(grouped_outputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor) -> torch.Tensor:
     """Gate-weight grouped expert outputs [N*k, H] and sum each token's k of them, then add the (ungated) bias."""
-    weighted = grouped_to_slots(grouped_outputs, plan).view(plan.num_tokens, plan.top_k, -1) * plan.gates[..., None]
-    # A running sum of the k choices rather than .sum(1): the same values (k = 2: one rounding either way), and
-    # 0.6 ms instead of 2.1 ms for [2048, 2, 1024] in bf16 on the 2-core CPU (16 of them in a 2048-token prefill).
-    first, *others = weighted.unbind(1)  # unbind: its backward is one stack, where select's zero-fills k copies
-    total = first
-    for choice in others:
-        total = total + choice
-    return total + bias
+    slot_outputs = grouped_to_slots(grouped_outputs, plan).view(plan.num_tokens, plan.top_k, -1)
+    return sum_slots(slot_outputs * plan.gates[..., None]) + bias
