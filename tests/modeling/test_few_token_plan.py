@@ -30,7 +30,7 @@ def test_few_token_plan_only_for_cpu_inference_on_few_slots():
     assert not use_few_token_plan(one_token, top_k=2)  # autograd on: the sorted plan (it has the backward)
 
 
-def _decode_logits(model, ids, dtype):
+def _decode_logits(model, ids):
     """Prefill ids[:, :-1] (sorted plan: many tokens), then one cached decode step of ids[:, -1:]."""
     with torch.no_grad():
         out = model(input_ids=ids[:, :-1], use_cache=True)
@@ -54,9 +54,9 @@ def test_decode_step_is_identical_with_either_plan(monkeypatch, dtype, geometry,
         return plans[-1]
 
     monkeypatch.setattr(routing, "make_plan", recording_make_plan)
-    few = _decode_logits(model, ids, dtype)
+    few = _decode_logits(model, ids)
     assert plans[-1].in_slot_order  # the decode step did use the few-token plan
     monkeypatch.setattr(routing, "FEW_SLOTS", 0)
-    grouped = _decode_logits(model, ids, dtype)
+    grouped = _decode_logits(model, ids)
     assert not plans[-1].in_slot_order
     assert torch.equal(few, grouped), (few.float() - grouped.float()).abs().max()
