@@ -23,10 +23,10 @@ Method (one process for all timings):
   max_new_tokens = 48; tokens/s = batch * 48 / time (the time includes the prompt's prefill).
 - train peak memory: for each model, a fresh process loads that model alone, makes its weights private
   resident copies (a weight still mapped from the checkpoint file would otherwise count once training first
-  touches it), and runs two training steps with a fresh AdamW; the figure is the peak resident set size during the steps minus the resident set size
-  before them (Linux VmHWM, reset through /proc/self/clear_refs right before the steps). It is the memory
-  training adds on top of the weights: gradients, AdamW moments, activations and workspace. On CUDA:
-  torch.cuda.max_memory_allocated minus memory_allocated before the steps.
+  touches it), and runs two training steps with a fresh AdamW; the figure is the peak resident set size
+  during the steps minus the resident set size before them (Linux VmHWM, reset through /proc/self/clear_refs
+  right before the steps). It is the memory training adds on top of the weights: gradients, AdamW moments,
+  activations and workspace. On CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the steps.
 - CPU settings: by default the process applies jetmoe.cpu_runtime.apply_cpu_defaults(), as the jetmoe command
   line does: freed memory is kept for reuse (glibc's default returns every block over 32 MiB to the kernel,
   which faults and zeroes it again on the next step) and oneDNN keeps 8192 compiled matmul kernels instead of

@@ -72,7 +72,9 @@ def use_few_token_plan(x: torch.Tensor, top_k: int) -> bool:
     )
 
 
-def make_plan(router_logits: torch.Tensor, top_k: int, gate_dtype: torch.dtype, few_tokens: bool = False) -> RoutingPlan:
+def make_plan(
+    router_logits: torch.Tensor, top_k: int, gate_dtype: torch.dtype, few_tokens: bool = False
+) -> RoutingPlan:
     """Pick the top-k experts per token from fp32 logits [N, E] and group the slots by expert (or, with
     `few_tokens`, keep them in slot order and read their experts to the host)."""
     num_experts = router_logits.shape[1]
