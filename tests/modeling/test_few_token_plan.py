@@ -60,3 +60,40 @@ def test_decode_step_is_identical_with_either_plan(monkeypatch, dtype, geometry,
     grouped = _decode_logits(model, ids)
     assert not plans[-1].in_slot_order
     assert torch.equal(few, grouped), (few.float() - grouped.float()).abs().max()
+
+
+def _compiled_decode(model, ids, capture_scalar_outputs: bool):
+    """One cached decode step through torch.compile(fullgraph=True): a graph break fails. Returns the names of
+    the traced graph's operations and the logits."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        step = torch.compile(
+            lambda new_ids: model(input_ids=new_ids, past_key_values=past, use_cache=True).logits,
+            backend=recording_backend,
+            fullgraph=True,
+        )
+        with torch._dynamo.config.patch(capture_scalar_outputs=capture_scalar_outputs):
+            logits = step(ids[:, -1:])
+    torch._dynamo.reset()
+    names = {getattr(node.target, "__name__", str(node.target)) for g in graphs for node in g.graph.nodes}
+    return names, logits
+
+
+def test_compiled_decode_uses_the_few_token_plan_when_scalars_are_captured():
+    """With capture_scalar_outputs (the engine's compiled decode step) the routers' host reads trace as symbolic
+    ints: one graph, no sort. Without it, the sorted plan keeps the graph whole instead."""
+    model, _ = build_pair(TINY)
+    ids = random_ids(1, 7)
+    eager = _decode_logits(model, ids)
+    names, logits = _compiled_decode(model, ids, capture_scalar_outputs=True)
+    assert "sort" not in names and "item" in names, sorted(names)
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+    names, logits = _compiled_decode(model, ids, capture_scalar_outputs=False)
+    assert "sort" in names and "item" not in names, sorted(names)
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)

@@ -137,7 +137,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.running: list[Sequence] = []
         self.compiled = compile
-        self._decode = torch.compile(self._decode_eager, dynamic=True) if compile else self._decode_eager
+        self._decode = self._compile_decode() if compile else self._decode_eager
         self._decode_checked = not compile
         self.last_completion: Completion | None = None  # of the latest stream()
 
@@ -223,6 +223,23 @@ class Engine:
                           f"{str(error).splitlines()[0] if str(error) else ''})", stacklevel=2)  # fmt: skip
             self._decode, self.compiled = self._decode_eager, False
             return self._decode(ids, positions, mask)
+
+    def _compile_decode(self):
+        """The decode step through torch.compile. The routers read their few experts to the host (few-token
+        routing plans, no sort); with `capture_scalar_outputs` dynamo traces those reads as symbolic ints
+        instead of breaking the graph: 23.8 vs 27.8 ms a batch-1 step of the "small" config here."""
+        compiled = torch.compile(self._decode_eager, dynamic=True)
+
+        def decode(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            # Set and restored by hand: `config.patch` cost 1.2 ms a call here, this 4 us.
+            config, before = torch._dynamo.config, torch._dynamo.config.capture_scalar_outputs
+            config.capture_scalar_outputs = True
+            try:
+                return compiled(ids, positions, mask)
+            finally:
+                config.capture_scalar_outputs = before
+
+        return decode
 
     def _decode_eager(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(

@@ -63,13 +63,12 @@ FEW_SLOTS = 4
 
 
 def use_few_token_plan(x: torch.Tensor, top_k: int) -> bool:
-    """CPU, no autograd, not being compiled (a host read would break the graph), few slots."""
-    return (
-        x.device.type == "cpu"
-        and x.shape[0] * top_k <= FEW_SLOTS
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
+    """CPU, no autograd, few slots. Under torch.compile only where dynamo captures host reads as symbolic
+    ints (`capture_scalar_outputs`, which the engine's compiled decode step turns on); elsewhere the read
+    would break the graph, and the sorted plan stays on the device."""
+    if torch.compiler.is_compiling() and not torch._dynamo.config.capture_scalar_outputs:
+        return False
+    return x.device.type == "cpu" and x.shape[0] * top_k <= FEW_SLOTS and not torch.is_grad_enabled()
 
 
 def make_plan(
@@ -81,6 +80,11 @@ def make_plan(
     top_logits, expert_ids = router_logits.topk(top_k, dim=1)
     gates = torch.softmax(top_logits, dim=1).to(gate_dtype)
     if few_tokens:
+        slot_experts = tuple(expert_ids.flatten().tolist())
+        if torch.compiler.is_compiling():  # symbolic ints: tell the compiler they index the expert weights
+            for expert in slot_experts:
+                torch._check(expert >= 0)
+                torch._check(expert < num_experts)
         return RoutingPlan(
             router_logits=router_logits,
             expert_ids=expert_ids,
@@ -89,7 +93,7 @@ def make_plan(
             slot_to_grouped=None,
             sorted_tokens=None,
             expert_ends=None,
-            slot_experts=tuple(expert_ids.flatten().tolist()),
+            slot_experts=slot_experts,
         )
     sorted_experts, sorted_slots = expert_ids.flatten().sort(stable=True)
     expert_range = torch.arange(num_experts, device=router_logits.device, dtype=sorted_experts.dtype)

@@ -232,7 +232,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
 def slot_products(x: torch.Tensor, slot_experts: tuple[int, ...], out_features: int, product) -> torch.Tensor:
     """out[s] = row s of x through expert slot_experts[s]: `product(rows, e)` maps the rows [r, in] of expert e
-    to [r, out]. Rows stay in their own order (no sort); a few host ints say which rows each expert takes."""
+    to [r, out]. Rows stay in their own order (no sort); a few host ints say which rows each expert takes.
+
+    Under torch.compile the ints are symbolic (see routing.use_few_token_plan): they cannot be grouped by value,
+    so every slot gets its own product (an expert chosen twice is read twice; at most a few slots)."""
+    if torch.compiler.is_compiling():
+        return torch.cat([product(x[slot : slot + 1], expert) for slot, expert in enumerate(slot_experts)])
     rows_of: dict[int, list[int]] = {}
     for slot, expert in enumerate(slot_experts):
         rows_of.setdefault(expert, []).append(slot)
