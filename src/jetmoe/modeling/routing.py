@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.dense import Linear
+
 
 @dataclass(frozen=True)
 class RoutingPlan:
@@ -118,7 +120,7 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
-        self.layer = nn.Linear(input_size, num_experts, bias=False)
+        self.layer = Linear(input_size, num_experts, bias=False)
 
     def forward(self, x: torch.Tensor) -> RoutingPlan:
         """x [N, H] -> plan."""
