@@ -72,10 +72,12 @@ def shared_kv_attention(
         else:
             attention_mask = _causal_mask(q_len, key_len, query.device)
     sees_nothing = None
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if attention_mask is not None and attention_mask.dtype == torch.bool and (needs_grad or query.is_cuda):
         # A query that may attend to no key (a left-padding position) gets output 0, as SDPA's CPU kernel
         # gives; but SDPA's CUDA backward turns such rows into NaN gradients for the whole model (the
         # reference's bug in bf16). So such rows attend to every key instead and their output is zeroed.
+        # CPU inference needs none of this (4 ops a layer of a decode step).
         sees_nothing = ~attention_mask.any(dim=-1, keepdim=True)
         attention_mask = attention_mask | sees_nothing
     out = F.scaled_dot_product_attention(
