@@ -102,7 +102,8 @@ def main() -> None:
         name: Engine(model, tokenizer, max_batch=max(batches), max_len=max_len) for name, model in variants.items()
     }
     if args.compile:
-        engines["engine bf16 compiled"] = Engine(ours, tokenizer, max_batch=max(batches), max_len=max_len, compile=True)
+        for name, model in list(variants.items()):
+            engines[f"{name} compiled"] = Engine(model, tokenizer, max_batch=max(batches), max_len=max_len, compile=True)
 
     bandwidth = memory_bandwidth(torch.device("cpu"), quick=args.quick)["bytes_per_s"]
     geometry = Geometry.of(config)

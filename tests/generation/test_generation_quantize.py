@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -113,3 +114,17 @@ def test_int8_matmul_equals_the_dequantized_product_on_both_paths(rows):
     want = x.double() @ (q.double() * scale.to(torch.bfloat16).double()[:, None]).T
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 48)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_compiled_int8_engine_decodes_the_same_tokens(toy_dir, toy_tokenizer):
+    """The int8 model through the compiled decode step (the fastest batch-1 path on CPU): generate()'s tokens."""
+    model = load_toy(toy_dir, dtype=torch.bfloat16)
+    quantize_model(model)
+    ids = toy_tokenizer(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1] :].tolist()
+    engine = Engine(model, toy_tokenizer, max_batch=1, compile=True)
+    got = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
+    assert got == expected[: len(got)] and len(got) > 3
+    if shutil.which("g++") or shutil.which("clang++"):  # inductor's CPU code is C++: with a compiler, no fallback
+        assert engine.compiled, "the compiled decode step fell back to eager"
