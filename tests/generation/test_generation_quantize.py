@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from toy_checkpoint import PROMPTS, load_toy
 
 import jetmoe
@@ -127,4 +128,18 @@ def test_compiled_int8_engine_decodes_the_same_tokens(toy_dir, toy_tokenizer):
     got = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
     assert got == expected[: len(got)] and len(got) > 3
     if shutil.which("g++") or shutil.which("clang++"):  # inductor's CPU code is C++: with a compiler, no fallback
+        assert engine.compiled, "the compiled decode step fell back to eager"
+
+
+def test_compiled_int8_engine_batch_equals_eager(toy_dir, toy_tokenizer):
+    """A batch of three (six slots: the sorted plan, int8 experts through their custom op): eager's tokens."""
+    model = load_toy(toy_dir, dtype=torch.bfloat16)
+    quantize_model(model)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    eager = [c.token_ids for c in Engine(model, toy_tokenizer, max_batch=3).generate(PROMPTS[:3], params)]
+    engine = Engine(model, toy_tokenizer, max_batch=3, compile=True)
+    counters.clear()
+    assert [c.token_ids for c in engine.generate(PROMPTS[:3], params)] == eager
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["resumes"])  # no graph break
+    if shutil.which("g++") or shutil.which("clang++"):
         assert engine.compiled, "the compiled decode step fell back to eager"
