@@ -157,3 +157,29 @@ def test_dense_linear_one_row_matches_f_linear(dtype):
             torch.testing.assert_close(got, want, rtol=1e-2, atol=5e-2)
     layer = Linear(64, 300, bias=False).to(dtype)
     assert isinstance(layer, torch.nn.Linear) and list(layer.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ends", [[2, 3, 5, 8, 8, 11, 13, 16], [1, 2, 3, 4, 5, 6, 7, 8], [4, 4, 6, 9, 12, 12, 14, 20]])
+def test_cpu_padded_bmm_for_decode_sized_groups_equals_the_expert_loop(monkeypatch, dtype, ends):
+    """Batched decoding (at most 16 rows per expert, most experts in use): one bmm over zero-padded groups,
+    bit for bit what the per-expert loop computes (one-row groups there take a matrix-vector product)."""
+    from jetmoe.ops import grouped_matmul
+
+    torch.manual_seed(0)
+    x = torch.randn(ends[-1], 128, dtype=dtype)
+    weight = torch.randn(8, 96, 128, dtype=dtype)
+    offsets = torch.tensor(ends, dtype=torch.int32)
+    calls = []
+    padded_bmm = grouped_matmul._cpu_lowp_padded_bmm
+    monkeypatch.setattr(grouped_matmul, "_cpu_lowp_padded_bmm", lambda *a: calls.append(1) or padded_bmm(*a))
+    with torch.no_grad():
+        out = grouped_linear(x, weight, offsets)
+    assert calls, "the padded bmm path was not taken"
+    starts = [0] + ends[:-1]
+    loop = torch.cat([  # the loop's products: weight-first, or a matrix-vector product for one row
+        grouped_matmul._cpu_lowp_few_rows(x[start:end], weight[e])
+        for e, (start, end) in enumerate(zip(starts, ends)) if end > start
+    ])  # fmt: skip
+    assert torch.equal(out, loop)
+    torch.testing.assert_close(out, grouped_linear_reference(x, weight, offsets))

@@ -109,6 +109,19 @@ def _cpu_lowp_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ x.T).T
 
 
+def _cpu_lowp_padded_bmm(x: torch.Tensor, weight: torch.Tensor, bounds: list[tuple[int, int]], rows: int) -> torch.Tensor:
+    """Few rows per expert and most experts in use (batched decoding): every group padded with zero rows to
+    `rows`, all experts in one weight-first `bmm`. Decoding 16 slots of the "small" config on the 2-core CPU
+    ([8, 2816, 1024] bf16 experts): 2.25 ms against 3.2 ms for the loop; same values (the zero rows add
+    nothing). Activations are what gets padded: a few rows, while the weights are read once, in place."""
+    num_experts, in_features = weight.shape[0], weight.shape[2]
+    padded_row = [e * rows + i for e, (start, end) in enumerate(bounds) for i in range(end - start)]
+    index = torch.tensor(padded_row, device=x.device)
+    padded = x.new_zeros(num_experts * rows, in_features).index_copy_(0, index, x)
+    products = torch.bmm(weight, padded.view(num_experts, rows, in_features).transpose(1, 2))  # [E, out, rows]
+    return products.transpose(1, 2).reshape(num_experts * rows, -1).index_select(0, index)
+
+
 def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """out[group e] = x[group e] @ weight[e].T, each group computed on a bucketed row count.
 
@@ -117,8 +130,12 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
     Only a group whose bucket runs past the last row is computed on a zero-padded copy.
     """
     total = x.shape[0]
+    bounds = _group_bounds(offsets)
+    counts = [end - start for start, end in bounds]
+    if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
+        return _cpu_lowp_padded_bmm(x, weight, bounds, max(counts))
     out = x.new_empty(total, weight.shape[1])
-    for e, (start, end) in enumerate(_group_bounds(offsets)):
+    for e, (start, end) in enumerate(bounds):
         rows = end - start
         if rows == 0:
             continue
