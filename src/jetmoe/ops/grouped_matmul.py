@@ -8,7 +8,8 @@ differently, within a rounding).
 
 Paths, picked per call by `_grouped_linear_impl` (measured on the 2-core Sapphire Rapids CPU):
 - CPU, bf16/fp16: a loop over the experts with bucketed row counts and a matrix-vector product for one-row
-  groups (see the section below: oneDNN compiles a kernel per new shape).
+  groups (see the section below: oneDNN compiles a kernel per new shape); when every group has at most 16
+  rows and most experts have some (batched decoding), one `bmm` over zero-padded groups.
 - `torch.nn.functional.grouped_mm`: one call for all experts, no host sync (CPU fp32: it beat a loop of
   `F.linear` by 10-25% from 2 to 2048 rows; gathering each row's expert weight for a `bmm` cost 4-6x more at
   decode sizes). Needs 16-byte aligned row strides and a dtype the device's kernel accepts.
