@@ -169,3 +169,15 @@ def test_compiled_engine_decodes_the_same_tokens(toy_model, toy_tokenizer):
     assert got == expected
     if shutil.which("g++") or shutil.which("clang++"):  # inductor's CPU code is C++: with a compiler, no fallback
         assert engine.compiled, "the compiled decode step fell back to eager"
+
+
+def test_compiled_decode_backend_keeps_aten_matrix_vector_products():
+    """The engine's compile backend leaves `mv` to aten (inductor's own reduction read weights slower): the
+    compiled product is bit for bit the eager one."""
+    from jetmoe.generation.engine import _inductor_keeping_mv
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 1024, generator=generator).to(torch.bfloat16)
+    vector = torch.randn(1024, generator=generator).to(torch.bfloat16)
+    compiled = torch.compile(lambda w, v: torch.mv(w, v) * 2, backend=_inductor_keeping_mv)
+    assert torch.equal(compiled(weight, vector), torch.mv(weight, vector) * 2)
