@@ -130,9 +130,8 @@ def _inductor_keeping_mv(graph_module, example_inputs):
     from torch._inductor.decomposition import select_decomp_table
 
     mv = (torch.ops.aten.mv.default, torch.ops.aten.mv.out)
-    return compile_fx(
-        graph_module, example_inputs, decompositions={op: fn for op, fn in select_decomp_table().items() if op not in mv}
-    )
+    decompositions = {op: fn for op, fn in select_decomp_table().items() if op not in mv}
+    return compile_fx(graph_module, example_inputs, decompositions=decompositions)
 
 
 class Engine:

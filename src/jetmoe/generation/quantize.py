@@ -108,7 +108,9 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 per-channel"
 
 
-def _int8_grouped_linear_impl(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def _int8_grouped_linear_impl(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ends: torch.Tensor
+) -> torch.Tensor:
     """Rows of x grouped by expert (group e ends at ends[e]) times expert e's int8 weight q[e] [out, in]."""
     # Group sizes on the host: on CPU that read is cheap, and only experts with rows cost anything.
     outputs, start = [], 0
