@@ -1,0 +1,133 @@
+"""ops/native: the C int8 kernel against exact products, its build, and the fallbacks when it cannot run."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from jetmoe.ops import native
+
+requires_native = pytest.mark.skipif(native.load() is None, reason="no C compiler or no AVX-512 VNNI/BF16 here")
+
+
+@pytest.fixture
+def fresh_native_state(monkeypatch, tmp_path):
+    """Let a test change the build settings; the cached library is dropped before and after."""
+    monkeypatch.setenv("JETMOE_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    native.load.cache_clear()
+
+
+def _bound(x, q, scale, dtype):
+    """|kernel - exact| allowed: the activations' 16-bit grid, fp32 sums, and the final rounding to dtype."""
+    x64, w64 = x.double(), q.double() * scale.double()[:, None]
+    exact = x64 @ w64.T
+    grid = x64.abs().amax(1, keepdim=True) / 32767  # >= half the grid step
+    absolute = grid * w64.abs().sum(1)[None] + 1e-6 * (x64.abs() @ w64.abs().T)
+    return exact, absolute + exact.abs() * torch.finfo(dtype).eps
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m_rows", [1, 3, 16])
+@pytest.mark.parametrize("shape", [(7, 32), (64, 4160), (1030, 1024)])  # (out, in): odd blocks, > 2048 columns
+def test_int8_gemv_matches_the_dequantised_product(dtype, m_rows, shape):
+    torch.manual_seed(0)
+    rows, cols = shape
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    scale = (torch.rand(rows) * 0.02 + 1e-3).to(dtype)
+    x = torch.randn(m_rows, cols).to(dtype)
+    got = native.int8_gemv(x, q, scale)
+    assert got.dtype == dtype and got.shape == (m_rows, rows)
+    exact, bound = _bound(x, q, scale, dtype)
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+@requires_native
+def test_int8_gemv_is_exact_where_the_activations_sit_on_the_grid():
+    """Small integer activations and unit scales: every step is exact, so any indexing slip shows."""
+    torch.manual_seed(1)
+    q = torch.randint(-127, 128, (37, 2112), dtype=torch.int8)
+    x = torch.randint(-100, 101, (5, 2112)).float()
+    x[2] = 0  # an all-zero row
+    got = native.int8_gemv(x, q, torch.ones(37))
+    assert torch.equal(got, (x.double() @ q.double().T).float())
+
+
+@requires_native
+def test_int8_gemv_does_not_depend_on_the_thread_count():
+    torch.manual_seed(2)
+    q = torch.randint(-127, 128, (301, 1024), dtype=torch.int8)
+    x, scale = torch.randn(4, 1024).bfloat16(), torch.rand(301).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.int8_gemv(x, q, scale)
+        torch.set_num_threads(2)
+        two = native.int8_gemv(x, q, scale)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@requires_native
+def test_int8_gemv_takes_strided_inputs_and_rejects_bad_shapes():
+    q = torch.randint(-127, 128, (8, 64, 3), dtype=torch.int8)[..., 0]  # not contiguous
+    x = torch.randn(2, 128)[:, ::2]
+    expected = native.int8_gemv(x.contiguous(), q.contiguous(), torch.ones(8))
+    assert torch.equal(native.int8_gemv(x, q, torch.ones(8)), expected)
+    with pytest.raises(ValueError, match="int8_gemv"):
+        native.int8_gemv(torch.randn(2, 48), torch.zeros(8, 48, dtype=torch.int8), torch.ones(8))  # 48 % 32
+    with pytest.raises(ValueError, match="int8_gemv"):
+        native.int8_gemv(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(7))
+
+
+def test_switched_off_by_the_environment_and_int8_layers_still_work(fresh_native_state):
+    from jetmoe.generation.quantize import _int8_matmul, quantize_tensor
+
+    fresh_native_state.setenv("JETMOE_NATIVE_KERNELS", "0")
+    assert native.load() is None and not native.available()
+    torch.manual_seed(3)
+    q, scale = quantize_tensor(torch.randn(40, 64))
+    x = torch.randn(1, 64).bfloat16()
+    exact, bound = _bound(x, q, scale.bfloat16(), torch.bfloat16)
+    got = _int8_matmul(x, q, scale.bfloat16())  # aten's int8 kernel
+    assert ((got.double() - exact).abs() <= bound + 0.02 * exact.abs()).all()
+
+
+@requires_native
+def test_a_failing_compiler_warns_once_and_falls_back(fresh_native_state):
+    fresh_native_state.setenv("CC", "false")  # exits 1: the build fails
+    with pytest.warns(UserWarning, match="native CPU kernels unavailable"):
+        assert native.load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load() is None  # cached: no second build, no second warning
+
+
+@requires_native
+def test_the_library_is_built_into_the_cache_directory_once(fresh_native_state, tmp_path):
+    assert native.load() is not None
+    built = list((tmp_path / "native").glob("int8_gemv-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "native").glob("*.partial"))
+    mtime = built[0].stat().st_mtime_ns
+    native.load.cache_clear()
+    assert native.load() is not None and built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+@requires_native
+def test_int8_layers_compile_to_one_graph_through_the_kernel():
+    """Under torch.compile the kernel is an opaque custom op: no graph break, eager's values."""
+    from jetmoe.generation.quantize import _int8_matmul, quantize_tensor
+
+    torch.manual_seed(4)
+    q, scale = quantize_tensor(torch.randn(96, 64))
+    scale = scale.bfloat16()
+    x = torch.randn(2, 64).bfloat16()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: _int8_matmul(x, q, scale) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), native.int8_gemv(x, q, scale) * 2)
