@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
+# Up to this many rows (a decoding batch), bf16 products go through jetmoe's C kernel where it builds.
+_NATIVE_MAX_ROWS = 16
+
 
 def _one_row_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
@@ -24,9 +29,25 @@ def _one_row_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _few_rows_native(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and x.numel() <= _NATIVE_MAX_ROWS * x.shape[-1]
+        and weight.is_contiguous()
+        and weight.shape[-1] % 32 == 0
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and native.available()
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`. The matrix-vector path (no bias: F.linear adds it before rounding) also
-    accumulates each output in fp32 and rounds once, so the two differ by the order of the additions only."""
+    """`F.linear(x, weight, bias)`. The matrix-vector paths (no bias: F.linear adds it before rounding) also
+    accumulate each output in fp32 and round once, so they differ by the order of the additions only."""
+    if bias is None and _few_rows_native(x, weight):
+        rows = x.reshape(-1, x.shape[-1])
+        out = native.bf16_gemv_op(rows, weight, []) if torch.compiler.is_compiling() else native.bf16_gemv(rows, weight)
+        return out.view(*x.shape[:-1], weight.shape[0])
     if bias is None and _one_row_inference(x, weight):
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

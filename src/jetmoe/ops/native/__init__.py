@@ -18,11 +18,12 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("int8_gemv.c")
+_SOURCE = Path(__file__).with_name("gemv.c")
 # Instruction sets the kernels use, as gcc/clang flags and as /proc/cpuinfo names.
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c")
@@ -76,19 +77,18 @@ def load() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         key = hashlib.sha256("\n".join([_SOURCE.read_text(), compiler, version, *_CFLAGS]).encode()).hexdigest()[:16]
-        target = cache_dir() / "native" / f"int8_gemv-{key}.so"
+        target = cache_dir() / "native" / f"gemv-{key}.so"
         if not target.exists():
             _build(compiler, target)
         library = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         warnings.warn(f"jetmoe: native CPU kernels unavailable, using PyTorch's ({error})", stacklevel=2)
         return None
-    function = library.jetmoe_int8_gemv
-    function.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-    ]  # fmt: skip
-    function.restype = ctypes.c_int
+    i64, ptr, code = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    library.jetmoe_bf16_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+    library.jetmoe_int8_gemv.argtypes = [ptr, ptr, code, i64, i64, ptr, code, i64, ptr, i64, ptr, code]
+    for function in (library.jetmoe_bf16_gemv, library.jetmoe_int8_gemv):
+        function.restype = ctypes.c_int
     return library
 
 
@@ -97,20 +97,94 @@ def available() -> bool:
     return load() is not None
 
 
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, in] (fp32/bf16/fp16, few rows) @ (q [out, in] int8 * scale [out, 1]).T -> [M, out] in x's dtype.
+Groups = Sequence[int]  # flat (expert, first row, end row) triples; empty: every row through expert 0
+
+
+def slot_groups(slot_experts: Sequence[int]) -> list[int]:
+    """Row s through expert slot_experts[s]."""
+    return [value for slot, expert in enumerate(slot_experts) for value in (expert, slot, slot + 1)]
+
+
+def ends_groups(ends: Sequence[int]) -> list[int]:
+    """Rows grouped by expert, group e ending at row ends[e] (empty groups left out)."""
+    groups, start = [], 0
+    for expert, end in enumerate(ends):
+        if end > start:
+            groups += (expert, start, end)
+        start = end
+    return groups
+
+
+def _checked(x: torch.Tensor, weight: torch.Tensor, groups: Groups, name: str) -> tuple[torch.Tensor, ctypes.Array]:
+    """x and the weight as [E, rows, cols] (contiguous), and the groups as a C array."""
+    if weight.dim() == 2:
+        weight = weight[None]
+    experts, rows, cols = weight.shape
+    flat = list(groups) or [0, 0, x.shape[0]]
+    bad = (
+        x.dim() != 2
+        or x.shape[1] != cols
+        or cols % 32
+        or len(flat) % 3
+        or any(not 0 <= flat[i] < experts or not 0 <= flat[i + 1] <= flat[i + 2] <= x.shape[0] for i in range(0, len(flat), 3))
+    )
+    if bad:
+        raise ValueError(f"{name}: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groups {flat}")
+    return weight.contiguous(), (ctypes.c_int64 * len(flat))(*flat)
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
+    """x [M, in] bf16 times bf16 weight [out, in] (or expert weights [E, out, in] with `groups`) -> [M, out].
+
+    Needs `available()`, CPU tensors and `in` a multiple of 32. Rows no group names come back uninitialised."""
+    weight, table = _checked(x, weight, groups, "bf16_gemv")
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+        raise ValueError(f"bf16_gemv: x is {x.dtype} and weight {weight.dtype}, both must be bfloat16")
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype)
+    load().jetmoe_bf16_gemv(
+        weight.data_ptr(), weight.shape[1], weight.shape[2], x.data_ptr(), table, len(table) // 3, out.data_ptr()
+    )
+    return out
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
+    """x [M, in] (fp32/bf16/fp16) times int8 q [out, in] with scales [out] (or [E, out, in] and [E, out] with
+    `groups`) -> [M, out] in x's dtype, y = (x @ q.T) * scale.
 
     Needs `available()`, CPU tensors and `in` a multiple of 32. The activations are put on a 16-bit grid per
     row (see the kernel's source): results differ from the dequantised product by rounding only."""
-    rows, cols = q.shape
-    if cols % 32 or x.shape[-1] != cols or x.dim() != 2 or scale.shape != (rows,):
-        raise ValueError(f"int8_gemv: x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}")
-    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
-    out = torch.empty(x.shape[0], rows, dtype=x.dtype)
+    q, table = _checked(x, q, groups, "int8_gemv")
+    if scale.shape != q.shape[:2] and scale.shape != q.shape[1:2]:
+        raise ValueError(f"int8_gemv: scale {tuple(scale.shape)} for weights {tuple(q.shape)}")
+    x, scale = x.contiguous(), scale.contiguous()
+    out = torch.empty(x.shape[0], q.shape[1], dtype=x.dtype)
     status = load().jetmoe_int8_gemv(
-        q.data_ptr(), scale.data_ptr(), DTYPE_CODES[scale.dtype], rows, cols,
-        x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], out.data_ptr(), DTYPE_CODES[out.dtype],
+        q.data_ptr(), scale.data_ptr(), DTYPE_CODES[scale.dtype], q.shape[1], q.shape[2],
+        x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], table, len(table) // 3, out.data_ptr(), DTYPE_CODES[out.dtype],
     )  # fmt: skip
     if status != 0:
-        raise MemoryError("jetmoe_int8_gemv: out of memory for the quantised activations")
+        raise MemoryError("int8_gemv: out of memory for the quantised activations")
     return out
+
+
+# For torch.compile: the kernels as opaque custom ops (dynamo cannot trace a ctypes call). The groups may be
+# symbolic ints (the few-token plan's experts under the engine's compiled decode step).
+@torch.library.custom_op("jetmoe::bf16_gemv", mutates_args=())
+def bf16_gemv_op(x: torch.Tensor, weight: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    return bf16_gemv(x, weight, groups)
+
+
+@bf16_gemv_op.register_fake
+def _(x, weight, groups):
+    return x.new_empty((x.shape[0], weight.shape[-2]))
+
+
+@torch.library.custom_op("jetmoe::int8_gemv", mutates_args=())
+def int8_gemv_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    return int8_gemv(x, q, scale, groups)
+
+
+@int8_gemv_op.register_fake
+def _(x, q, scale, groups):
+    return x.new_empty((x.shape[0], q.shape[-2]))
