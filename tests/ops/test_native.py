@@ -59,6 +59,64 @@ def test_int8_gemv_is_exact_where_the_activations_sit_on_the_grid():
 
 
 @requires_native
+@pytest.mark.parametrize("m_rows", [1, 5, 16])
+@pytest.mark.parametrize("shape", [(7, 32), (1030, 1024), (64, 4160)])
+def test_bf16_gemv_is_the_exact_sum_rounded_once(m_rows, shape):
+    """Small integers: every product and fp32 partial sum is exact, so the kernel must give the exact sum
+    rounded once to bf16 (any indexing slip or double rounding shows)."""
+    torch.manual_seed(5)
+    rows, cols = shape
+    weight = torch.randint(-8, 9, (rows, cols)).bfloat16()
+    x = torch.randint(-8, 9, (m_rows, cols)).bfloat16()
+    got = native.bf16_gemv(x, weight)
+    assert got.dtype == torch.bfloat16 and got.shape == (m_rows, rows)
+    assert torch.equal(got, (x.double() @ weight.double().T).to(torch.bfloat16))
+
+
+@requires_native
+def test_bf16_gemv_on_random_values_is_within_one_rounding():
+    torch.manual_seed(6)
+    weight, x = torch.randn(300, 1024).bfloat16(), torch.randn(3, 1024).bfloat16()
+    exact = x.double() @ weight.double().T
+    bound = exact.abs() * 2**-8 + 1e-6 * (x.double().abs() @ weight.double().abs().T)
+    assert ((native.bf16_gemv(x, weight).double() - exact).abs() <= bound).all()
+
+
+@requires_native
+def test_groups_give_each_row_its_experts_product_bit_for_bit():
+    """Slots, groups by expert ends, and the dense form: a row's value never depends on the grouping."""
+    torch.manual_seed(7)
+    experts = torch.randn(5, 96, 64).bfloat16()
+    q = torch.randint(-127, 128, (5, 96, 64), dtype=torch.int8)
+    scale = torch.rand(5, 96).bfloat16()
+    x = torch.randn(6, 64).bfloat16()
+    slot_experts = (3, 0, 3, 4, 1, 1)
+    per_row_bf16 = torch.cat([native.bf16_gemv(x[i : i + 1], experts[e]) for i, e in enumerate(slot_experts)])
+    per_row_int8 = torch.cat([native.int8_gemv(x[i : i + 1], q[e], scale[e]) for i, e in enumerate(slot_experts)])
+    groups = native.slot_groups(slot_experts)
+    assert groups[:6] == [3, 0, 1, 0, 1, 2]
+    assert torch.equal(native.bf16_gemv(x, experts, groups), per_row_bf16)
+    assert torch.equal(native.int8_gemv(x, q, scale, groups), per_row_int8)
+    # rows grouped by expert: 0 -> rows 0-1, 1 -> none, 2 -> rows 2-4, 3 -> none, 4 -> row 5
+    ends = [2, 2, 5, 5, 6]
+    assert native.ends_groups(ends) == [0, 0, 2, 2, 2, 5, 4, 5, 6]
+    grouped_experts = (0, 0, 2, 2, 2, 4)
+    by_row = torch.cat([native.bf16_gemv(x[i : i + 1], experts[e]) for i, e in enumerate(grouped_experts)])
+    assert torch.equal(native.bf16_gemv(x, experts, native.ends_groups(ends)), by_row)
+
+
+@requires_native
+def test_bad_groups_and_dtypes_are_rejected():
+    x, experts = torch.randn(2, 64).bfloat16(), torch.randn(3, 8, 64).bfloat16()
+    with pytest.raises(ValueError, match="bf16_gemv"):
+        native.bf16_gemv(x, experts, [3, 0, 1])  # no expert 3
+    with pytest.raises(ValueError, match="bf16_gemv"):
+        native.bf16_gemv(x, experts, [0, 1, 3])  # past the last row
+    with pytest.raises(ValueError, match="bfloat16"):
+        native.bf16_gemv(x.float(), experts.float())
+
+
+@requires_native
 def test_int8_gemv_does_not_depend_on_the_thread_count():
     torch.manual_seed(2)
     q = torch.randint(-127, 128, (301, 1024), dtype=torch.int8)
