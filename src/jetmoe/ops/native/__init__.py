@@ -1,6 +1,6 @@
 """CPU kernels in C, compiled on first use with the system's C compiler and loaded with ctypes.
 
-PyTorch has no kernel for what these do fast on x86-64 (see each source's header). The shared library is
+PyTorch has no kernel for what these do fast on x86-64 (see gemv.c's header). The shared library is
 built once per source, compiler and flags into a cache directory (`$JETMOE_CACHE_DIR`, else
 `$XDG_CACHE_HOME/jetmoe`, else `~/.cache/jetmoe`) and written atomically, so concurrent processes never load a
 half-written file. Where there is no compiler, the CPU lacks the instructions, or `JETMOE_NATIVE_KERNELS=0`,
@@ -85,8 +85,8 @@ def load() -> ctypes.CDLL | None:
         warnings.warn(f"jetmoe: native CPU kernels unavailable, using PyTorch's ({error})", stacklevel=2)
         return None
     i64, ptr, code = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    library.jetmoe_bf16_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
-    library.jetmoe_int8_gemv.argtypes = [ptr, ptr, code, i64, i64, ptr, code, i64, ptr, i64, ptr, code]
+    library.jetmoe_bf16_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    library.jetmoe_int8_gemv.argtypes = [ptr, ptr, code, i64, i64, ptr, code, i64, ptr, i64, ptr, code, ctypes.c_int]
     for function in (library.jetmoe_bf16_gemv, library.jetmoe_int8_gemv):
         function.restype = ctypes.c_int
     return library
@@ -143,7 +143,8 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> tor
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype)
     load().jetmoe_bf16_gemv(
-        weight.data_ptr(), weight.shape[1], weight.shape[2], x.data_ptr(), table, len(table) // 3, out.data_ptr()
+        weight.data_ptr(), weight.shape[1], weight.shape[2], x.data_ptr(), table, len(table) // 3, out.data_ptr(),
+        torch.get_num_threads(),
     )
     return out
 
@@ -162,6 +163,7 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Gro
     status = load().jetmoe_int8_gemv(
         q.data_ptr(), scale.data_ptr(), DTYPE_CODES[scale.dtype], q.shape[1], q.shape[2],
         x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], table, len(table) // 3, out.data_ptr(), DTYPE_CODES[out.dtype],
+        torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
         raise MemoryError("int8_gemv: out of memory for the quantised activations")

@@ -6,9 +6,10 @@
  * same value bit for bit whether its rows go through a dense layer, a group or a slot of its own.
  *
  * Reading the weights is the whole cost: a decoding step streams every weight it uses once, and these loops
- * do few enough instructions per byte that two cores read at memory speed. Work is split over OpenMP threads
- * (PyTorch's own runtime, whose thread count it follows) in blocks of 4 weight rows; every row of a group
- * reuses a block while it sits in L1, so a weight is read once for all the rows that use it.
+ * do few enough instructions per byte that two cores read at memory speed. Work is split over `threads`
+ * OpenMP threads (the caller passes PyTorch's intra-op thread count; with PyTorch's Linux wheels this is the
+ * same OpenMP runtime, so the two share one pool) in blocks of 4 weight rows; every row of a group reuses a
+ * block while it sits in L1, so a weight is read once for all the rows that use it.
  *
  * - jetmoe_bf16_gemv: bf16 weights and activations, products summed in fp32 (vdpbf16ps: pairs of exact
  *   products added into fp32 lanes; denormal inputs count as zero), rounded once to bf16 (nearest even).
@@ -62,9 +63,9 @@ static inline void prefetch_next_block(const void *block, int64_t row_bytes, int
 
 /* groups: n_groups triples (expert, first row, end row). cols: a multiple of 32. */
 int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, const int64_t *groups,
-                     int64_t n_groups, uint16_t *y) {
+                     int64_t n_groups, uint16_t *y, int threads) {
     int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t g = 0; g < n_groups; g++) {
         for (int64_t b = 0; b < blocks; b++) {
             int64_t first = b * BLOCK_ROWS, count = rows - first < BLOCK_ROWS ? rows - first : BLOCK_ROWS;
@@ -111,7 +112,7 @@ static inline __m512i widen(const int8_t *p) { /* 32 int8 -> 32 int16 */
 /* q: int8 [E, rows, cols], scale [E, rows]. Returns 0, or -1 when out of memory. */
 int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_t rows, int64_t cols,
                      const void *x, int x_dtype, int64_t m_rows, const int64_t *groups, int64_t n_groups, void *y,
-                     int y_dtype) {
+                     int y_dtype, int threads) {
     int16_t *xq = malloc((size_t)(m_rows * cols) * sizeof(int16_t));
     float *steps = malloc((size_t)m_rows * sizeof(float));
     if (!xq || !steps) {
@@ -122,7 +123,7 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
     for (int64_t m = 0; m < m_rows; m++) steps[m] = quantize_row(x, x_dtype, m * cols, cols, xq + m * cols);
 
     int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t g = 0; g < n_groups; g++) {
         for (int64_t b = 0; b < blocks; b++) {
             int64_t expert = groups[3 * g], first = b * BLOCK_ROWS;
