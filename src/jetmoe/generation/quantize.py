@@ -72,26 +72,10 @@ _NATIVE_MAX_ROWS = 16
 _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 
-def _native_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype in _CPU_KERNEL_DTYPES
-        and scale.dtype in _CPU_KERNEL_DTYPES
-        and q.shape[-1] % 32 == 0
-        and native.available()
-    )
-
-
-def _native_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups=()) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return native.int8_gemv_op(x, q, scale, list(groups))
-    return native.int8_gemv(x, q, scale, groups)
-
-
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ dequant(q [out, in], scale [out]).T -> [M, out] in x's dtype."""
-    if x.shape[0] <= _NATIVE_MAX_ROWS and _native_ok(x, q, scale):
-        return _native_int8(x, q, scale)
+    if x.shape[0] <= _NATIVE_MAX_ROWS and native.int8_ok(x, q, scale):
+        return native.int8_gemv(x, q, scale)
     if (
         x.device.type == "cpu"
         and x.dtype in _CPU_KERNEL_DTYPES
@@ -139,7 +123,7 @@ def _int8_grouped_linear_impl(
     """Rows of x grouped by expert (group e ends at ends[e]) times expert e's int8 weight q[e] [out, in]."""
     # Group sizes on the host: on CPU that read is cheap, and only experts with rows cost anything.
     ends = ends.tolist()
-    if max(b - a for a, b in zip([0, *ends], ends)) <= _NATIVE_MAX_ROWS and _native_ok(x, q, scale):
+    if max(b - a for a, b in zip([0, *ends], ends)) <= _NATIVE_MAX_ROWS and native.int8_ok(x, q, scale):
         return native.int8_gemv(x, q, scale, native.ends_groups(ends))  # batched decoding: one call
     outputs, start = [], 0
     for expert, end in enumerate(ends):
@@ -187,8 +171,9 @@ class Int8ParallelExperts(nn.Module):
 
     def forward(self, grouped_inputs: torch.Tensor, plan) -> torch.Tensor:
         if plan.in_slot_order:  # a few-token plan (decoding): rows in slot order, experts known on the host
-            if _native_ok(grouped_inputs, self.weight_int8, self.scale):
-                return _native_int8(grouped_inputs, self.weight_int8, self.scale, native.slot_groups(plan.slot_experts))
+            if native.int8_ok(grouped_inputs, self.weight_int8, self.scale):
+                groups = native.slot_groups(plan.slot_experts)
+                return native.int8_gemv(grouped_inputs, self.weight_int8, self.scale, groups)
             return slot_products(
                 grouped_inputs,
                 plan.slot_experts,

@@ -4,7 +4,7 @@ bf16, up to 16 rows (a decoding batch): jetmoe's C kernel (ops/native), which re
 rows at memory speed. Otherwise one bf16/fp16 row goes through `torch.mv`: on the 2-core Sapphire Rapids CPU
 it read bf16 weights at 19-26 GB/s where a one-row `F.linear` managed 14-17 GB/s (the [32000, 1024] output
 head of the "small" config: 2.5 ms instead of 3.8 ms per decoded token). Everything else (more rows, fp32,
-autograd) is `F.linear` itself. Under torch.compile the kernel is a custom op, and `mv` stays an aten call
+autograd) is `F.linear` itself. Under torch.compile the kernel is an operator, and `mv` stays an aten call
 (the engine's compile backend keeps it).
 """
 
@@ -30,24 +30,12 @@ def _one_row_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _few_rows_native(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.bfloat16
-        and x.numel() <= _NATIVE_MAX_ROWS * x.shape[-1]
-        and weight.is_contiguous()
-        and weight.shape[-1] % 32 == 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and native.available()
-    )
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`. The matrix-vector paths (no bias: F.linear adds it before rounding) also
     accumulate each output in fp32 and round once, so they differ by the order of the additions only."""
-    if bias is None and _few_rows_native(x, weight):
-        rows = x.reshape(-1, x.shape[-1])
-        out = native.bf16_gemv_op(rows, weight, []) if torch.compiler.is_compiling() else native.bf16_gemv(rows, weight)
+    inference = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    if bias is None and inference and x.numel() <= _NATIVE_MAX_ROWS * x.shape[-1] and native.bf16_ok(x, weight):
+        out = native.bf16_gemv(x.reshape(-1, x.shape[-1]), weight)
         return out.view(*x.shape[:-1], weight.shape[0])
     if bias is None and _one_row_inference(x, weight):
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])

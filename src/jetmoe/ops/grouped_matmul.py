@@ -127,23 +127,6 @@ def _cpu_lowp_padded_bmm(
     return products.transpose(1, 2).reshape(num_experts * rows, -1).index_select(0, index)
 
 
-def _native_bf16_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """jetmoe's C kernel (ops/native) takes the product: bf16, CPU, weights as stored (not a transposed view)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.bfloat16
-        and weight.is_contiguous()
-        and weight.shape[-1] % 32 == 0
-        and native.available()
-    )
-
-
-def _native_bf16(x: torch.Tensor, weight: torch.Tensor, groups=()) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return native.bf16_gemv_op(x, weight, list(groups))
-    return native.bf16_gemv(x, weight, groups)
-
-
 def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """out[group e] = x[group e] @ weight[e].T, each group computed on a bucketed row count.
 
@@ -154,8 +137,8 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
     total = x.shape[0]
     bounds = _group_bounds(offsets)
     counts = [end - start for start, end in bounds]
-    if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and _native_bf16_ok(x, weight):
-        return _native_bf16(x, weight, native.ends_groups([end for _, end in bounds]))  # decoding: one call
+    if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and native.bf16_ok(x, weight):
+        return native.bf16_gemv(x, weight, native.ends_groups([end for _, end in bounds]))  # decoding: one call
     if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
         return _cpu_lowp_padded_bmm(x, weight, bounds, max(counts))
     out = x.new_empty(total, weight.shape[1])
@@ -301,8 +284,8 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, slot_experts: tuple[int, 
     if len(slot_experts) != x.shape[0]:
         raise ValueError(f"slot_linear: {x.shape[0]} rows but {len(slot_experts)} slot experts")
     if _use_cpu_lowp(x, weight) and x.shape[0] <= _WEIGHT_FIRST_MAX_ROWS:
-        if _native_bf16_ok(x, weight):
-            return _native_bf16(x, weight, native.slot_groups(slot_experts))
+        if native.bf16_ok(x, weight):
+            return native.bf16_gemv(x, weight, native.slot_groups(slot_experts))
         return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: _cpu_lowp_few_rows(rows, weight[e]))
     return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: F.linear(rows, weight[e]))
 

@@ -121,22 +121,65 @@ def _checked(x: torch.Tensor, weight: torch.Tensor, groups: Groups, name: str) -
         weight = weight[None]
     experts, rows, cols = weight.shape
     flat = list(groups) or [0, 0, x.shape[0]]
+    triples = [flat[i : i + 3] for i in range(0, len(flat), 3)]
     bad = (
         x.dim() != 2
         or x.shape[1] != cols
         or cols % 32
         or len(flat) % 3
-        or any(not 0 <= flat[i] < experts or not 0 <= flat[i + 1] <= flat[i + 2] <= x.shape[0] for i in range(0, len(flat), 3))
+        or any(not 0 <= expert < experts or not 0 <= first <= end <= x.shape[0] for expert, first, end in triples)
     )
     if bad:
         raise ValueError(f"{name}: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groups {flat}")
     return weight.contiguous(), (ctypes.c_int64 * len(flat))(*flat)
 
 
+def bf16_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the bf16 kernel takes this product: CPU, both bf16, the weight as stored (not a transposed
+    view, which would be copied), `in` a multiple of 32, and the kernels built."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.bfloat16
+        and weight.is_contiguous()
+        and weight.shape[-1] % 32 == 0
+        and available()
+    )
+
+
+def int8_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the int8 kernel takes this product: CPU, float activations and scales, `in` a multiple of 32."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in DTYPE_CODES
+        and scale.dtype in DTYPE_CODES
+        and q.shape[-1] % 32 == 0
+        and available()
+    )
+
+
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
     """x [M, in] bf16 times bf16 weight [out, in] (or expert weights [E, out, in] with `groups`) -> [M, out].
 
-    Needs `available()`, CPU tensors and `in` a multiple of 32. Rows no group names come back uninitialised."""
+    For few rows (decoding). Needs `bf16_ok(x, weight)`. Rows no group names come back uninitialised.
+    Under torch.compile this is the operator `jetmoe::bf16_gemv`."""
+    if torch.compiler.is_compiling():
+        return bf16_gemv_op(x, weight, list(groups))
+    return _bf16_gemv(x, weight, groups)
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
+    """x [M, in] (fp32/bf16/fp16) times int8 q [out, in] with scales [out] (or [E, out, in] and [E, out] with
+    `groups`) -> [M, out] in x's dtype, y = (x @ q.T) * scale.
+
+    For few rows (decoding). Needs `int8_ok(x, q, scale)`. The activations are put on a 16-bit grid per row
+    (see gemv.c): results differ from the dequantised product by rounding only. Under torch.compile this is
+    the operator `jetmoe::int8_gemv`."""
+    if torch.compiler.is_compiling():
+        return int8_gemv_op(x, q, scale, list(groups))
+    return _int8_gemv(x, q, scale, groups)
+
+
+def _bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
     weight, table = _checked(x, weight, groups, "bf16_gemv")
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
         raise ValueError(f"bf16_gemv: x is {x.dtype} and weight {weight.dtype}, both must be bfloat16")
@@ -149,12 +192,7 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> tor
     return out
 
 
-def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
-    """x [M, in] (fp32/bf16/fp16) times int8 q [out, in] with scales [out] (or [E, out, in] and [E, out] with
-    `groups`) -> [M, out] in x's dtype, y = (x @ q.T) * scale.
-
-    Needs `available()`, CPU tensors and `in` a multiple of 32. The activations are put on a 16-bit grid per
-    row (see the kernel's source): results differ from the dequantised product by rounding only."""
+def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
     q, table = _checked(x, q, groups, "int8_gemv")
     if scale.shape != q.shape[:2] and scale.shape != q.shape[1:2]:
         raise ValueError(f"int8_gemv: scale {tuple(scale.shape)} for weights {tuple(q.shape)}")
@@ -177,8 +215,8 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Gro
 _LIBRARY = torch.library.Library("jetmoe", "FRAGMENT")
 _LIBRARY.define("bf16_gemv(Tensor x, Tensor weight, SymInt[] groups) -> Tensor")
 _LIBRARY.define("int8_gemv(Tensor x, Tensor q, Tensor scale, SymInt[] groups) -> Tensor")
-_LIBRARY.impl("bf16_gemv", bf16_gemv, "CPU")
-_LIBRARY.impl("int8_gemv", int8_gemv, "CPU")
+_LIBRARY.impl("bf16_gemv", _bf16_gemv, "CPU")
+_LIBRARY.impl("int8_gemv", _int8_gemv, "CPU")
 
 
 @torch.library.register_fake("jetmoe::bf16_gemv")
