@@ -189,3 +189,33 @@ def test_int8_layers_compile_to_one_graph_through_the_kernel():
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: _int8_matmul(x, q, scale) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), native.int8_gemv(x, q, scale) * 2)
+
+
+@requires_native
+def test_which_products_the_kernels_take():
+    x, weight = torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
+    assert native.bf16_ok(x, weight)
+    assert not native.bf16_ok(x, torch.randn(64, 8).bfloat16().t())  # a transposed view would be copied
+    assert not native.bf16_ok(x.half(), weight.half()) and not native.bf16_ok(x.float(), weight.float())
+    assert not native.bf16_ok(torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16())  # 48 % 32
+    q = torch.zeros(8, 64, dtype=torch.int8)
+    assert native.int8_ok(x, q, torch.ones(8)) and native.int8_ok(x.half(), q, torch.ones(8).half())
+    assert not native.int8_ok(x, torch.zeros(8, 48, dtype=torch.int8), torch.ones(8))
+
+
+@requires_native
+def test_dense_layers_decode_through_the_kernel_up_to_16_rows(monkeypatch):
+    from jetmoe.ops import dense
+
+    calls = []
+    kernel = native.bf16_gemv
+    monkeypatch.setattr(native, "bf16_gemv", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    layer = dense.Linear(64, 40, bias=False).bfloat16()
+    with torch.no_grad():
+        for rows in (1, 16, 17):
+            x = torch.randn(rows, 64).bfloat16()
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-2, atol=1e-2)
+        layer(torch.randn(2, 8, 64).bfloat16())  # [batch, seq, in]: 16 rows
+    x = torch.randn(1, 64).bfloat16().requires_grad_()
+    layer(x).sum().backward()  # autograd: F.linear
+    assert calls == [1, 16, 16]
