@@ -204,7 +204,7 @@ def test_which_products_the_kernels_take():
 
 
 @requires_native
-def test_dense_layers_decode_through_the_kernel_up_to_4_rows(monkeypatch):
+def test_dense_layers_decode_through_the_kernel_up_to_8_rows(monkeypatch):
     from jetmoe.ops import dense
 
     calls = []
@@ -212,10 +212,10 @@ def test_dense_layers_decode_through_the_kernel_up_to_4_rows(monkeypatch):
     monkeypatch.setattr(native, "bf16_gemv", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
     layer = dense.Linear(64, 40, bias=False).bfloat16()
     with torch.no_grad():
-        for rows in (1, 4, 5):
+        for rows in (1, 8, 9):
             x = torch.randn(rows, 64).bfloat16()
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-2, atol=1e-2)
-        layer(torch.randn(2, 2, 64).bfloat16())  # [batch, seq, in]: 4 rows
+        layer(torch.randn(2, 4, 64).bfloat16())  # [batch, seq, in]: 8 rows
     x = torch.randn(1, 64).bfloat16().requires_grad_()
     layer(x).sum().backward()  # autograd: F.linear
-    assert calls == [1, 4, 4]
+    assert calls == [1, 8, 8]

@@ -1,7 +1,7 @@
 """A dense projection that decodes faster on CPU: a few rows go through a matrix-vector kernel.
 
-bf16, up to 4 rows: jetmoe's C kernel (ops/native), which reads the weights once for all rows at memory
-speed. Otherwise one bf16/fp16 row goes through `torch.mv`: on the 2-core Sapphire Rapids CPU
+bf16, up to 8 rows (a decoding batch): jetmoe's C kernel (ops/native), which reads the weights once for all
+rows at memory speed. Otherwise one bf16/fp16 row goes through `torch.mv`: on the 2-core Sapphire Rapids CPU
 it read bf16 weights at 19-26 GB/s where a one-row `F.linear` managed 14-17 GB/s (the [32000, 1024] output
 head of the "small" config: 2.5 ms instead of 3.8 ms per decoded token). Everything else (more rows, fp32,
 autograd) is `F.linear` itself. Under torch.compile the kernel is an operator, and `mv` stays an aten call
@@ -16,10 +16,11 @@ from torch import nn
 
 from . import native
 
-# Up to this many rows, bf16 products go through jetmoe's C kernel where it builds. Its cost grows with each
-# row, where oneDNN's (AMX) hardly does: the [32000, 1024] head on the 2-core CPU, native vs F.linear, 1 row
-# 1.9 vs 2.3 ms, 3 rows 2.4 vs 3.5, 4 rows 3.2 vs 3.3, 8 rows 5.5 vs 3.7.
-_NATIVE_MAX_ROWS = 4
+# Up to this many rows (a decoding batch of up to 8), bf16 products go through jetmoe's C kernel where it
+# builds. Its cost grows with each row, where oneDNN's (AMX) hardly does, so larger batches take F.linear
+# (the [32000, 1024] head alone, kernel vs F.linear: 1 row 1.9 vs 2.3 ms, 3 rows 2.4 vs 3.5, 8 rows 5.5 vs
+# 3.7; in the engine's batch-8 step the kernel for all dense layers still came out ahead).
+_NATIVE_MAX_ROWS = 8
 
 
 def _one_row_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:

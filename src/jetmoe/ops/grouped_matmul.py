@@ -127,11 +127,12 @@ def _cpu_lowp_padded_bmm(
     return products.transpose(1, 2).reshape(num_experts * rows, -1).index_select(0, index)
 
 
-# Up to this many rows in every group, the bf16 products go through jetmoe's C kernel (ops/native) in one
-# call. Its cost grows with each row (AVX-512 dot products), where oneDNN's bmm (AMX) hardly notices a few
-# more: 8 experts of [2816, 1024] x 6 weights on the 2-core CPU, native vs padded bmm, 1 row each 17 vs 19 ms,
-# 2 rows 18.6 vs 18.9, 3 rows 20 vs 19.5, 8 rows 33 vs 20.
-_NATIVE_MAX_GROUP_ROWS = 2
+# Up to this many rows in all (a decoding batch of up to 8 with top-2), the bf16 products go through jetmoe's
+# C kernel (ops/native) in one call. Its cost grows with each row (AVX-512 dot products) where oneDNN's bmm
+# (AMX) hardly notices a few more, so larger batches keep the padded bmm. Engine decode step of the "small"
+# config on the 2-core CPU, kernel vs padded bmm for the experts: batch 8 (16 rows) 104-129 vs 140-167 ms,
+# batch 16 (32 rows) 155-203 vs 136-179 ms (a noisy hour; alternating in one process).
+_NATIVE_MAX_ROWS = 16
 
 
 def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -144,7 +145,7 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
     total = x.shape[0]
     bounds = _group_bounds(offsets)
     counts = [end - start for start, end in bounds]
-    if max(counts, default=0) <= _NATIVE_MAX_GROUP_ROWS and native.bf16_ok(x, weight):
+    if total <= _NATIVE_MAX_ROWS and native.bf16_ok(x, weight):
         return native.bf16_gemv(x, weight, native.ends_groups([end for _, end in bounds]))  # decoding: one call
     if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
         return _cpu_lowp_padded_bmm(x, weight, bounds, max(counts))
