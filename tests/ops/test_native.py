@@ -114,6 +114,10 @@ def test_bad_groups_and_dtypes_are_rejected():
         native.bf16_gemv(x, experts, [0, 1, 3])  # past the last row
     with pytest.raises(ValueError, match="bfloat16"):
         native.bf16_gemv(x.float(), experts.float())
+    with pytest.raises(ValueError, match="int8"):
+        native.int8_gemv(x, experts, torch.ones(3, 8))  # bf16 weights given as int8
+    with pytest.raises(ValueError, match="bf16_gemv"):
+        native.bf16_gemv(x, experts.to("meta"))  # never a pointer from another device
 
 
 @requires_native

@@ -124,6 +124,8 @@ def _checked(x: torch.Tensor, weight: torch.Tensor, groups: Groups, name: str) -
     triples = [flat[i : i + 3] for i in range(0, len(flat), 3)]
     bad = (
         x.dim() != 2
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
         or x.shape[1] != cols
         or cols % 32
         or len(flat) % 3
@@ -194,8 +196,10 @@ def _bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> to
 
 def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
     q, table = _checked(x, q, groups, "int8_gemv")
-    if scale.shape != q.shape[:2] and scale.shape != q.shape[1:2]:
-        raise ValueError(f"int8_gemv: scale {tuple(scale.shape)} for weights {tuple(q.shape)}")
+    if scale.shape != q.shape[:2] and scale.shape != q.shape[1:2] or scale.device.type != "cpu":
+        raise ValueError(f"int8_gemv: scale {tuple(scale.shape)} on {scale.device} for weights {tuple(q.shape)}")
+    if q.dtype != torch.int8 or x.dtype not in DTYPE_CODES or scale.dtype not in DTYPE_CODES:
+        raise ValueError(f"int8_gemv: weights {q.dtype} (must be int8), x {x.dtype} and scale {scale.dtype} (float)")
     x, scale = x.contiguous(), scale.contiguous()
     out = torch.empty(x.shape[0], q.shape[1], dtype=x.dtype)
     status = load().jetmoe_int8_gemv(
