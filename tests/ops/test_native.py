@@ -174,7 +174,7 @@ def test_a_failing_compiler_warns_once_and_falls_back(fresh_native_state):
 @requires_native
 def test_the_library_is_built_into_the_cache_directory_once(fresh_native_state, tmp_path):
     assert native.load() is not None
-    built = list((tmp_path / "native").glob("gemv-*.so"))
+    built = list((tmp_path / "native").glob("kernels-*.so"))
     assert len(built) == 1 and not list((tmp_path / "native").glob("*.partial"))
     mtime = built[0].stat().st_mtime_ns
     native.load.cache_clear()

@@ -15,8 +15,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..ops.attention import shared_kv_attention, shared_kv_attention_reference
 from ..ops.dense import Linear
+from ..ops.fused import rotary
 from .experts import ParallelExperts, combine, grouped_to_slots, slots_to_grouped, tokens_to_grouped
-from .norm_rotary import apply_rotary
 from .routing import RoutingPlan, TopKRouter
 
 
@@ -72,13 +72,11 @@ class JetMoeAttention(nn.Module):
         x = hidden_states.reshape(-1, hidden)
         plan = self.experts.router(x)
 
-        query = self.experts.map(x, plan).view(batch, length, k, kv_heads, head_dim)
-        key, value = self.kv_proj(hidden_states).view(batch, length, 2, kv_heads, head_dim).unbind(2)
-        key, value = key.transpose(1, 2), value.transpose(1, 2)  # [B, Nkv, T, D]
-
         cos, sin = position_embeddings  # [B or 1, T, D]
-        query = apply_rotary(query, cos[:, :, None, None, :], sin[:, :, None, None, :])
-        key = apply_rotary(key, cos[:, None], sin[:, None])
+        query = rotary(self.experts.map(x, plan).view(batch, length, k * kv_heads, head_dim), cos, sin)
+        query = query.view(batch, length, k, kv_heads, head_dim)
+        key, value = self.kv_proj(hidden_states).view(batch, length, 2, kv_heads, head_dim).unbind(2)
+        key, value = rotary(key, cos, sin).transpose(1, 2), value.transpose(1, 2)  # [B, Nkv, T, D]
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import grouped_linear, slot_linear
-from ..ops.permute import permute_rows, repeat_rows, sum_slots
+from ..ops import fused, grouped_linear, slot_linear
+from ..ops.permute import permute_rows, repeat_rows
 from .routing import RoutingPlan
 
 
@@ -53,5 +53,6 @@ def grouped_to_slots(grouped_rows: torch.Tensor, plan: RoutingPlan) -> torch.Ten
 
 def combine(grouped_outputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor) -> torch.Tensor:
     """Gate-weight grouped expert outputs [N*k, H] and sum each token's k of them, then add the (ungated) bias."""
-    slot_outputs = grouped_to_slots(grouped_outputs, plan).view(plan.num_tokens, plan.top_k, -1)
-    return sum_slots(slot_outputs * plan.gates[..., None]) + bias
+    if fused.combine_fusable(grouped_outputs, plan.gates, bias):
+        return fused.combine(grouped_outputs, None if plan.in_slot_order else plan.slot_to_grouped, plan.gates, bias)
+    return fused.combine_reference(grouped_to_slots(grouped_outputs, plan), plan.gates, bias)

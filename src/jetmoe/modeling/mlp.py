@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..ops import fused
 from .experts import ParallelExperts, combine, tokens_to_grouped
 from .routing import TopKRouter
 
@@ -19,12 +20,19 @@ class JetMoeMoE(nn.Module):
         self.input_linear = ParallelExperts(config.num_local_experts, hidden, 2 * inner)
         self.output_linear = ParallelExperts(config.num_local_experts, inner, hidden)
         self.activation = ACT2FN[config.activation_function]
+        self.silu = config.activation_function in ("silu", "swish")
         self.bias = nn.Parameter(torch.empty(hidden))
+
+    def glu(self, h: torch.Tensor) -> torch.Tensor:
+        """[rows, 2I] = [gate | up] -> activation(gate) * up."""
+        if self.silu:
+            return fused.silu_glu(h)
+        gate, up = h.chunk(2, dim=-1)
+        return self.activation(gate) * up
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, T, H] -> ([B, T, H], router logits [B*T, E])."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         plan = self.router(x)
-        gate, up = self.input_linear(tokens_to_grouped(x, plan), plan).chunk(2, dim=-1)
-        expert_out = self.output_linear(self.activation(gate) * up, plan)
+        expert_out = self.output_linear(self.glu(self.input_linear(tokens_to_grouped(x, plan), plan)), plan)
         return combine(expert_out, plan, self.bias).view_as(hidden_states), plan.router_logits

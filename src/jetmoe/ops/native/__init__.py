@@ -1,6 +1,7 @@
 """CPU kernels in C, compiled on first use with the system's C compiler and loaded with ctypes.
 
-PyTorch has no kernel for what these do fast on x86-64 (see gemv.c's header). The shared library is
+PyTorch has no kernel for what these do fast on x86-64: matrix-vector products for decoding (gemv.c) and
+fused element-wise steps of a layer (elementwise.c, wrapped in elementwise.py). The shared library is
 built once per source, compiler and flags into a cache directory (`$JETMOE_CACHE_DIR`, else
 `$XDG_CACHE_HOME/jetmoe`, else `~/.cache/jetmoe`) and written atomically, so concurrent processes never load a
 half-written file. Where there is no compiler, the CPU lacks the instructions, or `JETMOE_NATIVE_KERNELS=0`,
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("gemv.c")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "elementwise.c"))
 # Instruction sets the kernels use, as gcc/clang flags and as /proc/cpuinfo names.
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c")
@@ -56,10 +57,11 @@ def _build(compiler: str, target: Path) -> None:
     os.close(handle)
     try:
         result = subprocess.run(
-            [compiler, *_CFLAGS, str(_SOURCE), "-o", partial, "-lm"], capture_output=True, text=True, timeout=120
+            [compiler, *_CFLAGS, *map(str, _SOURCES), "-o", partial, "-lm"], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {_SOURCE.name}:\n{result.stderr.strip()[-2000:]}")
+            names = ", ".join(source.name for source in _SOURCES)
+            raise RuntimeError(f"{compiler} failed on {names}:\n{result.stderr.strip()[-2000:]}")
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -76,8 +78,9 @@ def load() -> ctypes.CDLL | None:
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\n".join([_SOURCE.read_text(), compiler, version, *_CFLAGS]).encode()).hexdigest()[:16]
-        target = cache_dir() / "native" / f"gemv-{key}.so"
+        texts = [source.read_text() for source in _SOURCES]
+        key = hashlib.sha256("\n".join([*texts, compiler, version, *_CFLAGS]).encode()).hexdigest()[:16]
+        target = cache_dir() / "native" / f"kernels-{key}.so"
         if not target.exists():
             _build(compiler, target)
         library = ctypes.CDLL(str(target))
@@ -87,7 +90,23 @@ def load() -> ctypes.CDLL | None:
     i64, ptr, code = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.jetmoe_bf16_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     library.jetmoe_int8_gemv.argtypes = [ptr, ptr, code, i64, i64, ptr, code, i64, ptr, i64, ptr, code, ctypes.c_int]
-    for function in (library.jetmoe_bf16_gemv, library.jetmoe_int8_gemv):
+    f32 = ctypes.c_float
+    library.jetmoe_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, code, ctypes.c_int]
+    library.jetmoe_rms_norm_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
+    library.jetmoe_silu_mul.argtypes = [ptr, ptr, i64, i64, code, ctypes.c_int]
+    library.jetmoe_silu_mul_backward.argtypes = [ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
+    library.jetmoe_rotary.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, code, code, ctypes.c_int]
+    library.jetmoe_combine.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
+    for function in (
+        library.jetmoe_bf16_gemv,
+        library.jetmoe_int8_gemv,
+        library.jetmoe_rms_norm,
+        library.jetmoe_rms_norm_backward,
+        library.jetmoe_silu_mul,
+        library.jetmoe_silu_mul_backward,
+        library.jetmoe_rotary,
+        library.jetmoe_combine,
+    ):
         function.restype = ctypes.c_int
     return library
 

@@ -1,0 +1,209 @@
+"""ops/fused: the fused element-wise kernels against their PyTorch op chains, forward and backward, and the
+model with every fused path forced on against the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle_pair import ATOL, GRAD_ATOL, TINY, assert_close, build_pair, random_ids
+
+from jetmoe.ops import fused, native
+from jetmoe.ops.native import elementwise
+
+requires_native = pytest.mark.skipif(native.load() is None, reason="no C compiler or no AVX-512 VNNI/BF16 here")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in units of want's last place (per element)."""
+    spacing = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(torch.finfo(want.dtype).tiny)
+    return (got.float() - want.float()).abs() / spacing
+
+
+def _autograd(fn, *inputs, grad):
+    """fn(*inputs) and the gradients of its float inputs for the output gradient `grad`."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out.detach(), [t.grad for t in leaves if t.is_floating_point()]
+
+
+@pytest.fixture
+def all_sizes_fused(monkeypatch):
+    """Fused kernels for every size (the tiny test models are far below the decoding threshold)."""
+    monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 0)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_matches_the_chain_forward_and_backward(dtype, all_sizes_fused):
+    torch.manual_seed(0)
+    x = (3 * torch.randn(3, 100, 1024)).to(dtype)
+    weight = (1 + 0.2 * torch.randn(1024)).to(dtype)
+    grad = torch.randn(3, 100, 1024).to(dtype)
+    want = fused.rms_norm_reference(x, weight, 1e-6)
+
+    with torch.no_grad():
+        got = fused.rms_norm(x, weight, 1e-6)
+    # Only the order of the sum of squares differs: fp32 within a few units in the last place, and a bf16
+    # output at most one unit off (where the fp32 value sits on a rounding boundary), rarely.
+    assert (_ulps(got, want) <= (4 if dtype == torch.float32 else 1)).all()
+    assert (got != want).float().mean() < (1.0 if dtype == torch.float32 else 1e-4)
+
+    out, (grad_x, grad_w) = _autograd(lambda a, w: fused.rms_norm(a, w, 1e-6), x, weight, grad=grad)
+    _, (want_x, want_w) = _autograd(lambda a, w: fused.rms_norm_reference(a, w, 1e-6), x, weight, grad=grad)
+    assert torch.equal(out, got)  # the training forward is the same kernel
+    # bf16: sums of hundreds of products, rounded differently (a unit in the last place of the largest)
+    for got_grad, want_grad in ((grad_x, want_x), (grad_w, want_w)):
+        scale = want_grad.float().abs().max().item()
+        tol = dict(rtol=2e-2, atol=1e-2 * scale) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(got_grad, want_grad, **tol)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_glu_matches_the_chain_forward_and_backward(dtype, all_sizes_fused):
+    torch.manual_seed(0)
+    h = (3 * torch.randn(300, 2 * 176)).to(dtype)
+    grad = torch.randn(300, 176).to(dtype)
+    got, (grad_h,) = _autograd(fused.silu_glu, h, grad=grad)
+    want, (want_h,) = _autograd(fused.silu_glu_reference, h, grad=grad)
+    if dtype == torch.bfloat16:  # every product rounded where the chain rounds: bit for bit here
+        assert torch.equal(got, want) and torch.equal(grad_h, want_h)
+    else:  # exp() is a polynomial: within a few fp32 units in the last place
+        torch.testing.assert_close(got, want, rtol=4e-7, atol=1e-7)
+        torch.testing.assert_close(grad_h, want_h, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        assert torch.equal(fused.silu_glu(h), got)
+
+
+def _key_view(batch, length, heads, dim, dtype):
+    """The attention's key: a [B, T, H, D] view with row strides of a fused K/V projection."""
+    kv = torch.randn(batch, length, 2, heads, dim).to(dtype)
+    return kv.unbind(2)[0]
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tables", ["shared", "per_sequence"])
+def test_rotary_is_the_chain_bit_for_bit(dtype, tables, all_sizes_fused):
+    torch.manual_seed(0)
+    batch, length, dim = 3, 17, 64
+    rows = 1 if tables == "shared" else batch
+    cos, sin = torch.randn(rows, length, dim).to(dtype), torch.randn(rows, length, dim).to(dtype)
+    for x in (torch.randn(batch, length, 16, dim).to(dtype), _key_view(batch, length, 8, dim, dtype)):
+        grad = torch.randn(x.shape).to(dtype)
+        got, (grad_x,) = _autograd(lambda a: fused.rotary(a, cos, sin), x, grad=grad)
+        want, (want_x,) = _autograd(lambda a: fused.rotary_reference(a, cos, sin), x, grad=grad)
+        assert torch.equal(got, want) and torch.equal(grad_x, want_x)
+        # A gradient arriving transposed (as the key's does, after its transpose) is read through its strides.
+        grad_t = grad.transpose(1, 2).contiguous().transpose(1, 2)
+        _, (grad_xt,) = _autograd(lambda a: fused.rotary(a, cos, sin), x, grad=grad_t)
+        assert torch.equal(grad_xt, want_x)
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("order", ["slots", "grouped"])
+def test_combine_is_the_chain_bit_for_bit(dtype, k, order, all_sizes_fused):
+    torch.manual_seed(k)
+    tokens, hidden = 37, 96
+    outputs = torch.randn(tokens * k, hidden).to(dtype)
+    gates = torch.rand(tokens, k).to(dtype)
+    bias = torch.randn(hidden).to(dtype)
+    rows = None if order == "slots" else torch.randperm(tokens * k)
+    slot_outputs = outputs if rows is None else outputs[rows]
+    with torch.no_grad():
+        assert fused.combine_fusable(outputs, gates, bias)
+        got = fused.combine(outputs, rows, gates, bias)
+    want = fused.combine_reference(slot_outputs, gates, bias)
+    if k <= 2 or dtype == torch.float32:
+        assert torch.equal(got, want)
+    else:  # k > 2 in bf16: one fp32 sum of the k products, in slot order; torch's sum may order it otherwise
+        assert (_ulps(got, want) <= 1).all()
+
+
+@requires_native
+def test_bad_inputs_raise_value_errors():
+    x = torch.randn(4, 64)
+    with pytest.raises(ValueError, match="rms_norm"):
+        elementwise.rms_norm(x, torch.randn(32), 1e-6)
+    with pytest.raises(ValueError, match="one dtype"):
+        elementwise.rms_norm(x, torch.randn(64).bfloat16(), 1e-6)
+    with pytest.raises(ValueError, match="silu_mul"):
+        elementwise.silu_mul(torch.randn(4, 48))
+    with pytest.raises(ValueError, match="silu_mul_backward"):
+        elementwise.silu_mul_backward(torch.randn(4, 64), torch.randn(4, 64))
+    with pytest.raises(ValueError, match="rotary"):
+        elementwise.rotary(torch.randn(2, 5, 4, 64), torch.randn(1, 6, 64), torch.randn(1, 6, 64))
+    with pytest.raises(ValueError, match="rotary"):
+        elementwise.rotary(torch.randn(2, 5, 4, 48), torch.randn(1, 5, 48), torch.randn(1, 5, 48))
+    outputs, gates, bias = torch.randn(6, 64), torch.rand(3, 2), torch.randn(64)
+    with pytest.raises(ValueError, match="must index"):
+        elementwise.combine(outputs, torch.tensor([0, 1, 2, 3, 4, 6]), gates, bias)
+    with pytest.raises(ValueError, match="combine"):
+        elementwise.combine(outputs, None, torch.rand(4, 2), bias)
+    with pytest.raises(ValueError, match="combine"):
+        elementwise.combine(outputs, torch.arange(6, dtype=torch.int32), gates, bias)
+    with pytest.raises(ValueError, match="CPU|dtype"):
+        elementwise.silu_mul(torch.randn(4, 64, dtype=torch.float64))
+
+
+def test_small_inputs_and_other_dtypes_take_the_chain(monkeypatch):
+    """Below the threshold (decoding), in fp64, or with the kernels off, the results are the chains' own."""
+    calls = []
+    monkeypatch.setattr(elementwise, "rms_norm", lambda *a: calls.append(a))
+    x, weight = torch.randn(2, 64), torch.randn(64)
+    assert torch.equal(fused.rms_norm(x, weight, 1e-6), fused.rms_norm_reference(x, weight, 1e-6))
+    monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 0)
+    x64, w64 = x.double(), weight.double()
+    assert torch.equal(fused.rms_norm(x64, w64, 1e-6), fused.rms_norm_reference(x64, w64, 1e-6))
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert torch.equal(fused.rms_norm(x, weight, 1e-6), fused.rms_norm_reference(x, weight, 1e-6))
+    assert not calls
+
+
+@requires_native
+def test_model_with_every_fused_path_matches_the_oracle(monkeypatch):
+    """Forward, loss and gradients in fp32 within the parity tolerances, with the fused kernels doing every
+    norm, rotary, GLU and (in inference) gated sum; a spy confirms each kernel ran."""
+    monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 0)
+    ran = set()
+    for name in ("rms_norm", "rms_norm_backward", "silu_mul", "silu_mul_backward", "rotary", "combine"):
+        kernel = getattr(elementwise, name)
+        monkeypatch.setattr(elementwise, name, lambda *a, _k=kernel, _n=name, **kw: (ran.add(_n), _k(*a, **kw))[1])
+    geometry = dict(TINY, kv_channels=32)  # rotary needs head dims of a multiple of 32
+    ours, oracle = build_pair(geometry)
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        got, want = ours(input_ids=ids, labels=ids), oracle(input_ids=ids, labels=ids)
+    assert_close(got.logits, want.logits, what="fused logits")
+    assert_close(got.loss, want.loss, what="fused loss")
+    assert {"rms_norm", "silu_mul", "rotary", "combine"} <= ran
+
+    ours.train(), oracle.train()
+    ours(input_ids=ids, labels=ids).loss.backward()
+    oracle(input_ids=ids, labels=ids).loss.backward()
+    assert {"rms_norm_backward", "silu_mul_backward"} <= ran
+    oracle_params = dict(oracle.named_parameters())
+    for name, param in ours.named_parameters():
+        assert_close(param.grad, oracle_params[name].grad, atol=GRAD_ATOL, what=f"grad {name}")
+    assert ATOL < GRAD_ATOL
+
+
+@requires_native
+def test_bf16_prompt_logits_agree_with_the_chains(monkeypatch):
+    """A bf16 model, fused vs chains: bit for bit apart from the norms' last-place differences."""
+    ours, _ = build_pair(dict(TINY, kv_channels=32))
+    ours = ours.to(torch.bfloat16)
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 1 << 62)
+        chains = ours(input_ids=ids).logits.float()
+        monkeypatch.setattr(fused, "MIN_FUSED_ELEMENTS", 0)
+        kernels = ours(input_ids=ids).logits.float()
+    assert (kernels - chains).abs().max() <= 0.05 * chains.abs().max()
+    assert (kernels.argmax(-1) == chains.argmax(-1)).float().mean() >= 0.9
+    assert F.cosine_similarity(kernels.flatten(), chains.flatten(), dim=0) > 0.999
