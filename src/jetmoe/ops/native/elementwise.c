@@ -2,14 +2,16 @@
  *
  * PyTorch runs each of these as a chain of element-wise operators (an RMSNorm is eight of them: to fp32, pow,
  * mean, add, rsqrt, mul, to bf16, mul), each a pass over memory and, while decoding, ~15 us of dispatch. Each
- * kernel here is one pass that rounds where PyTorch's chain rounds: a bf16 result is rounded to bf16 (nearest
- * even) at every point where the chain stores a bf16 tensor, from the same fp32 values. What can still differ:
- * - rms_norm: the order of the fp32 sum of squares (PyTorch's reduction order is its own), so 1/rms(x) may
- *   differ in the last bit, and a bf16 output then rarely by one unit of its last place;
- * - silu: exp() is a polynomial here (Cephes' expf, within 1-2 units in the last place of fp32), so
- *   silu/sigmoid may differ in the last fp32 bit, and a bf16 output rarely by one unit.
- * rotary and combine do the chain's multiplications and additions exactly: their results are bit for bit
- * PyTorch's.
+ * kernel here is one pass that computes what the chain computes, bit for bit: every value the chain stores in
+ * bf16 is rounded to bf16 (nearest even) from the same fp32 value, and where the chain's own order of
+ * operations decides the fp32 result, the kernel follows it:
+ * - rms_norm sums the squares in the order of PyTorch's CPU sum (see sum_of_squares);
+ * - silu uses PyTorch's vector exp (SLEEF's expf_u10, see exp16) with the same fused multiply-adds; PyTorch
+ *   computes a row's last (width mod 32) elements with the C library's scalar exp instead, so callers give
+ *   this kernel widths that are multiples of 32 (ops/fused.py);
+ * - rotary and combine multiply and add as the chain does.
+ * The backward kernels of rms_norm (a hand-written formula with sums of its own) are within roundings of the
+ * PyTorch formula, not bit for bit. tests/ops/test_fused.py checks all of this against the chains.
  *
  * Shapes are checked by the Python wrappers (ops/native/elementwise.py); the feature dimensions are multiples
  * of 16 (one AVX-512 register of fp32) and contiguous. Rows are split over `threads` OpenMP threads when
@@ -51,20 +53,29 @@ static inline void store16(void *base, int dtype, int64_t i, __m512 v) {
     }
 }
 
-/* exp(x), Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 polynomial in r, times 2^n. */
+/* exp(x) as PyTorch computes it on AVX-512 CPUs (SLEEF's expf_u10, which its vectorised exp calls): x = q ln2 + s
+ * with ln2 in two parts, a degree-6 polynomial in s with fused multiply-adds, times 2^q in two steps; 0 below
+ * -104, inf above 100. The same operations in the same order give the same fp32 value, bit for bit. */
 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f)), _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n); /* overflows to inf, underflows to 0 */
+    __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(1.442695040888963407359924681001892137f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 qf = _mm512_cvtepi32_ps(q);
+    __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), x);
+    s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+    __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+    u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    __m512i half = _mm512_srai_epi32(q, 1); /* 2^q as 2^(q/2) * 2^(q - q/2): no overflow of the exponent field */
+    __m512 scale1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(half, _mm512_set1_epi32(0x7f)), 23));
+    __m512 scale2 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, half), _mm512_set1_epi32(0x7f)), 23));
+    u = _mm512_mul_ps(_mm512_mul_ps(u, scale1), scale2);
+    u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), _mm512_setzero_ps());
+    return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), x, _CMP_LT_OQ), _mm512_set1_ps(INFINITY));
 }
 
 static inline __m512 sigmoid16(__m512 x) {
@@ -79,20 +90,60 @@ static inline __m512 silu16(__m512 x) {
 
 /* ---- RMSNorm: y = w * round(x * r), r = 1 / sqrt(mean(x^2) + eps) in fp32 ------------------------------ */
 
+static inline __m256 load8(const void *base, int dtype, int64_t i) {
+    if (dtype == F32) return _mm256_loadu_ps((const float *)base + i);
+    __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
+static inline __m256 square8(const void *row, int dtype, int64_t vector) {
+    __m256 x = load8(row, dtype, vector * 8);
+    return _mm256_mul_ps(x, x);
+}
+
+/* sum(x^2) over a row in PyTorch's order, so that a norm's fp32 scale is PyTorch's bit for bit. Its CPU sum of
+ * a contiguous fp32 row (ATen's cascade sum; the squares rounded to fp32 first, as pow(2) stores them):
+ * vectors of 8 dealt round-robin to 4 accumulators, each summed in a cascade of 4 levels (level l takes
+ * 2^p blocks of level l - 1, p = max(4, ceil(log2(rounds)) / 4)); the levels are then added into the first,
+ * a leftover vector into the first accumulator, the 4 accumulators in order, and the 8 lanes one by one.
+ * (cols is a multiple of 16 here: no single leftover elements.) */
+static float sum_of_squares(const void *row, int dtype, int64_t cols) {
+    enum { ILP = 4, LEVELS = 4 };
+    const int64_t vectors = cols / 8, rounds = vectors / ILP;
+    int64_t log2_rounds = 0;
+    while (((int64_t)1 << log2_rounds) < rounds) log2_rounds++;
+    const int64_t power = log2_rounds / LEVELS > 4 ? log2_rounds / LEVELS : 4, step = (int64_t)1 << power;
+    __m256 acc[LEVELS][ILP];
+    for (int l = 0; l < LEVELS; l++)
+        for (int k = 0; k < ILP; k++) acc[l][k] = _mm256_setzero_ps();
+    int64_t i = 0;
+    while (i + step <= rounds) {
+        for (int64_t j = 0; j < step; j++, i++)
+            for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], square8(row, dtype, i * ILP + k));
+        for (int l = 1; l < LEVELS; l++) {
+            for (int k = 0; k < ILP; k++) {
+                acc[l][k] = _mm256_add_ps(acc[l][k], acc[l - 1][k]);
+                acc[l - 1][k] = _mm256_setzero_ps();
+            }
+            if (i & ((step - 1) << (l * power))) break;
+        }
+    }
+    for (; i < rounds; i++)
+        for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], square8(row, dtype, i * ILP + k));
+    for (int l = 1; l < LEVELS; l++)
+        for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc[l][k]);
+    for (int64_t v = rounds * ILP; v < vectors; v++) acc[0][0] = _mm256_add_ps(acc[0][0], square8(row, dtype, v));
+    __m256 sum = acc[0][0];
+    for (int k = 1; k < ILP; k++) sum = _mm256_add_ps(sum, acc[0][k]);
+    float lanes[8], total = 0.0f;
+    _mm256_storeu_ps(lanes, sum);
+    for (int k = 0; k < 8; k++) total += lanes[k];
+    return total;
+}
+
+/* 1 / sqrt(mean(x^2) + eps): the mean is the sum divided by the count, as PyTorch's mean. */
 static float inverse_rms(const void *row, int dtype, int64_t cols, float eps) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 32 <= cols; c += 32) {
-        __m512 a = load16(row, dtype, c), b = load16(row, dtype, c + 16);
-        acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(a, a)); /* x^2 rounded to fp32 first, as pow(2) stores it */
-        acc1 = _mm512_add_ps(acc1, _mm512_mul_ps(b, b));
-    }
-    for (; c < cols; c += 16) {
-        __m512 a = load16(row, dtype, c);
-        acc0 = _mm512_add_ps(acc0, _mm512_mul_ps(a, a));
-    }
-    float mean = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) / (float)cols;
-    return 1.0f / sqrtf(mean + eps);
+    return 1.0f / sqrtf(sum_of_squares(row, dtype, cols) / (float)cols + eps);
 }
 
 int jetmoe_rms_norm(const void *x, const void *weight, void *out, float *inv_rms, int64_t rows, int64_t cols,
@@ -206,8 +257,8 @@ int jetmoe_silu_mul_backward(const void *h, const void *grad, void *grad_h, int6
             __m512 activated = round_to(silu16(g), dtype);
             store16(grad_up, dtype, c, _mm512_mul_ps(dy, activated));
             __m512 grad_activated = round_to(_mm512_mul_ps(dy, load16(up, dtype, c)), dtype);
-            __m512 slope = _mm512_mul_ps(s, _mm512_add_ps(one, _mm512_mul_ps(g, _mm512_sub_ps(one, s))));
-            store16(grad_gate, dtype, c, _mm512_mul_ps(grad_activated, slope));
+            __m512 slope = _mm512_fmadd_ps(g, _mm512_sub_ps(one, s), one);
+            store16(grad_gate, dtype, c, _mm512_mul_ps(_mm512_mul_ps(grad_activated, s), slope));
         }
     }
     return 0;

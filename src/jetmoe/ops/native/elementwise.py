@@ -12,50 +12,49 @@ import torch
 from .. import native as _kernels
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1}
+_threads = torch.get_num_threads
 
 
 def fused_ok(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels take these tensors: all on the CPU in one dtype, fp32 or bf16, outside
     torch.compile, and the kernels built here."""
-    if torch.compiler.is_compiling():
-        return False
     dtype = tensors[0].dtype
     return (
         dtype in _CODES
-        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and all(t.is_cpu and t.dtype == dtype for t in tensors)
+        and not torch.compiler.is_compiling()
         and _kernels.available()
     )
 
 
-def _threads() -> int:
-    return torch.get_num_threads()
+# The wrappers run while decoding too (a few us each matters there): checks are plain comparisons, and an
+# error message is only built when one fails.
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
+def _reject(name: str, *tensors: torch.Tensor | None, note: str = "") -> None:
+    described = ", ".join("None" if t is None else f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in tensors)
+    raise ValueError(f"{name}: unsupported inputs ({described}){': ' + note if note else ''}")
 
 
-def _same_dtype(name: str, *tensors: torch.Tensor) -> int:
+def _code(name: str, *tensors: torch.Tensor) -> int:
+    """The kernels' dtype code: every tensor on the CPU, all fp32 or all bf16."""
     dtype = tensors[0].dtype
-    _require(
-        dtype in _CODES and all(t.dtype == dtype and t.device.type == "cpu" for t in tensors),
-        f"{name}: tensors must be fp32 or bf16, all one dtype, on the CPU; got "
-        + ", ".join(f"{t.dtype} on {t.device}" for t in tensors),
-    )
+    if dtype not in _CODES or not all(t.is_cpu and t.dtype == dtype for t in tensors):
+        _reject(name, *tensors, note="tensors must be fp32 or bf16, all one dtype, on the CPU")
     return _CODES[dtype]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight * round(x / rms(x)), 1 / rms(x) per row as fp32 [rows]) over the last dimension."""
-    code = _same_dtype("rms_norm", x, weight)
+    code = _code("rms_norm", x, weight)
     cols = x.shape[-1]
-    _require(weight.shape == (cols,) and cols % 16 == 0, f"rms_norm: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if weight.dim() != 1 or weight.shape[0] != cols or cols % 16:
+        _reject("rms_norm", x, weight, note="weight [features], features a multiple of 16")
     x, weight = x.contiguous(), weight.contiguous()
-    out = torch.empty_like(x)
-    inv_rms = torch.empty(x.shape[:-1], dtype=torch.float32)
+    rows = x.numel() // cols
+    out, inv_rms = torch.empty_like(x), torch.empty(rows, dtype=torch.float32)
     _kernels.load().jetmoe_rms_norm(
-        x.data_ptr(), weight.data_ptr(), out.data_ptr(), inv_rms.data_ptr(), x.numel() // cols, cols, eps, code, _threads()
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), inv_rms.data_ptr(), rows, cols, eps, code, _threads()
     )
     return out, inv_rms
 
@@ -64,14 +63,13 @@ def rms_norm_backward(
     x: torch.Tensor, weight: torch.Tensor, inv_rms: torch.Tensor, grad: torch.Tensor, need_x: bool, need_weight: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad of x in x's dtype, grad of the weight in fp32), each None when not needed."""
-    code = _same_dtype("rms_norm_backward", x, weight, grad)
+    code = _code("rms_norm_backward", x, weight, grad)
     cols = x.shape[-1]
-    _require(
-        grad.shape == x.shape and weight.shape == (cols,) and inv_rms.numel() * cols == x.numel()
-        and inv_rms.dtype == torch.float32 and cols % 16 == 0,
-        f"rms_norm_backward: x {tuple(x.shape)}, grad {tuple(grad.shape)}, weight {tuple(weight.shape)}, "
-        f"inv_rms {tuple(inv_rms.shape)} {inv_rms.dtype}",
-    )
+    if (
+        grad.shape != x.shape or weight.dim() != 1 or weight.shape[0] != cols or cols % 16
+        or inv_rms.numel() * cols != x.numel() or inv_rms.dtype != torch.float32 or not inv_rms.is_cpu
+    ):  # fmt: skip
+        _reject("rms_norm_backward", x, weight, inv_rms, grad)
     x, weight, grad, inv_rms = x.contiguous(), weight.contiguous(), grad.contiguous(), inv_rms.contiguous()
     grad_x = torch.empty_like(x) if need_x else None
     grad_weight = torch.empty(cols, dtype=torch.float32) if need_weight else None
@@ -85,33 +83,29 @@ def rms_norm_backward(
     return grad_x, grad_weight
 
 
-def _glu_shapes(name: str, h: torch.Tensor) -> tuple[int, int]:
-    _require(
-        h.dim() >= 1 and h.shape[-1] % 32 == 0,
-        f"{name}: h {tuple(h.shape)} must end in 2 * inner features, inner a multiple of 16",
-    )
-    inner = h.shape[-1] // 2
-    return h.numel() // max(2 * inner, 1), inner
-
-
 def silu_mul(h: torch.Tensor) -> torch.Tensor:
     """h [..., 2I] = [gate | up] -> silu(gate) * up [..., I], the silu rounded to h's dtype first."""
-    code = _same_dtype("silu_mul", h)
-    rows, inner = _glu_shapes("silu_mul", h)
+    code = _code("silu_mul", h)
+    if h.dim() == 0 or h.shape[-1] % 32:
+        _reject("silu_mul", h, note="h ends in 2 * inner features, inner a multiple of 16")
     h = h.contiguous()
+    inner = h.shape[-1] // 2
     out = h.new_empty(*h.shape[:-1], inner)
-    _kernels.load().jetmoe_silu_mul(h.data_ptr(), out.data_ptr(), rows, inner, code, _threads())
+    _kernels.load().jetmoe_silu_mul(h.data_ptr(), out.data_ptr(), h.numel() // (2 * inner), inner, code, _threads())
     return out
 
 
 def silu_mul_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient of silu_mul's input h [..., 2I] from the gradient of its output [..., I]."""
-    code = _same_dtype("silu_mul_backward", h, grad)
-    rows, inner = _glu_shapes("silu_mul_backward", h)
-    _require(grad.shape == (*h.shape[:-1], inner), f"silu_mul_backward: h {tuple(h.shape)}, grad {tuple(grad.shape)}")
+    code = _code("silu_mul_backward", h, grad)
+    if h.dim() == 0 or h.shape[-1] % 32 or grad.shape != (*h.shape[:-1], h.shape[-1] // 2):
+        _reject("silu_mul_backward", h, grad, note="h [..., 2I] and grad [..., I], I a multiple of 16")
     h, grad = h.contiguous(), grad.contiguous()
+    inner = h.shape[-1] // 2
     grad_h = torch.empty_like(h)
-    _kernels.load().jetmoe_silu_mul_backward(h.data_ptr(), grad.data_ptr(), grad_h.data_ptr(), rows, inner, code, _threads())
+    _kernels.load().jetmoe_silu_mul_backward(
+        h.data_ptr(), grad.data_ptr(), grad_h.data_ptr(), h.numel() // (2 * inner), inner, code, _threads()
+    )
     return grad_h
 
 
@@ -119,20 +113,20 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     """x [B, T, H, D] (any strides but a contiguous last dimension) with cos/sin [B or 1, T, D] ->
     x * cos + rotate_half(x) * sin as a contiguous [B, T, H, D]. `inverse`: the gradient of that map
     applied to x (a gradient of the output) instead."""
-    code = _same_dtype("rotary", x, cos, sin)
-    _require(x.dim() == 4 and cos.dim() == 3, f"rotary: x {tuple(x.shape)} must be [B, T, H, D], cos [B or 1, T, D]")
+    code = _code("rotary", x, cos, sin)
+    if x.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        _reject("rotary", x, cos, sin, note="x [B, T, H, D], cos and sin [B or 1, T, D]")
     batch, length, heads, dim = x.shape
-    _require(
-        cos.shape == sin.shape and cos.shape[0] in (1, batch) and cos.shape[1:] == (length, dim) and dim % 32 == 0,
-        f"rotary: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)} (D a multiple of 32)",
-    )
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != length or cos.shape[2] != dim or dim % 32:
+        _reject("rotary", x, cos, sin, note="x [B, T, H, D], cos and sin [B or 1, T, D], D a multiple of 32")
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(batch, length, heads, dim, dtype=x.dtype)
     table_stride = length * dim if cos.shape[0] == batch and batch > 1 else 0
+    sb, st, sh, _ = x.stride()
     _kernels.load().jetmoe_rotary(
-        x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(), table_stride,
+        x.data_ptr(), sb, st, sh, cos.data_ptr(), sin.data_ptr(), table_stride,
         out.data_ptr(), batch, length, heads, dim, int(inverse), code, _threads(),
     )  # fmt: skip
     return out
@@ -141,18 +135,20 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
 def combine(y: torch.Tensor, rows: torch.Tensor | None, gates: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Expert output rows y [N*k, H] -> [N, H]: each token's k rows times their gates [N, k], summed, plus bias.
     Slot n*k + j is row rows[n*k + j] of y (rows None: y is in slot order)."""
-    code = _same_dtype("combine", y, gates, bias)
+    code = _code("combine", y, gates, bias)
+    if gates.dim() != 2 or y.dim() != 2:
+        _reject("combine", y, rows, gates, bias, note="y [N*k, H], gates [N, k], bias [H]")
     tokens, k = gates.shape
-    hidden = y.shape[-1]
-    _require(
-        y.dim() == 2 and y.shape[0] == tokens * k and bias.shape == (hidden,) and hidden % 16 == 0
-        and (rows is None or (rows.dtype == torch.int64 and rows.shape == (tokens * k,))),
-        f"combine: y {tuple(y.shape)}, gates {tuple(gates.shape)}, bias {tuple(bias.shape)}, "
-        f"rows {None if rows is None else (tuple(rows.shape), rows.dtype)}",
-    )
-    if rows is not None and rows.numel():
-        low, high = rows.aminmax()
-        _require(0 <= low and high < tokens * k, f"combine: rows must index y's {tokens * k} rows")
+    hidden = y.shape[1]
+    if y.shape[0] != tokens * k or bias.dim() != 1 or bias.shape[0] != hidden or hidden % 16:
+        _reject("combine", y, rows, gates, bias, note="y [N*k, H], gates [N, k], bias [H], H a multiple of 16")
+    if rows is not None:
+        if rows.dtype != torch.int64 or rows.dim() != 1 or rows.shape[0] != tokens * k or not rows.is_cpu:
+            _reject("combine", y, rows, gates, bias, note="rows: int64 [N*k] on the CPU")
+        if rows.numel():
+            low, high = rows.aminmax()
+            if low < 0 or high >= tokens * k:
+                _reject("combine", y, rows, gates, bias, note=f"rows must index y's {tokens * k} rows")
         rows = rows.contiguous()
     y, gates, bias = y.contiguous(), gates.contiguous(), bias.contiguous()
     out = y.new_empty(tokens, hidden)
