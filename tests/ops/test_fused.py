@@ -113,18 +113,25 @@ def test_rotary_is_the_chain_bit_for_bit(dtype, tables):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("order", ["slots", "grouped"])
-def test_combine_is_the_chain_bit_for_bit(dtype, k, order):
+def test_combine_is_the_chain_bit_for_bit_forward_and_backward(dtype, k, order):
     torch.manual_seed(k)
     tokens, hidden = 37, 96
     outputs = torch.randn(tokens * k, hidden).to(dtype)
     gates = torch.rand(tokens, k).to(dtype)
     bias = torch.randn(hidden).to(dtype)
+    grad = torch.randn(tokens, hidden).to(dtype)
     rows = None if order == "slots" else torch.randperm(tokens * k)
-    slot_outputs = outputs if rows is None else outputs[rows]
+    assert fused.combine_fusable(outputs, gates, bias)
+
+    def chain(y, g, b):
+        return fused.combine_reference(y if rows is None else y[rows], g, b)
+
+    got, got_grads = _autograd(lambda y, g, b: fused.combine(y, rows, g, b), outputs, gates, bias, grad=grad)
+    want, want_grads = _autograd(chain, outputs, gates, bias, grad=grad)
     with torch.no_grad():
-        assert fused.combine_fusable(outputs, gates, bias)
-        got = fused.combine(outputs, rows, gates, bias)
-    want = fused.combine_reference(slot_outputs, gates, bias)
+        assert torch.equal(fused.combine(outputs, rows, gates, bias), got)
+    # Gate gradients are sums over H in PyTorch's order: bit for bit too.
+    assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
     if k <= 2 or dtype == torch.float32:
         assert torch.equal(got, want)
     else:  # k > 2 in bf16: one fp32 sum of the k products, in slot order; torch's sum may order it otherwise
@@ -153,6 +160,8 @@ def test_bad_inputs_raise_value_errors():
         elementwise.combine(outputs, None, torch.rand(4, 2), bias)
     with pytest.raises(ValueError, match="combine"):
         elementwise.combine(outputs, torch.arange(6, dtype=torch.int32), gates, bias)
+    with pytest.raises(ValueError, match="combine_backward"):
+        elementwise.combine_backward(outputs, None, gates, torch.randn(3, 32), need_gates=True)
     with pytest.raises(ValueError, match="CPU|dtype"):
         elementwise.silu_mul(torch.randn(4, 64, dtype=torch.float64))
 
@@ -173,9 +182,9 @@ def test_other_dtypes_and_kernels_off_take_the_chain(monkeypatch):
 @requires_native
 def test_model_with_every_fused_path_matches_the_oracle(monkeypatch):
     """Forward, loss and gradients in fp32 within the parity tolerances, with the fused kernels doing every
-    norm, rotary, GLU and (in inference) gated sum; a spy confirms each kernel ran."""
+    norm, rotary, GLU and gated sum; a spy confirms each kernel ran."""
     ran = set()
-    for name in ("rms_norm", "rms_norm_backward", "silu_mul", "silu_mul_backward", "rotary", "combine"):
+    for name in ("rms_norm", "rms_norm_backward", "silu_mul", "silu_mul_backward", "rotary", "combine", "combine_backward"):
         kernel = getattr(elementwise, name)
         monkeypatch.setattr(elementwise, name, lambda *a, _k=kernel, _n=name, **kw: (ran.add(_n), _k(*a, **kw))[1])
     geometry = dict(TINY, kv_channels=32)  # rotary needs head dims of a multiple of 32
@@ -190,7 +199,7 @@ def test_model_with_every_fused_path_matches_the_oracle(monkeypatch):
     ours.train(), oracle.train()
     ours(input_ids=ids, labels=ids).loss.backward()
     oracle(input_ids=ids, labels=ids).loss.backward()
-    assert {"rms_norm_backward", "silu_mul_backward"} <= ran
+    assert {"rms_norm_backward", "silu_mul_backward", "combine_backward"} <= ran
     oracle_params = dict(oracle.named_parameters())
     for name, param in ours.named_parameters():
         assert_close(param.grad, oracle_params[name].grad, atol=GRAD_ATOL, what=f"grad {name}")

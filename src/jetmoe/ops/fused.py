@@ -12,8 +12,9 @@ chains itself, the chains run.
 
 Training: RMSNorm, GLU and rotary have autograd Functions with fused backward kernels (the GLU's and rotary's
 bit for bit autograd's through the chain; the norm's within roundings of its hand-written formula), which keep
-less than autograd would: the norm its input and one fp32 scale per row, the GLU its input. The gated sum is
-fused for inference only.
+less than autograd would: the norm its input and one fp32 scale per row, the GLU its input. The gated sum's
+backward writes the expert rows' gradients straight into the experts' (grouped) order, and sums the gates'
+gradients in PyTorch's order.
 """
 
 from __future__ import annotations
@@ -164,12 +165,30 @@ def combine_reference(slot_outputs: torch.Tensor, gates: torch.Tensor, bias: tor
     return sum_slots(slot_outputs.view(*gates.shape, -1) * gates[..., None]) + bias
 
 
+class _CombineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, outputs, slot_rows, gates, bias):
+        ctx.save_for_backward(outputs, slot_rows, gates)
+        return native.combine(outputs, slot_rows, gates, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        outputs, slot_rows, gates = ctx.saved_tensors
+        need_outputs, _, need_gates, need_bias = ctx.needs_input_grad
+        grad_outputs, grad_gates = native.combine_backward(outputs, slot_rows, gates, grad, need_gates)
+        grad_bias = grad.sum(0) if need_bias else None
+        return grad_outputs if need_outputs else None, None, grad_gates, grad_bias
+
+
 def combine_fusable(outputs: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether `combine` takes these: fused kernels, no autograd (the gated sum is fused for inference only)."""
-    return not _needs_grad(outputs, gates, bias) and outputs.shape[-1] % 16 == 0 and _fused(outputs, gates, bias)
+    """Whether `combine` takes these (the fused kernels run here, and H is a multiple of 16)."""
+    return outputs.shape[-1] % 16 == 0 and _fused(outputs, gates, bias)
 
 
 def combine(outputs: torch.Tensor, slot_rows: torch.Tensor | None, gates: torch.Tensor, bias: torch.Tensor):
     """`combine_reference(outputs[slot_rows], gates, bias)` in one pass, for `combine_fusable` inputs: expert
-    output rows [N*k, H] -> [N, H], slot n*k + j being row slot_rows[n*k + j] (None: already in slot order)."""
+    output rows [N*k, H] -> [N, H], slot n*k + j being row slot_rows[n*k + j] (None: already in slot order;
+    otherwise a permutation, as a routing plan's)."""
+    if _needs_grad(outputs, gates, bias):
+        return _CombineFunction.apply(outputs, slot_rows, gates, bias)
     return native.combine(outputs, slot_rows, gates, bias)

@@ -97,6 +97,7 @@ def load() -> ctypes.CDLL | None:
     library.jetmoe_silu_mul_backward.argtypes = [ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_rotary.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, code, code, ctypes.c_int]
     library.jetmoe_combine.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
+    library.jetmoe_combine_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
     for function in (
         library.jetmoe_bf16_gemv,
         library.jetmoe_int8_gemv,
@@ -106,6 +107,7 @@ def load() -> ctypes.CDLL | None:
         library.jetmoe_silu_mul_backward,
         library.jetmoe_rotary,
         library.jetmoe_combine,
+        library.jetmoe_combine_backward,
     ):
         function.restype = ctypes.c_int
     return library

@@ -5,7 +5,8 @@
  * kernel here is one pass that computes what the chain computes, bit for bit: every value the chain stores in
  * bf16 is rounded to bf16 (nearest even) from the same fp32 value, and where the chain's own order of
  * operations decides the fp32 result, the kernel follows it:
- * - rms_norm sums the squares in the order of PyTorch's CPU sum (see sum_of_squares);
+ * - rms_norm sums the squares, and combine's backward the gate gradients, in the order of PyTorch's CPU sum
+ *   (see ordered_sum);
  * - silu uses PyTorch's vector exp (SLEEF's expf_u10, see exp16) with the same fused multiply-adds; PyTorch
  *   computes a row's last (width mod 32) elements with the C library's scalar exp instead, so callers give
  *   this kernel widths that are multiples of 32 (ops/fused.py);
@@ -96,18 +97,26 @@ static inline __m256 load8(const void *base, int dtype, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
 }
 
-static inline __m256 square8(const void *row, int dtype, int64_t vector) {
-    __m256 x = load8(row, dtype, vector * 8);
-    return _mm256_mul_ps(x, x);
+static inline __m256 round8_to(__m256 v, int dtype) {
+    if (dtype == F32) return v;
+    __m128bh b = _mm256_cvtneps_pbh(v);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)b), 16));
 }
 
-/* sum(x^2) over a row in PyTorch's order, so that a norm's fp32 scale is PyTorch's bit for bit. Its CPU sum of
- * a contiguous fp32 row (ATen's cascade sum; the squares rounded to fp32 first, as pow(2) stores them):
- * vectors of 8 dealt round-robin to 4 accumulators, each summed in a cascade of 4 levels (level l takes
- * 2^p blocks of level l - 1, p = max(4, ceil(log2(rounds)) / 4)); the levels are then added into the first,
- * a leftover vector into the first accumulator, the 4 accumulators in order, and the 8 lanes one by one.
- * (cols is a multiple of 16 here: no single leftover elements.) */
-static float sum_of_squares(const void *row, int dtype, int64_t cols) {
+/* Vector `vector` (8 elements) of the terms a * b (a * a where b is NULL), each as the chain stores it: in
+ * fp32 for the norm's squares (it squares fp32 copies), rounded to `product_dtype` for products of tensors. */
+static inline __m256 term8(const void *a, const void *b, int dtype, int product_dtype, int64_t vector) {
+    __m256 x = load8(a, dtype, vector * 8);
+    return round8_to(_mm256_mul_ps(x, b ? load8(b, dtype, vector * 8) : x), product_dtype);
+}
+
+/* sum(a * b) over a row in PyTorch's order, so that a sum the chain reduces is PyTorch's bit for bit. Its CPU
+ * sum of a contiguous row (ATen's cascade sum, fp32 accumulation): vectors of 8 dealt round-robin to 4
+ * accumulators, each summed in a cascade of 4 levels (level l takes 2^p blocks of level l - 1,
+ * p = max(4, ceil(log2(rounds)) / 4)); the levels are then added into the first, a leftover vector into the
+ * first accumulator, the 4 accumulators in order, and the 8 lanes one by one. (cols is a multiple of 16
+ * here: no single leftover elements.) */
+static float ordered_sum(const void *a, const void *b, int dtype, int product_dtype, int64_t cols) {
     enum { ILP = 4, LEVELS = 4 };
     const int64_t vectors = cols / 8, rounds = vectors / ILP;
     int64_t log2_rounds = 0;
@@ -119,7 +128,8 @@ static float sum_of_squares(const void *row, int dtype, int64_t cols) {
     int64_t i = 0;
     while (i + step <= rounds) {
         for (int64_t j = 0; j < step; j++, i++)
-            for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], square8(row, dtype, i * ILP + k));
+            for (int k = 0; k < ILP; k++)
+                acc[0][k] = _mm256_add_ps(acc[0][k], term8(a, b, dtype, product_dtype, i * ILP + k));
         for (int l = 1; l < LEVELS; l++) {
             for (int k = 0; k < ILP; k++) {
                 acc[l][k] = _mm256_add_ps(acc[l][k], acc[l - 1][k]);
@@ -129,10 +139,11 @@ static float sum_of_squares(const void *row, int dtype, int64_t cols) {
         }
     }
     for (; i < rounds; i++)
-        for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], square8(row, dtype, i * ILP + k));
+        for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], term8(a, b, dtype, product_dtype, i * ILP + k));
     for (int l = 1; l < LEVELS; l++)
         for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc[l][k]);
-    for (int64_t v = rounds * ILP; v < vectors; v++) acc[0][0] = _mm256_add_ps(acc[0][0], square8(row, dtype, v));
+    for (int64_t v = rounds * ILP; v < vectors; v++)
+        acc[0][0] = _mm256_add_ps(acc[0][0], term8(a, b, dtype, product_dtype, v));
     __m256 sum = acc[0][0];
     for (int k = 1; k < ILP; k++) sum = _mm256_add_ps(sum, acc[0][k]);
     float lanes[8], total = 0.0f;
@@ -143,7 +154,7 @@ static float sum_of_squares(const void *row, int dtype, int64_t cols) {
 
 /* 1 / sqrt(mean(x^2) + eps): the mean is the sum divided by the count, as PyTorch's mean. */
 static float inverse_rms(const void *row, int dtype, int64_t cols, float eps) {
-    return 1.0f / sqrtf(sum_of_squares(row, dtype, cols) / (float)cols + eps);
+    return 1.0f / sqrtf(ordered_sum(row, NULL, dtype, F32, cols) / (float)cols + eps);
 }
 
 int jetmoe_rms_norm(const void *x, const void *weight, void *out, float *inv_rms, int64_t rows, int64_t cols,
@@ -331,6 +342,43 @@ int jetmoe_combine(const void *y, const int64_t *rows, const void *gates, const 
                 total = j == 0 ? product : _mm512_add_ps(total, product);
             }
             store16(out_row, dtype, c, _mm512_add_ps(round_to(total, dtype), load16(bias, dtype, c)));
+        }
+    }
+    return 0;
+}
+
+/* Gradients of combine (no bias: its gradient is a plain sum over tokens, left to PyTorch), as autograd forms
+ * them through the chain: grad_y[row(n, j)] = round(dy[n] * g[n, j]), and grad_gates[n, j] = round(sum_h
+ * round(dy[n, h] * y[row(n, j), h])) summed in PyTorch's order. grad_gates may be NULL (not needed). */
+int jetmoe_combine_backward(const void *y, const int64_t *rows, const void *gates, const void *grad, void *grad_y,
+                            void *grad_gates, int64_t tokens, int64_t k, int64_t hidden, int dtype, int threads) {
+    const int64_t size = element_size(dtype);
+#pragma omp parallel for num_threads(threads) schedule(static) if (tokens * k * hidden >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t n = 0; n < tokens; n++) {
+        const char *grad_row = (const char *)grad + n * hidden * size;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t slot = n * k + j, row = rows ? rows[slot] : slot;
+            float gate;
+            if (dtype == F32) {
+                gate = ((const float *)gates)[slot];
+            } else {
+                uint32_t bits = (uint32_t)((const uint16_t *)gates)[slot] << 16;
+                memcpy(&gate, &bits, sizeof gate);
+            }
+            char *grad_y_row = (char *)grad_y + row * hidden * size;
+            __m512 g = _mm512_set1_ps(gate);
+            for (int64_t c = 0; c < hidden; c += 16)
+                store16(grad_y_row, dtype, c, _mm512_mul_ps(load16(grad_row, dtype, c), g));
+            if (!grad_gates) continue;
+            float total = ordered_sum(grad_row, (const char *)y + row * hidden * size, dtype, dtype, hidden);
+            if (dtype == F32) {
+                ((float *)grad_gates)[slot] = total;
+            } else {
+                __m128bh b = _mm_cvtneps_pbh(_mm_set1_ps(total));
+                uint16_t bits;
+                memcpy(&bits, &b, sizeof bits);
+                ((uint16_t *)grad_gates)[slot] = bits;
+            }
         }
     }
     return 0;

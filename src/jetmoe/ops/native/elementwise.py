@@ -132,28 +132,51 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     return out
 
 
-def combine(y: torch.Tensor, rows: torch.Tensor | None, gates: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Expert output rows y [N*k, H] -> [N, H]: each token's k rows times their gates [N, k], summed, plus bias.
-    Slot n*k + j is row rows[n*k + j] of y (rows None: y is in slot order)."""
-    code = _code("combine", y, gates, bias)
+def _combine_checked(name, y, rows, gates, bias_or_grad, grad_shape: bool):
+    """The combine arguments, contiguous, after the shape checks both directions share."""
+    code = _code(name, y, gates, bias_or_grad)
     if gates.dim() != 2 or y.dim() != 2:
-        _reject("combine", y, rows, gates, bias, note="y [N*k, H], gates [N, k], bias [H]")
+        _reject(name, y, rows, gates, bias_or_grad, note="y [N*k, H], gates [N, k]")
     tokens, k = gates.shape
     hidden = y.shape[1]
-    if y.shape[0] != tokens * k or bias.dim() != 1 or bias.shape[0] != hidden or hidden % 16:
-        _reject("combine", y, rows, gates, bias, note="y [N*k, H], gates [N, k], bias [H], H a multiple of 16")
+    other = (tokens, hidden) if grad_shape else (hidden,)
+    if y.shape[0] != tokens * k or tuple(bias_or_grad.shape) != other or hidden % 16:
+        _reject(name, y, rows, gates, bias_or_grad, note="y [N*k, H], gates [N, k], bias [H] / grad [N, H], H % 16 == 0")
     if rows is not None:
         if rows.dtype != torch.int64 or rows.dim() != 1 or rows.shape[0] != tokens * k or not rows.is_cpu:
-            _reject("combine", y, rows, gates, bias, note="rows: int64 [N*k] on the CPU")
+            _reject(name, y, rows, gates, bias_or_grad, note="rows: int64 [N*k] on the CPU")
         if rows.numel():
             low, high = rows.aminmax()
             if low < 0 or high >= tokens * k:
-                _reject("combine", y, rows, gates, bias, note=f"rows must index y's {tokens * k} rows")
+                _reject(name, y, rows, gates, bias_or_grad, note=f"rows must index y's {tokens * k} rows")
         rows = rows.contiguous()
-    y, gates, bias = y.contiguous(), gates.contiguous(), bias.contiguous()
-    out = y.new_empty(tokens, hidden)
+    return code, y.contiguous(), rows, gates.contiguous(), bias_or_grad.contiguous()
+
+
+def combine(y: torch.Tensor, rows: torch.Tensor | None, gates: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Expert output rows y [N*k, H] -> [N, H]: each token's k rows times their gates [N, k], summed, plus bias.
+    Slot n*k + j is row rows[n*k + j] of y (rows None: y is in slot order)."""
+    code, y, rows, gates, bias = _combine_checked("combine", y, rows, gates, bias, grad_shape=False)
+    tokens, k = gates.shape
+    out = y.new_empty(tokens, y.shape[1])
     _kernels.load().jetmoe_combine(
         y.data_ptr(), None if rows is None else rows.data_ptr(), gates.data_ptr(), bias.data_ptr(), out.data_ptr(),
-        tokens, k, hidden, code, _threads(),
+        tokens, k, y.shape[1], code, _threads(),
     )  # fmt: skip
     return out
+
+
+def combine_backward(
+    y: torch.Tensor, rows: torch.Tensor | None, gates: torch.Tensor, grad: torch.Tensor, need_gates: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of combine's y (in y's row order) and gates from the gradient of its output [N, H] (the bias
+    gradient is grad.sum(0)). rows must be a permutation (as a routing plan's are): every row gets written."""
+    code, y, rows, gates, grad = _combine_checked("combine_backward", y, rows, gates, grad, grad_shape=True)
+    tokens, k = gates.shape
+    grad_y = torch.empty_like(y)
+    grad_gates = torch.empty_like(gates) if need_gates else None
+    _kernels.load().jetmoe_combine_backward(
+        y.data_ptr(), None if rows is None else rows.data_ptr(), gates.data_ptr(), grad.data_ptr(), grad_y.data_ptr(),
+        grad_gates.data_ptr() if need_gates else None, tokens, k, y.shape[1], code, _threads(),
+    )  # fmt: skip
+    return grad_y, grad_gates
