@@ -5,17 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jetmoe.ops import cross_entropy
+from jetmoe.ops import cross_entropy, native
 from jetmoe.ops.cross_entropy import summed_cross_entropy, summed_cross_entropy_reference
+from jetmoe.ops.native import elementwise
+
+requires_native = pytest.mark.skipif(native.load() is None, reason="no C compiler or no AVX-512 VNNI/BF16 here")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_elements", [2**23, 3 * 50])  # one chunk; chunks of 3 rows, last one short
-def test_summed_cross_entropy_matches_the_fp32_formulation(dtype, chunk_elements, monkeypatch):
+@pytest.mark.parametrize(
+    "vocab, chunk_elements",
+    [(50, 2**23), (50, 3 * 50), (160, 2**23)],  # one chunk; chunks of 3 rows, the last short; the C kernels
+)
+def test_summed_cross_entropy_matches_the_fp32_formulation(dtype, vocab, chunk_elements, monkeypatch):
+    """(A vocabulary of a multiple of 16 on a CPU with the kernels takes the C path, 50 the operator chains.)"""
     monkeypatch.setattr(cross_entropy, "_CHUNK_ELEMENTS", chunk_elements)
     torch.manual_seed(0)
-    logits = (4 * torch.randn(11, 50)).to(dtype).requires_grad_()
-    targets = torch.randint(0, 50, (11,))
+    logits = (4 * torch.randn(11, vocab)).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (11,))
     targets[[2, 7]] = -100  # ignored rows: no loss, zero gradient
     upstream = torch.tensor(0.37)
 
@@ -37,3 +44,21 @@ def test_all_rows_ignored_gives_zero_and_zero_gradient():
     loss = summed_cross_entropy(logits, torch.full((3,), -100))
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0
+
+
+@requires_native
+def test_the_c_path_runs_and_handles_non_finite_rows(monkeypatch):
+    ran = []
+    for name in ("logsumexp_rows", "cross_entropy_backward"):
+        kernel = getattr(elementwise, name)
+        monkeypatch.setattr(elementwise, name, lambda *a, _k=kernel, _n=name: (ran.append(_n), _k(*a))[1])
+    logits = torch.randn(4, 32).requires_grad_()
+    summed_cross_entropy(logits, torch.tensor([1, 2, 3, 4])).backward()
+    assert ran == ["logsumexp_rows", "cross_entropy_backward"]
+    rows = torch.tensor([[float("-inf")] * 16, [float("inf")] + [0.0] * 15, [float("nan")] + [0.0] * 15])
+    assert torch.equal(elementwise.logsumexp_rows(rows).isnan(), torch.tensor([False, False, True]))
+    assert elementwise.logsumexp_rows(rows)[:2].tolist() == [float("-inf"), float("inf")]
+    with pytest.raises(ValueError, match="targets must lie"):
+        elementwise.cross_entropy_backward(torch.randn(2, 16), torch.zeros(2), torch.tensor([0, 16]), torch.ones(2))
+    with pytest.raises(ValueError, match="logits"):
+        elementwise.logsumexp_rows(torch.randn(2, 20))

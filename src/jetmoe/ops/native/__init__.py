@@ -98,6 +98,8 @@ def load() -> ctypes.CDLL | None:
     library.jetmoe_rotary.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, code, code, ctypes.c_int]
     library.jetmoe_combine.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
     library.jetmoe_combine_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
+    library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]
+    library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     for function in (
         library.jetmoe_bf16_gemv,
         library.jetmoe_int8_gemv,
@@ -108,6 +110,8 @@ def load() -> ctypes.CDLL | None:
         library.jetmoe_rotary,
         library.jetmoe_combine,
         library.jetmoe_combine_backward,
+        library.jetmoe_logsumexp_rows,
+        library.jetmoe_cross_entropy_backward,
     ):
         function.restype = ctypes.c_int
     return library

@@ -38,6 +38,14 @@ static inline __m512 load16(const void *base, int dtype, int64_t i) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
+static inline float load1(const void *base, int dtype, int64_t i) {
+    if (dtype == F32) return ((const float *)base)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
 /* v as the chain would store it: rounded to bf16 (nearest even) and read back; fp32 unchanged. */
 static inline __m512 round_to(__m512 v, int dtype) {
     if (dtype == F32) return v;
@@ -331,13 +339,7 @@ int jetmoe_combine(const void *y, const int64_t *rows, const void *gates, const 
             __m512 total = _mm512_setzero_ps();
             for (int64_t j = 0; j < k; j++) {
                 int64_t slot = n * k + j, row = rows ? rows[slot] : slot;
-                __m512 gate = _mm512_set1_ps(dtype == F32 ? ((const float *)gates)[slot] : 0.0f);
-                if (dtype != F32) {
-                    uint32_t bits = (uint32_t)((const uint16_t *)gates)[slot] << 16;
-                    float value;
-                    memcpy(&value, &bits, sizeof value);
-                    gate = _mm512_set1_ps(value);
-                }
+                __m512 gate = _mm512_set1_ps(load1(gates, dtype, slot));
                 __m512 product = round_to(_mm512_mul_ps(load16((const char *)y + row * hidden * size, dtype, c), gate), dtype);
                 total = j == 0 ? product : _mm512_add_ps(total, product);
             }
@@ -358,15 +360,8 @@ int jetmoe_combine_backward(const void *y, const int64_t *rows, const void *gate
         const char *grad_row = (const char *)grad + n * hidden * size;
         for (int64_t j = 0; j < k; j++) {
             int64_t slot = n * k + j, row = rows ? rows[slot] : slot;
-            float gate;
-            if (dtype == F32) {
-                gate = ((const float *)gates)[slot];
-            } else {
-                uint32_t bits = (uint32_t)((const uint16_t *)gates)[slot] << 16;
-                memcpy(&gate, &bits, sizeof gate);
-            }
             char *grad_y_row = (char *)grad_y + row * hidden * size;
-            __m512 g = _mm512_set1_ps(gate);
+            __m512 g = _mm512_set1_ps(load1(gates, dtype, slot));
             for (int64_t c = 0; c < hidden; c += 16)
                 store16(grad_y_row, dtype, c, _mm512_mul_ps(load16(grad_row, dtype, c), g));
             if (!grad_gates) continue;
@@ -379,6 +374,56 @@ int jetmoe_combine_backward(const void *y, const int64_t *rows, const void *gate
                 memcpy(&bits, &b, sizeof bits);
                 ((uint16_t *)grad_gates)[slot] = bits;
             }
+        }
+    }
+    return 0;
+}
+
+/* ---- Cross-entropy over a vocabulary: per-row log-sum-exp, and the gradient softmax - one-hot ---------------
+ * Rows of `vocab` logits (a multiple of 16) in fp32 or bf16, `row_stride` elements apart. The log-sum-exp is
+ * max-shifted and summed in fp32 (its own order: within fp32 roundings of torch.logsumexp). */
+int jetmoe_logsumexp_rows(const void *x, int64_t row_stride, float *lse, int64_t rows, int64_t vocab, int dtype,
+                          int threads) {
+    const int64_t size = element_size(dtype);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * vocab >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)x + r * row_stride * size;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t c = 0; c < vocab; c += 16) top = _mm512_max_ps(top, load16(row, dtype, c));
+        float peak = _mm512_reduce_max_ps(top);
+        if (!isfinite(peak)) { /* all -inf, or inf / nan present: what logsumexp gives for them */
+            float naive = 0.0f;
+            for (int64_t c = 0; c < vocab; c++) naive += expf(load1(row, dtype, c));
+            lse[r] = isnan(peak) ? NAN : (peak == INFINITY ? INFINITY : logf(naive));
+            continue;
+        }
+        __m512 shift = _mm512_set1_ps(peak), acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 32 <= vocab; c += 32) {
+            acc0 = _mm512_add_ps(acc0, exp16(_mm512_sub_ps(load16(row, dtype, c), shift)));
+            acc1 = _mm512_add_ps(acc1, exp16(_mm512_sub_ps(load16(row, dtype, c + 16), shift)));
+        }
+        for (; c < vocab; c += 16) acc0 = _mm512_add_ps(acc0, exp16(_mm512_sub_ps(load16(row, dtype, c), shift)));
+        lse[r] = peak + logf(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)));
+    }
+    return 0;
+}
+
+/* grad[r, v] = (exp(x[r, v] - lse[r]) - (v == target[r])) * scale[r], rounded to dtype; grad is contiguous. */
+int jetmoe_cross_entropy_backward(const void *x, int64_t row_stride, const float *lse, const int64_t *targets,
+                                  const float *scale, void *grad, int64_t rows, int64_t vocab, int dtype, int threads) {
+    const int64_t size = element_size(dtype);
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * vocab >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)x + r * row_stride * size;
+        char *grad_row = (char *)grad + r * vocab * size;
+        __m512 shift = _mm512_set1_ps(lse[r]), s = _mm512_set1_ps(scale[r]);
+        int64_t target = targets[r];
+        for (int64_t c = 0; c < vocab; c += 16) {
+            __m512 p = exp16(_mm512_sub_ps(load16(row, dtype, c), shift));
+            if (target >= c && target < c + 16)
+                p = _mm512_mask_sub_ps(p, (__mmask16)(1u << (target - c)), p, _mm512_set1_ps(1.0f));
+            store16(grad_row, dtype, c, _mm512_mul_ps(p, s));
         }
     }
     return 0;

@@ -1,4 +1,5 @@
-"""Python side of elementwise.c: fused RMSNorm, SiLU GLU, rotary embedding and expert combine, fp32 or bf16.
+"""Python side of elementwise.c: fused RMSNorm, SiLU GLU, rotary embedding, expert combine and cross-entropy
+rows, fp32 or bf16.
 
 Callers check `fused_ok(...)` first (CPU, one dtype of fp32/bf16, not under torch.compile, where inductor
 fuses the same chains itself, and the kernels built); the functions here then validate shapes (ValueError)
@@ -180,3 +181,39 @@ def combine_backward(
         grad_gates.data_ptr() if need_gates else None, tokens, k, y.shape[1], code, _threads(),
     )  # fmt: skip
     return grad_y, grad_gates
+
+
+def _logit_rows(name: str, x: torch.Tensor) -> int:
+    code = _code(name, x)
+    if x.dim() != 2 or x.shape[1] % 16 or x.stride(1) != 1:
+        _reject(name, x, note="logits [N, V] with contiguous rows, V a multiple of 16")
+    return code
+
+
+def logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
+    """log(sum(exp(x[n]))) per row of logits [N, V], fp32 [N] (max-shifted, fp32 sums)."""
+    code = _logit_rows("logsumexp_rows", x)
+    lse = torch.empty(x.shape[0], dtype=torch.float32)
+    _kernels.load().jetmoe_logsumexp_rows(x.data_ptr(), x.stride(0), lse.data_ptr(), x.shape[0], x.shape[1], code, _threads())
+    return lse
+
+
+def cross_entropy_backward(x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(softmax(x[n]) - one_hot(targets[n])) * scale[n] per row, in x's dtype, from the rows' log-sum-exp."""
+    code = _logit_rows("cross_entropy_backward", x)
+    rows, vocab = x.shape
+    if (
+        lse.shape != (rows,) or scale.shape != (rows,) or targets.shape != (rows,)
+        or lse.dtype != torch.float32 or scale.dtype != torch.float32 or targets.dtype != torch.int64
+        or not (lse.is_cpu and scale.is_cpu and targets.is_cpu)
+    ):  # fmt: skip
+        _reject("cross_entropy_backward", x, lse, targets, scale, note="lse and scale fp32 [N], targets int64 [N]")
+    if rows and not bool(((targets >= 0) & (targets < vocab)).all()):
+        _reject("cross_entropy_backward", x, targets, note=f"targets must lie in 0..{vocab - 1}")
+    lse, targets, scale = lse.contiguous(), targets.contiguous(), scale.contiguous()
+    grad = torch.empty(rows, vocab, dtype=x.dtype)
+    _kernels.load().jetmoe_cross_entropy_backward(
+        x.data_ptr(), x.stride(0), lse.data_ptr(), targets.data_ptr(), scale.data_ptr(), grad.data_ptr(),
+        rows, vocab, code, _threads(),
+    )  # fmt: skip
+    return grad
