@@ -1,4 +1,4 @@
-"""RMSNorm and rotary position embedding (rotate-half, full head dimension)."""
+"""RMSNorm and the rotary embedding's cos/sin tables (rotate-half, full head dimension; the rotation is ops/fused.rotary)."""
 
 from __future__ import annotations
 
