@@ -184,7 +184,8 @@ def test_model_with_every_fused_path_matches_the_oracle(monkeypatch):
     """Forward, loss and gradients in fp32 within the parity tolerances, with the fused kernels doing every
     norm, rotary, GLU and gated sum; a spy confirms each kernel ran."""
     ran = set()
-    for name in ("rms_norm", "rms_norm_backward", "silu_mul", "silu_mul_backward", "rotary", "combine", "combine_backward"):
+    kernels = ("rms_norm", "rms_norm_backward", "silu_mul", "silu_mul_backward", "rotary", "combine", "combine_backward")
+    for name in kernels:
         kernel = getattr(elementwise, name)
         monkeypatch.setattr(elementwise, name, lambda *a, _k=kernel, _n=name, **kw: (ran.add(_n), _k(*a, **kw))[1])
     geometry = dict(TINY, kv_channels=32)  # rotary needs head dims of a multiple of 32

@@ -1,4 +1,7 @@
-"""RMSNorm and the rotary embedding's cos/sin tables (rotate-half, full head dimension; the rotation is ops/fused.rotary)."""
+"""RMSNorm and the rotary embedding's cos/sin tables (rotate-half, full head dimension).
+
+Both layers' arithmetic lives in ops/fused (rms_norm, rotary): fused kernels on the CPU, operator chains elsewhere.
+"""
 
 from __future__ import annotations
 

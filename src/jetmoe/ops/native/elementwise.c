@@ -147,7 +147,8 @@ static float ordered_sum(const void *a, const void *b, int dtype, int product_dt
         }
     }
     for (; i < rounds; i++)
-        for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], term8(a, b, dtype, product_dtype, i * ILP + k));
+        for (int k = 0; k < ILP; k++)
+            acc[0][k] = _mm256_add_ps(acc[0][k], term8(a, b, dtype, product_dtype, i * ILP + k));
     for (int l = 1; l < LEVELS; l++)
         for (int k = 0; k < ILP; k++) acc[0][k] = _mm256_add_ps(acc[0][k], acc[l][k]);
     for (int64_t v = rounds * ILP; v < vectors; v++)
@@ -213,7 +214,8 @@ int jetmoe_rms_norm_backward(const void *x, const void *weight, const float *inv
                 for (int64_t c = 0; c < cols; c += 16) {
                     __m512 normalized = round_to(_mm512_mul_ps(load16(row, dtype, c), s), dtype);
                     __m512 acc = _mm512_loadu_ps(mine + c);
-                    _mm512_storeu_ps(mine + c, _mm512_add_ps(acc, _mm512_mul_ps(load16(grad_row, dtype, c), normalized)));
+                    __m512 term = _mm512_mul_ps(load16(grad_row, dtype, c), normalized);
+                    _mm512_storeu_ps(mine + c, _mm512_add_ps(acc, term));
                 }
             }
             if (!grad_x) continue;
@@ -340,7 +342,8 @@ int jetmoe_combine(const void *y, const int64_t *rows, const void *gates, const 
             for (int64_t j = 0; j < k; j++) {
                 int64_t slot = n * k + j, row = rows ? rows[slot] : slot;
                 __m512 gate = _mm512_set1_ps(load1(gates, dtype, slot));
-                __m512 product = round_to(_mm512_mul_ps(load16((const char *)y + row * hidden * size, dtype, c), gate), dtype);
+                const char *y_row = (const char *)y + row * hidden * size;
+                __m512 product = round_to(_mm512_mul_ps(load16(y_row, dtype, c), gate), dtype);
                 total = j == 0 ? product : _mm512_add_ps(total, product);
             }
             store16(out_row, dtype, c, _mm512_add_ps(round_to(total, dtype), load16(bias, dtype, c)));

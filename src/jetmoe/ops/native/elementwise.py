@@ -142,7 +142,7 @@ def _combine_checked(name, y, rows, gates, bias_or_grad, grad_shape: bool):
     hidden = y.shape[1]
     other = (tokens, hidden) if grad_shape else (hidden,)
     if y.shape[0] != tokens * k or tuple(bias_or_grad.shape) != other or hidden % 16:
-        _reject(name, y, rows, gates, bias_or_grad, note="y [N*k, H], gates [N, k], bias [H] / grad [N, H], H % 16 == 0")
+        _reject(name, y, rows, gates, bias_or_grad, note="y [N*k, H], gates [N, k], bias [H] or grad [N, H], H % 16 = 0")
     if rows is not None:
         if rows.dtype != torch.int64 or rows.dim() != 1 or rows.shape[0] != tokens * k or not rows.is_cpu:
             _reject(name, y, rows, gates, bias_or_grad, note="rows: int64 [N*k] on the CPU")
@@ -194,11 +194,15 @@ def logsumexp_rows(x: torch.Tensor) -> torch.Tensor:
     """log(sum(exp(x[n]))) per row of logits [N, V], fp32 [N] (max-shifted, fp32 sums)."""
     code = _logit_rows("logsumexp_rows", x)
     lse = torch.empty(x.shape[0], dtype=torch.float32)
-    _kernels.load().jetmoe_logsumexp_rows(x.data_ptr(), x.stride(0), lse.data_ptr(), x.shape[0], x.shape[1], code, _threads())
+    _kernels.load().jetmoe_logsumexp_rows(
+        x.data_ptr(), x.stride(0), lse.data_ptr(), x.shape[0], x.shape[1], code, _threads()
+    )
     return lse
 
 
-def cross_entropy_backward(x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def cross_entropy_backward(
+    x: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """(softmax(x[n]) - one_hot(targets[n])) * scale[n] per row, in x's dtype, from the rows' log-sum-exp."""
     code = _logit_rows("cross_entropy_backward", x)
     rows, vocab = x.shape
