@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from oracle_pair import ATOL, GRAD_ATOL, TINY, assert_close, build_pair, random_ids
 
 from jetmoe.ops import fused, native
+from jetmoe.ops.cross_entropy import summed_cross_entropy, summed_cross_entropy_reference
 from jetmoe.ops.native import elementwise
 
 requires_native = pytest.mark.skipif(native.load() is None, reason="no C compiler or no AVX-512 VNNI/BF16 here")
@@ -220,3 +221,46 @@ def test_bf16_prompt_logits_agree_with_the_chains(chains_only):
     assert (kernels - chains).abs().max() <= 0.05 * chains.abs().max()
     assert (kernels.argmax(-1) == chains.argmax(-1)).float().mean() >= 0.9
     assert F.cosine_similarity(kernels.flatten(), chains.flatten(), dim=0) > 0.999
+
+
+def _second_order(fn, *inputs, grad):
+    """Gradient of |d fn . grad / d inputs|^2 (a gradient penalty): second derivatives through fn."""
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    floats = [t for t in leaves if t.requires_grad]
+    firsts = torch.autograd.grad(fn(*leaves), floats, grad, create_graph=True)
+    # (+ 0 * inputs: a linear map's gradient does not depend on its input, and backward needs a graph)
+    (sum(f.pow(2).sum() for f in firsts) + sum((0 * t).sum() for t in floats)).backward()
+    return [t.grad for t in floats]
+
+
+@requires_native
+@pytest.mark.parametrize(
+    "case", ["rms_norm", "silu_glu", "rotary", "combine", "cross_entropy"],
+)
+def test_second_derivatives_match_the_chains(case):
+    """Under create_graph the backwards compute the chains' gradients with operators: autograd can
+    differentiate them again, and the results are the chains' own."""
+    torch.manual_seed(0)
+    rows = torch.randperm(12)
+    cases = {
+        "rms_norm": (lambda x, w: fused.rms_norm(x, w, 1e-6), lambda x, w: fused.rms_norm_reference(x, w, 1e-6),
+                     (torch.randn(6, 32), 1 + 0.2 * torch.randn(32)), (6, 32)),
+        "silu_glu": (fused.silu_glu, fused.silu_glu_reference, (torch.randn(6, 128),), (6, 64)),
+        "rotary": (lambda x, c, s: fused.rotary(x, c, s), fused.rotary_reference,
+                   (torch.randn(2, 3, 4, 32), torch.randn(1, 3, 32), torch.randn(1, 3, 32)), (2, 3, 4, 32)),
+        "combine": (lambda y, g, b: fused.combine(y, rows, g, b),
+                    lambda y, g, b: fused.combine_reference(y[rows], g, b),
+                    (torch.randn(12, 32), torch.rand(6, 2), torch.randn(32)), (6, 32)),
+        "cross_entropy": (lambda z: summed_cross_entropy(z, torch.arange(6)),
+                          lambda z: summed_cross_entropy_reference(z, torch.arange(6)), (torch.randn(6, 32),), ()),
+    }
+    fn, reference, inputs, out_shape = cases[case]
+    if case == "rotary":  # the tables are constants (no gradient), as in the model
+        inputs = (inputs[0],)
+        cos, sin = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+        fn, reference = (lambda x: fused.rotary(x, cos, sin)), (lambda x: fused.rotary_reference(x, cos, sin))
+    grad = torch.randn(out_shape)
+    got = _second_order(fn, *inputs, grad=grad)
+    want = _second_order(reference, *inputs, grad=grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused import chain_gradients
 from .native import elementwise as native
 
 _CHUNK_ELEMENTS = 2**23  # fp32 elements per chunk (32 MiB)
@@ -44,11 +45,16 @@ class _SummedCrossEntropy(torch.autograd.Function):
                 log_norm[start:end] = torch.logsumexp(logits[start:end].float(), dim=-1)
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).float()
         ctx.save_for_backward(logits, safe_targets, valid, log_norm)
+        ctx.ignore_index = ignore_index
         return torch.where(valid, log_norm - target_logits, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         logits, safe_targets, valid, log_norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (second derivatives): see ops/fused.py
+            targets = torch.where(valid, safe_targets, ctx.ignore_index)
+            reference = lambda z: summed_cross_entropy_reference(z, targets, ctx.ignore_index)  # noqa: E731
+            return chain_gradients(reference, (logits,), (True,), grad_total)[0], None, None
         row_scale = valid.to(torch.float32) * grad_total
         if _native_ok(logits):
             return native.cross_entropy_backward(logits, log_norm, safe_targets, row_scale), None, None

@@ -34,6 +34,20 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# A backward runs with grad mode on only under create_graph=True (second derivatives, e.g. a gradient
+# penalty). The kernels' results have no autograd history, so there the backwards compute the chain's
+# gradients with PyTorch operators instead, which autograd can differentiate again.
+
+
+def chain_gradients(reference, inputs: tuple, needs: tuple, grad: torch.Tensor) -> tuple:
+    """d reference(*inputs) / d inputs[i] applied to grad, for the inputs with needs[i], as a graph (None
+    where not needed)."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        found = iter(torch.autograd.grad(reference(*inputs), wanted, grad, create_graph=True, allow_unused=True))
+    return tuple(next(found) if need else None for need in needs)
+
+
 # --- RMSNorm ----------------------------------------------------------------------------------------------
 
 
@@ -65,12 +79,19 @@ class _RMSNormFunction(torch.autograd.Function):
             normalized, inv_rms = _rms_normalize(x, eps)
             out = weight * normalized.to(x.dtype)
         ctx.save_for_backward(x, weight, inv_rms)
+        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, weight, inv_rms = ctx.saved_tensors
         need_x, need_weight = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # inv_rms has no history: differentiate the chain itself
+
+            def chain(a, w):
+                return rms_norm_reference(a, w, ctx.eps)
+
+            return *chain_gradients(chain, (x, weight), (need_x, need_weight), grad_out), None
         if _fused(x, weight, grad_out):
             grad_x, grad_weight = native.rms_norm_backward(x, weight, inv_rms, grad_out, need_x, need_weight)
             return grad_x, None if grad_weight is None else grad_weight.to(weight.dtype), None
@@ -113,6 +134,8 @@ class _SiluGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (h,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return chain_gradients(silu_glu_reference, (h,), (True,), grad)
         return native.silu_mul_backward(h, grad)
 
 
@@ -147,6 +170,9 @@ class _RotaryFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
+        if torch.is_grad_enabled():  # the map is linear in x: its gradient, written as operators on grad
+            first, second = (grad * sin[:, :, None]).chunk(2, dim=-1)
+            return grad * cos[:, :, None] + torch.cat((second, -first), dim=-1), None, None
         return native.rotary(grad, cos, sin, inverse=True), None, None
 
 
@@ -175,8 +201,15 @@ class _CombineFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         outputs, slot_rows, gates = ctx.saved_tensors
         need_outputs, _, need_gates, need_bias = ctx.needs_input_grad
-        grad_outputs, grad_gates = native.combine_backward(outputs, slot_rows, gates, grad, need_gates)
         grad_bias = grad.sum(0) if need_bias else None
+        if torch.is_grad_enabled():
+
+            def chain(y, g):
+                return combine_reference(y if slot_rows is None else y.index_select(0, slot_rows), g, 0.0)
+
+            grad_outputs, grad_gates = chain_gradients(chain, (outputs, gates), (need_outputs, need_gates), grad)
+            return grad_outputs, None, grad_gates, grad_bias
+        grad_outputs, grad_gates = native.combine_backward(outputs, slot_rows, gates, grad, need_gates)
         return grad_outputs if need_outputs else None, None, grad_gates, grad_bias
 
 
