@@ -148,6 +148,10 @@ def test_bad_inputs_raise_value_errors():
         elementwise.rms_norm(x, torch.randn(64).bfloat16(), 1e-6)
     with pytest.raises(ValueError, match="silu_mul"):
         elementwise.silu_mul(torch.randn(4, 48))
+    with pytest.raises(ValueError, match="silu_mul"):
+        elementwise.silu_mul(torch.randn(4, 0))
+    with pytest.raises(ValueError, match="rms_norm"):
+        elementwise.rms_norm(torch.randn(4, 0), torch.randn(0), 1e-6)
     with pytest.raises(ValueError, match="silu_mul_backward"):
         elementwise.silu_mul_backward(torch.randn(4, 64), torch.randn(4, 64))
     with pytest.raises(ValueError, match="rotary"):

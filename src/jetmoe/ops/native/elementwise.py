@@ -49,8 +49,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.T
     """(weight * round(x / rms(x)), 1 / rms(x) per row as fp32 [rows]) over the last dimension."""
     code = _code("rms_norm", x, weight)
     cols = x.shape[-1]
-    if weight.dim() != 1 or weight.shape[0] != cols or cols % 16:
-        _reject("rms_norm", x, weight, note="weight [features], features a multiple of 16")
+    if weight.dim() != 1 or weight.shape[0] != cols or cols % 16 or cols == 0:
+        _reject("rms_norm", x, weight, note="weight [features], features a positive multiple of 16")
     x, weight = x.contiguous(), weight.contiguous()
     rows = x.numel() // cols
     out, inv_rms = torch.empty_like(x), torch.empty(rows, dtype=torch.float32)
@@ -67,7 +67,7 @@ def rms_norm_backward(
     code = _code("rms_norm_backward", x, weight, grad)
     cols = x.shape[-1]
     if (
-        grad.shape != x.shape or weight.dim() != 1 or weight.shape[0] != cols or cols % 16
+        grad.shape != x.shape or weight.dim() != 1 or weight.shape[0] != cols or cols % 16 or cols == 0
         or inv_rms.numel() * cols != x.numel() or inv_rms.dtype != torch.float32 or not inv_rms.is_cpu
     ):  # fmt: skip
         _reject("rms_norm_backward", x, weight, inv_rms, grad)
@@ -87,8 +87,8 @@ def rms_norm_backward(
 def silu_mul(h: torch.Tensor) -> torch.Tensor:
     """h [..., 2I] = [gate | up] -> silu(gate) * up [..., I], the silu rounded to h's dtype first."""
     code = _code("silu_mul", h)
-    if h.dim() == 0 or h.shape[-1] % 32:
-        _reject("silu_mul", h, note="h ends in 2 * inner features, inner a multiple of 16")
+    if h.dim() == 0 or h.shape[-1] % 32 or h.shape[-1] == 0:
+        _reject("silu_mul", h, note="h ends in 2 * inner features, inner a positive multiple of 16")
     h = h.contiguous()
     inner = h.shape[-1] // 2
     out = h.new_empty(*h.shape[:-1], inner)
@@ -99,8 +99,8 @@ def silu_mul(h: torch.Tensor) -> torch.Tensor:
 def silu_mul_backward(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """The gradient of silu_mul's input h [..., 2I] from the gradient of its output [..., I]."""
     code = _code("silu_mul_backward", h, grad)
-    if h.dim() == 0 or h.shape[-1] % 32 or grad.shape != (*h.shape[:-1], h.shape[-1] // 2):
-        _reject("silu_mul_backward", h, grad, note="h [..., 2I] and grad [..., I], I a multiple of 16")
+    if h.dim() == 0 or h.shape[-1] % 32 or h.shape[-1] == 0 or grad.shape != (*h.shape[:-1], h.shape[-1] // 2):
+        _reject("silu_mul_backward", h, grad, note="h [..., 2I] and grad [..., I], I a positive multiple of 16")
     h, grad = h.contiguous(), grad.contiguous()
     inner = h.shape[-1] // 2
     grad_h = torch.empty_like(h)
@@ -118,7 +118,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
     if x.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
         _reject("rotary", x, cos, sin, note="x [B, T, H, D], cos and sin [B or 1, T, D]")
     batch, length, heads, dim = x.shape
-    if cos.shape[0] not in (1, batch) or cos.shape[1] != length or cos.shape[2] != dim or dim % 32:
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != length or cos.shape[2] != dim or dim % 32 or dim == 0:
         _reject("rotary", x, cos, sin, note="x [B, T, H, D], cos and sin [B or 1, T, D], D a multiple of 32")
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -142,7 +142,8 @@ def _combine_checked(name, y, rows, gates, bias_or_grad, grad_shape: bool):
     hidden = y.shape[1]
     other = (tokens, hidden) if grad_shape else (hidden,)
     if y.shape[0] != tokens * k or tuple(bias_or_grad.shape) != other or hidden % 16:
-        _reject(name, y, rows, gates, bias_or_grad, note="y [N*k, H], gates [N, k], bias [H] or grad [N, H], H % 16 = 0")
+        note = "y [N*k, H], gates [N, k], bias [H] or grad [N, H], H % 16 == 0"
+        _reject(name, y, rows, gates, bias_or_grad, note=note)
     if rows is not None:
         if rows.dtype != torch.int64 or rows.dim() != 1 or rows.shape[0] != tokens * k or not rows.is_cpu:
             _reject(name, y, rows, gates, bias_or_grad, note="rows: int64 [N*k] on the CPU")
