@@ -57,6 +57,23 @@ def test_transformers_checkpoint_loads_in_ours(tmp_path, tie):
     _same_state(mapped, ours)
 
 
+def test_large_weights_load_onto_huge_page_memory(tmp_path):
+    """from_pretrained gives tensors of 2 MiB or more private copies on huge-page memory (jetmoe.cpu_memory)."""
+    from jetmoe import cpu_memory
+
+    if not cpu_memory.huge_pages_supported():
+        pytest.skip("MADV_HUGEPAGE is Linux-only")
+    _, oracle = build_pair(vocab_size=8192)  # embedding 8192 x 64 fp32: 2 MiB
+    oracle.save_pretrained(tmp_path)
+    ours = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path)
+    large = [name for name, t in ours.named_parameters() if t.numel() * t.element_size() >= 2 << 20]
+    assert large == ["model.embed_tokens.weight"]
+    assert cpu_memory.on_huge_pages(ours.model.embed_tokens.weight)
+    assert ours.config.tie_word_embeddings and ours.lm_head.weight is ours.model.embed_tokens.weight
+    _same_state(ours, oracle)
+    _same_logits(ours, oracle, "ours on huge pages")
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_our_checkpoint_loads_in_transformers(tmp_path, tie):
     ours, _ = build_pair(tie_word_embeddings=tie)

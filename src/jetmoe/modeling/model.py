@@ -19,6 +19,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from ..configuration import JetMoeConfig
+from ..cpu_memory import place_on_huge_pages
 from ..ops.cross_entropy import summed_cross_entropy
 from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
@@ -138,10 +139,13 @@ class JetMoePreTrainedModel(PreTrainedModel):
         `ignore_mismatched_sizes=True` to get that behaviour for shape mismatches.
 
         `align_cpu_weights` (default True): CPU tensors read in their saved dtype are views of the memory-mapped
-        file, usually off cache-line alignment, which slows the matrix-vector products of decoding by ~13%;
-        they get aligned private copies. False keeps them mapped: instant loading and no memory of the
-        process's own for the weights (the page cache holds them), e.g. for a model larger than RAM or one
-        about to be quantised.
+        file, usually off cache-line alignment (48 bytes off for a typical transformers checkpoint), which
+        slows the matrix-vector products of decoding by ~13%, and tensors converted on load sit on whatever
+        heap pages were free. Every CPU tensor of 2 MiB or more gets a private copy on memory advised for
+        transparent huge pages, smaller misaligned ones a 64-byte aligned copy (jetmoe.cpu_memory: decoding
+        read scattered heap pages up to 20% slower). False keeps them as loaded: instant loading and no memory
+        of the process's own for mapped weights (the page cache holds them), e.g. for a model larger than RAM
+        or one about to be quantised.
         """
         align = kwargs.pop("align_cpu_weights", True)
         want_info = kwargs.pop("output_loading_info", False)
@@ -162,7 +166,7 @@ class JetMoePreTrainedModel(PreTrainedModel):
         if problems:
             raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
         if align:
-            _align_cpu_tensors(model)
+            place_on_huge_pages(model)
         return (model, info) if want_info else model
 
     def _init_weights(self, module):
@@ -172,23 +176,6 @@ class JetMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (JetMoeMoA, JetMoeMoE)):
             init.zeros_(module.bias)
-
-
-# Tensors loaded from safetensors in their saved dtype are views of the memory-mapped file at the file's own
-# offsets: 48 bytes off a cache line for a typical transformers checkpoint. Every vector load of such a weight
-# then straddles two cache lines; on the 2-core Sapphire Rapids CPU, the matrix-vector products of one decoded
-# token of the "small" config took 15.4 ms on them against 13.6 ms on aligned copies.
-_CPU_ALIGNMENT = 64
-
-
-@torch.no_grad()
-def _align_cpu_tensors(model: nn.Module) -> None:
-    """Give each misaligned CPU parameter and buffer an aligned private copy, one tensor at a time (the peak is
-    the model plus one tensor; the mapped file's pages are page cache the kernel can drop). Tied parameters
-    stay tied: the Parameter objects are kept and only their data is replaced."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % _CPU_ALIGNMENT:
-            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
 
 def _pop_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:

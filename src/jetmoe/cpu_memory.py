@@ -1,0 +1,81 @@
+"""Where a model's large CPU tensors live: private memory advised for transparent huge pages.
+
+Decoding streams every weight a token uses from memory, so how fast a weight can be read decides the speed,
+and that depends on where its pages landed in physical memory. A tensor allocated on the heap gets whatever
+4 KiB pages the kernel has free: on a machine that has run for a while, scattered ones. On the 2-core
+Sapphire Rapids machine the first model a process loaded got its pages in physically contiguous runs of 2.7
+pages on average (read from /proc/self/pagemap), the second and third in runs of 22 and 47; the first then
+decoded a token of the "small" config in 36-45 ms, the others in 32-36 ms (two copies of the same model,
+alternating in one process). Memory advised with MADV_HUGEPAGE is backed by 2 MiB pages wherever the kernel
+allows it (`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise` or `always`): contiguous in blocks
+of 2 MiB whatever the state of the machine, and 512 times fewer TLB entries.
+
+`huge_page_empty` allocates such a tensor (an anonymous private mapping, started on a 2 MiB boundary and freed
+when its last view goes); `place_on_huge_pages` moves a module's large CPU parameters and buffers there one at
+a time (the peak is the module plus one tensor). Elsewhere than Linux, or for small tensors, it leaves them be.
+"""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import torch
+from torch import nn
+
+HUGE_PAGE_BYTES = 2 << 20
+# Below one huge page there is nothing to gain; such tensors only get a 64-byte aligned copy if they need one.
+MIN_TENSOR_BYTES = HUGE_PAGE_BYTES
+_CACHE_LINE = 64
+
+
+def huge_pages_supported() -> bool:
+    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE")
+
+
+def huge_page_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised CPU tensor in a private anonymous mapping advised for huge pages, starting on a 2 MiB
+    boundary. Its last 2 MiB block stays on ordinary pages unless the tensor fills it (nothing is wasted)."""
+    if not huge_pages_supported():
+        raise OSError("transparent huge pages are a Linux feature (madvise MADV_HUGEPAGE)")
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)  # the tensor's storage keeps the mapping alive
+    start = -whole.data_ptr() % HUGE_PAGE_BYTES
+    advised = nbytes // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if advised:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, advised)
+    return whole[start : start + nbytes].view(dtype).view(shape)
+
+
+def on_huge_pages(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` looks like one from `huge_page_empty`: a CPU tensor starting on a 2 MiB boundary in a
+    fixed-size (mapped) storage."""
+    return (
+        tensor.device.type == "cpu"
+        and tensor.data_ptr() % HUGE_PAGE_BYTES == 0
+        and not tensor.untyped_storage().resizable()
+    )
+
+
+@torch.no_grad()
+def place_on_huge_pages(module: nn.Module) -> int:
+    """Give every CPU parameter and buffer of at least MIN_TENSOR_BYTES a copy on huge-page memory, and every
+    smaller one that is off a 64-byte boundary an aligned copy (vector loads straddling cache lines slowed
+    decoding by ~13%). Tied parameters stay tied: the Parameter objects are kept, only their data is replaced.
+    Returns the number of bytes moved to huge pages (0 where they are not supported)."""
+    moved, seen = 0, set()
+    big_ok = huge_pages_supported()
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "cpu" or not tensor.numel() or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        nbytes = tensor.numel() * tensor.element_size()
+        if big_ok and nbytes >= MIN_TENSOR_BYTES and not on_huge_pages(tensor):
+            copy = huge_page_empty(tensor.shape, tensor.dtype)
+            copy.copy_(tensor.data)
+            tensor.data = copy
+            moved += nbytes
+        elif tensor.data_ptr() % _CACHE_LINE:
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return moved
