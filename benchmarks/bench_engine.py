@@ -5,7 +5,8 @@
     python benchmarks/bench_engine.py --quick         # tiny config, few tokens: checks the script in seconds
 
 Method: one random-init checkpoint of the reference (transformers.JetMoeForCausalLM) is saved in bf16; the
-reference and ours both load it with from_pretrained(dtype=bf16). For each batch size, B random prompts of
+reference and ours both load it with from_pretrained(dtype=bf16), and both models' large weights sit on huge-page
+memory (ours places them at load; the reference's are moved there: jetmoe/cpu_memory.py). For each batch size, B random prompts of
 --prompt-len tokens generate exactly --new-tokens greedy tokens each (the reference with min_new_tokens, the
 engine with ignore_eos). Each measurement is warmed up once, then the median of --repeats runs is taken,
 alternating reference and engine.
@@ -80,6 +81,7 @@ def main() -> None:
     from jetmoe.generation import Engine, quantize_model
     from jetmoe.generation.loading import load_tokenizer
 
+    from jetmoe.cpu_memory import place_on_huge_pages
     from jetmoe.cpu_runtime import apply_cpu_defaults
 
     apply_cpu_defaults()  # as the jetmoe CLI does; process-wide, so the reference gets them too
@@ -89,6 +91,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = random_checkpoint(args.config, Path(tmp) / args.config)
         reference = transformers.JetMoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+        # The reference's weights get the huge-page placement ours gets at load (jetmoe/cpu_memory.py), so
+        # that the order of loading (the first model got scattered pages) is not part of the comparison.
+        place_on_huge_pages(reference)
         ours = JetMoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
         tokenizer = load_tokenizer(path)
     config = ours.config
@@ -97,6 +102,7 @@ def main() -> None:
     if not args.no_int8:
         int8 = copy.deepcopy(ours)
         quantize_model(int8)
+        place_on_huge_pages(int8)  # as jetmoe.generation.loading does after quantising
         variants["engine int8"] = int8
     engines = {
         name: Engine(model, tokenizer, max_batch=max(batches), max_len=max_len) for name, model in variants.items()

@@ -27,6 +27,10 @@ Method (one process for all timings):
   during the steps minus the resident set size before them (Linux VmHWM, reset through /proc/self/clear_refs
   right before the steps). It is the memory training adds on top of the weights: gradients, AdamW moments,
   activations and workspace. On CUDA: torch.cuda.max_memory_allocated minus memory_allocated before the steps.
+- Weights: both models' large CPU weights sit on memory advised for transparent huge pages (ours does this at
+  load, the reference's are moved there after loading). On heap pages, the model a process loaded first got
+  physically scattered pages and decoded up to 20-65% slower than a later copy of the same weights: without
+  this the order of loading would decide part of the ratio.
 - CPU settings: by default the process applies jetmoe.cpu_runtime.apply_cpu_defaults(), as the jetmoe command
   line does: freed memory is kept for reuse (glibc's default returns every block over 32 MiB to the kernel,
   which faults and zeroes it again on the next step) and oneDNN keeps 8192 compiled matmul kernels instead of
@@ -66,6 +70,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import jetmoe  # noqa: E402
+import jetmoe.cpu_memory  # noqa: E402
 import jetmoe.cpu_runtime  # noqa: E402
 import machine  # noqa: E402
 import workloads  # noqa: E402
@@ -113,8 +118,11 @@ def save_checkpoint(fields: dict, directory: str) -> None:
 
 def load(impl: str, directory: str, dtype: torch.dtype, device: torch.device):
     cls = transformers.JetMoeForCausalLM if impl == "reference" else jetmoe.JetMoeForCausalLM
-    model = cls.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    model = cls.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    # Ours loads its large weights onto huge-page memory; the reference's get the same placement here, so
+    # that where the pages landed is not part of the comparison (see jetmoe/cpu_memory.py).
+    jetmoe.cpu_memory.place_on_huge_pages(model)
+    return model
 
 
 def free(device: torch.device) -> None:

@@ -99,3 +99,13 @@ def test_without_huge_pages_only_alignment_is_fixed(monkeypatch):
     assert not cpu_memory.on_huge_pages(module.embed.weight)
     with pytest.raises(OSError, match="Linux"):
         cpu_memory.huge_page_empty((4,), torch.float32)
+
+
+def test_private_copy_converts_and_owns_its_memory():
+    source = torch.randn(2048, 600)  # 2.3 MiB in bf16
+    copy = cpu_memory.private_copy(source, torch.bfloat16)
+    assert copy.dtype == torch.bfloat16 and torch.equal(copy, source.to(torch.bfloat16))
+    assert copy.data_ptr() != source.data_ptr() and copy.data_ptr() % 64 == 0
+    assert cpu_memory.on_huge_pages(copy) == cpu_memory.huge_pages_supported()
+    small = cpu_memory.private_copy(source[:3, 1:])  # a strided view: a contiguous copy
+    assert small.is_contiguous() and torch.equal(small, source[:3, 1:]) and not cpu_memory.on_huge_pages(small)

@@ -48,6 +48,16 @@ def huge_page_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> 
     return whole[start : start + nbytes].view(dtype).view(shape)
 
 
+def private_copy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous private copy of `tensor` (converted to `dtype`): on huge-page memory for a CPU tensor of
+    at least MIN_TENSOR_BYTES where that is supported, else an ordinary (64-byte aligned) tensor."""
+    dtype = dtype or tensor.dtype
+    nbytes = tensor.numel() * torch.empty((), dtype=dtype).element_size()
+    if tensor.device.type == "cpu" and nbytes >= MIN_TENSOR_BYTES and huge_pages_supported():
+        return huge_page_empty(tensor.shape, dtype).copy_(tensor)
+    return tensor.to(dtype, copy=True, memory_format=torch.contiguous_format)
+
+
 def on_huge_pages(tensor: torch.Tensor) -> bool:
     """Whether `tensor` looks like one from `huge_page_empty`: a CPU tensor starting on a 2 MiB boundary in a
     fixed-size (mapped) storage."""
@@ -72,9 +82,7 @@ def place_on_huge_pages(module: nn.Module) -> int:
         seen.add(id(tensor))
         nbytes = tensor.numel() * tensor.element_size()
         if big_ok and nbytes >= MIN_TENSOR_BYTES and not on_huge_pages(tensor):
-            copy = huge_page_empty(tensor.shape, tensor.dtype)
-            copy.copy_(tensor.data)
-            tensor.data = copy
+            tensor.data = private_copy(tensor.data)
             moved += nbytes
         elif tensor.data_ptr() % _CACHE_LINE:
             tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)

@@ -43,17 +43,20 @@ def load_tokenizer(path: Path):
 def load_model(path: Path, dtype: str | torch.dtype = "bfloat16", int8: bool = False, device: str = "cpu"):
     """A JetMoeForCausalLM in eval mode. Saved int8 checkpoints load as int8 whatever `int8` says."""
     from jetmoe import JetMoeForCausalLM
+    from jetmoe.cpu_memory import place_on_huge_pages
 
     from .quantize import is_quantized_checkpoint, load_quantized, quantize_model
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if is_quantized_checkpoint(path):
         return load_quantized(path, dtype=torch_dtype, device=device).eval()
-    # from_pretrained maps the safetensors files and gives the weights aligned private copies one tensor at a
-    # time: one copy in RAM. Weights about to be quantised stay mapped (their copies would be thrown away).
+    # from_pretrained maps the safetensors files and gives the weights private copies on huge-page memory one
+    # tensor at a time: one copy in RAM. Weights about to be quantised stay mapped (their copies would be
+    # thrown away); the quantised model then gets the same placement.
     model = JetMoeForCausalLM.from_pretrained(path, dtype=torch_dtype, align_cpu_weights=not int8).to(device).eval()
     if int8:
         quantize_model(model)
+        place_on_huge_pages(model)
     return model
 
 
