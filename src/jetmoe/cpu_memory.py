@@ -11,8 +11,8 @@ allows it (`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise` or `al
 of 2 MiB whatever the state of the machine, and 512 times fewer TLB entries.
 
 `huge_page_empty` allocates such a tensor (an anonymous private mapping, started on a 2 MiB boundary and freed
-when its last view goes); `place_on_huge_pages` moves a module's large CPU parameters and buffers there one at
-a time (the peak is the module plus one tensor). Elsewhere than Linux, or for small tensors, it leaves them be.
+when its last view goes); `place_on_huge_pages` gives a module's CPU parameters and buffers private copies one
+at a time, the large ones there (elsewhere than Linux, ordinary memory).
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 HUGE_PAGE_BYTES = 2 << 20
-# Below one huge page there is nothing to gain; such tensors only get a 64-byte aligned copy if they need one.
+# Below one huge page there is nothing to gain: such tensors get ordinary (64-byte aligned) private copies.
 MIN_TENSOR_BYTES = HUGE_PAGE_BYTES
-_CACHE_LINE = 64
 
 
 def huge_pages_supported() -> bool:
@@ -70,20 +69,19 @@ def on_huge_pages(tensor: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def place_on_huge_pages(module: nn.Module) -> int:
-    """Give every CPU parameter and buffer of at least MIN_TENSOR_BYTES a copy on huge-page memory, and every
-    smaller one that is off a 64-byte boundary an aligned copy (vector loads straddling cache lines slowed
-    decoding by ~13%). Tied parameters stay tied: the Parameter objects are kept, only their data is replaced.
-    Returns the number of bytes moved to huge pages (0 where they are not supported)."""
+    """Give every CPU parameter and buffer a private copy: on huge-page memory for those of at least
+    MIN_TENSOR_BYTES (where supported), ordinary 64-byte aligned memory for the others. Tensors already on
+    huge pages stay. Copying the small ones too lets go of a checkpoint's file mappings: a single small view
+    would otherwise keep a whole mapped shard counted in the process's resident memory. Tied parameters stay
+    tied: the Parameter objects are kept, only their data is replaced. The peak is the module plus one
+    tensor. Returns the number of bytes moved to huge pages (0 where they are not supported)."""
     moved, seen = 0, set()
     big_ok = huge_pages_supported()
     for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.device.type != "cpu" or not tensor.numel() or id(tensor) in seen:
+        if tensor.device.type != "cpu" or not tensor.numel() or id(tensor) in seen or on_huge_pages(tensor):
             continue
         seen.add(id(tensor))
-        nbytes = tensor.numel() * tensor.element_size()
-        if big_ok and nbytes >= MIN_TENSOR_BYTES and not on_huge_pages(tensor):
-            tensor.data = private_copy(tensor.data)
-            moved += nbytes
-        elif tensor.data_ptr() % _CACHE_LINE:
-            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+        tensor.data = private_copy(tensor.data)
+        if big_ok and tensor.numel() * tensor.element_size() >= MIN_TENSOR_BYTES:
+            moved += tensor.numel() * tensor.element_size()
     return moved

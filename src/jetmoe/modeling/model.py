@@ -139,13 +139,13 @@ class JetMoePreTrainedModel(PreTrainedModel):
         `ignore_mismatched_sizes=True` to get that behaviour for shape mismatches.
 
         `align_cpu_weights` (default True): CPU tensors read in their saved dtype are views of the memory-mapped
-        file, usually off cache-line alignment (48 bytes off for a typical transformers checkpoint), which
-        slows the matrix-vector products of decoding by ~13%, and tensors converted on load sit on whatever
-        heap pages were free. Every CPU tensor of 2 MiB or more gets a private copy on memory advised for
-        transparent huge pages, smaller misaligned ones a 64-byte aligned copy (jetmoe.cpu_memory: decoding
-        read scattered heap pages up to 20% slower). False keeps them as loaded: instant loading and no memory
-        of the process's own for mapped weights (the page cache holds them), e.g. for a model larger than RAM
-        or one about to be quantised.
+        files, usually off cache-line alignment (48 bytes off for a typical transformers checkpoint), which
+        slowed the matrix-vector products of decoding by ~13%, and tensors converted on load sit on whatever
+        heap pages were free (scattered pages decoded up to 20% slower). Every CPU tensor gets a private copy,
+        one at a time: those of 2 MiB or more on memory advised for transparent huge pages
+        (jetmoe.cpu_memory), the others on the heap; no file mapping stays referenced. False keeps them as
+        loaded: instant loading and no memory of the process's own for mapped weights (the page cache holds
+        them), e.g. for a model larger than RAM or one about to be quantised.
         """
         align = kwargs.pop("align_cpu_weights", True)
         want_info = kwargs.pop("output_loading_info", False)
