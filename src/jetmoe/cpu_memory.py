@@ -17,6 +17,7 @@ at a time, the large ones there (elsewhere than Linux, ordinary memory).
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import sys
 
@@ -65,6 +66,44 @@ def on_huge_pages(tensor: torch.Tensor) -> bool:
         and tensor.data_ptr() % HUGE_PAGE_BYTES == 0
         and not tensor.untyped_storage().resizable()
     )
+
+
+def available_memory_bytes() -> int | None:
+    """The kernel's estimate of memory available without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def file_backed_bytes(module: nn.Module) -> int | None:
+    """Bytes of the module's CPU tensors that are views of mapped files (a checkpoint read with mmap): what
+    private copies of them would add to the process's memory. None where /proc/self/maps is unreadable."""
+    try:
+        with open("/proc/self/maps") as maps:
+            ranges = []
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and fields[4] != "0" and fields[5].startswith("/"):  # inode, path
+                    low, high = (int(x, 16) for x in fields[0].split("-"))
+                    ranges.append((low, high))
+    except OSError:
+        return None
+    ranges.sort()
+    starts = [low for low, _ in ranges]
+    total, seen = 0, set()
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.device.type != "cpu" or not tensor.numel() or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        i = bisect.bisect_right(starts, tensor.data_ptr()) - 1
+        if i >= 0 and tensor.data_ptr() < ranges[i][1]:
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 @torch.no_grad()

@@ -74,6 +74,29 @@ def test_large_weights_load_onto_huge_page_memory(tmp_path):
     _same_logits(ours, oracle, "ours on huge pages")
 
 
+def test_weights_stay_mapped_when_their_copies_would_not_fit(tmp_path, monkeypatch):
+    from jetmoe import cpu_memory
+    from jetmoe.modeling import model as model_module
+
+    _, oracle = build_pair()
+    oracle.save_pretrained(tmp_path)
+    mapped = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path, align_cpu_weights=False)
+    size = sum(t.numel() * t.element_size() for t in mapped.state_dict().values())
+    if cpu_memory.file_backed_bytes(mapped) is None:
+        pytest.skip("/proc/self/maps is unreadable here")
+    assert 0 < cpu_memory.file_backed_bytes(mapped) <= size  # views of the mapped file
+    copied = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path)
+    assert cpu_memory.file_backed_bytes(copied) == 0  # every tensor a private copy: no mapping referenced
+
+    warnings = []
+    monkeypatch.setattr(model_module.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    monkeypatch.setattr(cpu_memory, "available_memory_bytes", lambda: 512 << 20)  # less than the headroom
+    kept = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path)
+    assert cpu_memory.file_backed_bytes(kept) > 0
+    assert len(warnings) == 1 and "keeping the weights mapped" in warnings[0] and "GiB" in warnings[0]
+    _same_state(kept, oracle)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_our_checkpoint_loads_in_transformers(tmp_path, tie):
     ours, _ = build_pair(tie_word_embeddings=tie)

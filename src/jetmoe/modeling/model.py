@@ -19,7 +19,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from ..configuration import JetMoeConfig
-from ..cpu_memory import place_on_huge_pages
+from .. import cpu_memory
 from ..ops.cross_entropy import summed_cross_entropy
 from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
@@ -166,7 +166,7 @@ class JetMoePreTrainedModel(PreTrainedModel):
         if problems:
             raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
         if align:
-            place_on_huge_pages(model)
+            _copy_weights_if_they_fit(model)
         return (model, info) if want_info else model
 
     def _init_weights(self, module):
@@ -176,6 +176,24 @@ class JetMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (JetMoeMoA, JetMoeMoE)):
             init.zeros_(module.bias)
+
+
+# Left free when deciding whether private copies of mapped weights fit in memory.
+_COPY_HEADROOM_BYTES = 1 << 30
+
+
+def _copy_weights_if_they_fit(model: nn.Module) -> None:
+    """place_on_huge_pages, unless the copies of the mapped weights would not fit in available memory: then
+    the weights stay mapped (as with align_cpu_weights=False) and a warning says so."""
+    needed, available = cpu_memory.file_backed_bytes(model), cpu_memory.available_memory_bytes()
+    if needed and available is not None and needed > available - _COPY_HEADROOM_BYTES:
+        logger.warning(
+            f"keeping the weights mapped from the checkpoint files: private copies need {needed / 2**30:.1f} GiB "
+            f"and {available / 2**30:.1f} GiB of memory are available (decoding is slower on mapped weights; "
+            "from_pretrained(..., align_cpu_weights=False) keeps them mapped without this check)"
+        )
+        return
+    cpu_memory.place_on_huge_pages(model)
 
 
 def _pop_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
