@@ -109,3 +109,14 @@ def test_private_copy_converts_and_owns_its_memory():
     assert cpu_memory.on_huge_pages(copy) == cpu_memory.huge_pages_supported()
     small = cpu_memory.private_copy(source[:3, 1:])  # a strided view: a contiguous copy
     assert small.is_contiguous() and torch.equal(small, source[:3, 1:]) and not cpu_memory.on_huge_pages(small)
+
+
+def test_zeros_reads_as_zeros_on_huge_pages_when_large():
+    large = cpu_memory.zeros((4, 1 << 18), torch.bfloat16)  # 2 MiB
+    assert large.shape == (4, 1 << 18) and large.dtype == torch.bfloat16
+    assert not large.any()
+    assert cpu_memory.on_huge_pages(large) == cpu_memory.huge_pages_supported()
+    large[1, 5] = 3.0
+    assert large.sum().item() == 3.0
+    small = cpu_memory.zeros((3, 5), torch.float32)
+    assert torch.equal(small, torch.zeros(3, 5)) and not cpu_memory.on_huge_pages(small)

@@ -48,6 +48,15 @@ def huge_page_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> 
     return whole[start : start + nbytes].view(dtype).view(shape)
 
 
+def zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """torch.zeros, on huge-page memory for a CPU tensor of at least MIN_TENSOR_BYTES where supported. A fresh
+    anonymous mapping reads as zeros, so nothing is written: pages are only allocated when first touched."""
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if torch.device(device).type == "cpu" and nbytes >= MIN_TENSOR_BYTES and huge_pages_supported():
+        return huge_page_empty(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 def private_copy(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A contiguous private copy of `tensor` (converted to `dtype`): on huge-page memory for a CPU tensor of
     at least MIN_TENSOR_BYTES where that is supported, else an ordinary (64-byte aligned) tensor."""

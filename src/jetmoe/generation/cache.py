@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from .. import cpu_memory
+
 
 class SlotKVCache(Cache):
     def __init__(self, config, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -23,9 +25,10 @@ class SlotKVCache(Cache):
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
         shape = (num_slots, config.num_key_value_heads, max_len, config.kv_channels)
-        # Zeros, not empty: masked positions still enter the attention matmul, and must never hold NaN.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # Zeros, not empty: masked positions still enter the attention matmul, and must never hold NaN. On CPU
+        # on huge pages (decoding streams the rows it attends over), only touched as rows fill.
+        self.keys = [cpu_memory.zeros(shape, dtype, device) for _ in range(config.num_hidden_layers)]
+        self.values = [cpu_memory.zeros(shape, dtype, device) for _ in range(config.num_hidden_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
         self._mode = None
