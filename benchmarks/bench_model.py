@@ -271,10 +271,13 @@ def report(args, info: dict, limits: dict, rows: list[dict], shapes: Shapes, nom
     for dtype, peak in limits["matmul"].items():
         lines.append(f"| {dtype} matmul peak (n={peak['n']}) | {peak['flops_per_s'] / 1e12:.3f} TFLOP/s |")
     bandwidth = limits["bandwidth"]
-    lines += [
-        f"| memory bandwidth, copy (read+write) | {bandwidth['copy_bytes_per_s'] / 1e9:.1f} GB/s |",
-        f"| memory bandwidth, sum (read) | {bandwidth['read_bytes_per_s'] / 1e9:.1f} GB/s |",
-    ]
+    for placement in ("heap", "huge pages"):
+        if placement in bandwidth:
+            figures = bandwidth[placement]
+            lines += [
+                f"| memory bandwidth, copy (read+write), {placement} | {figures['copy_bytes_per_s'] / 1e9:.1f} GB/s |",
+                f"| memory bandwidth, sum (read), {placement} | {figures['read_bytes_per_s'] / 1e9:.1f} GB/s |",
+            ]
     if nominal_peak:
         lines.append(f"| nominal bf16 dense peak | {nominal_peak / 1e12:.0f} TFLOP/s |")
     nominal_column = any("nominal" in row for row in rows)
