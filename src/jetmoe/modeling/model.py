@@ -18,8 +18,8 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import logging
 
-from ..configuration import JetMoeConfig
 from .. import cpu_memory
+from ..configuration import JetMoeConfig
 from ..ops.cross_entropy import summed_cross_entropy
 from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
