@@ -171,6 +171,33 @@ def test_compiled_engine_decodes_the_same_tokens(toy_model, toy_tokenizer):
         assert engine.compiled, "the compiled decode step fell back to eager"
 
 
+def test_compiled_engine_follows_batch_size_changes_and_weight_updates(toy_dir, toy_tokenizer):
+    """The compiled step keeps only the guards on its inputs and the cache (not on the model's modules): a
+    batch that grows and shrinks (few-token plans at one or two rows, sorted ones at three) still decodes
+    eager's tokens, and an in-place change of a weight is seen by the next compiled call."""
+    if not (shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("inductor needs a C++ compiler")
+    model = load_toy(toy_dir, dtype=torch.bfloat16)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (9, 3, 6)]
+    eager = [c.token_ids for c in Engine(model, toy_tokenizer, max_batch=3).generate(PROMPTS[:3], params)]
+    engine = Engine(model, toy_tokenizer, max_batch=3, compile=True)
+    assert [c.token_ids for c in engine.generate(PROMPTS[:3], params)] == eager
+    assert [c.token_ids for c in engine.generate(PROMPTS[:1], params[:1])] == eager[:1]
+    assert engine.compiled
+
+    head = model.lm_head.weight
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.zero_()  # every logit 0: greedy picks token 0
+        forced = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        assert eager[0][:4] != [0, 0, 0, 0]
+        assert engine.generate([PROMPTS[0]], forced)[0].token_ids == [0, 0, 0, 0]
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+
+
 def test_compiled_decode_backend_keeps_aten_matrix_vector_products():
     """The engine's compile backend leaves `mv` to aten (inductor's own reduction read weights slower): the
     compiled product is bit for bit the eager one."""

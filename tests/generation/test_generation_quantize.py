@@ -132,6 +132,22 @@ def test_compiled_int8_engine_decodes_the_same_tokens(toy_dir, toy_tokenizer):
         assert engine.compiled, "the compiled decode step fell back to eager"
 
 
+def test_compiled_engines_of_two_models_in_one_process_keep_their_own_graphs(toy_dir, toy_tokenizer):
+    """The compiled step drops the guards on the model's modules, so each engine must keep its own compiled
+    entries: a bf16 engine compiled first, then an int8 engine of the same geometry (other modules, same input
+    shapes), each decodes its own model's eager tokens and neither falls back to eager."""
+    if not (shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("inductor needs a C++ compiler")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    models = [load_toy(toy_dir, dtype=torch.bfloat16), load_toy(toy_dir, dtype=torch.bfloat16)]
+    quantize_model(models[1])
+    engines = [Engine(model, toy_tokenizer, max_batch=1, compile=True) for model in models]
+    for model, engine in zip(models, engines):
+        eager = Engine(model, toy_tokenizer, max_batch=1).generate([PROMPTS[0]], params)[0].token_ids
+        assert engine.generate([PROMPTS[0]], params)[0].token_ids == eager
+        assert engine.compiled, "the compiled decode step fell back to eager"
+
+
 def test_compiled_int8_engine_batch_equals_eager(toy_dir, toy_tokenizer):
     """A batch of three (six slots: the sorted plan, int8 experts through their custom op): eager's tokens."""
     model = load_toy(toy_dir, dtype=torch.bfloat16)
