@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jetmoe.ops.attention import shared_kv_attention, shared_kv_attention_reference
+from jetmoe.ops.attention import additive_inference_mask, shared_kv_attention, shared_kv_attention_reference
 
 
 def _inputs(dtype, q_len=3, key_len=5, requires_grad=False):
@@ -38,3 +38,30 @@ def test_gradients_stay_finite_with_a_fully_masked_row():
     (query, key, value), mask = _inputs(torch.float32, requires_grad=True)
     shared_kv_attention(query, key, value, mask, scale=0.35).square().sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (query, key, value))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_additive_inference_mask_gives_the_boolean_masks_output_bit_for_bit(dtype):
+    """The mask the model converts once per forward (CPU inference): SDPA's output is the boolean mask's."""
+    (query, key, value), mask = _inputs(dtype, q_len=4, key_len=9)
+    mask = torch.rand(2, 1, 4, 9, generator=torch.Generator().manual_seed(1)) < 0.6
+    mask[..., 3] = True  # every query sees some key
+    with torch.no_grad():
+        additive = additive_inference_mask(mask, dtype)
+        assert additive.dtype == dtype and additive.shape == mask.shape
+        assert torch.equal(additive == 0, mask) and torch.isneginf(additive[~mask]).all()
+        expected = shared_kv_attention(query, key, value, mask, scale=0.35)
+        assert torch.equal(shared_kv_attention(query, key, value, additive, scale=0.35), expected)
+
+
+def test_additive_inference_mask_keeps_the_boolean_mask_where_it_must():
+    """Kept boolean: a query that sees no key (SDPA gives it 0 from a boolean mask, NaN from an additive
+    one), under autograd (the guarded path needs the boolean form), and for masks that are not boolean."""
+    _, mask = _inputs(torch.float32)
+    with torch.no_grad():
+        assert additive_inference_mask(mask, torch.float32) is mask
+        assert additive_inference_mask(None, torch.float32) is None
+        additive = torch.zeros(2, 1, 3, 5)
+        assert additive_inference_mask(additive, torch.float32) is additive
+    full = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    assert additive_inference_mask(full, torch.float32) is full  # grad mode is on here

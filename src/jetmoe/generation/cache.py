@@ -52,6 +52,11 @@ class SlotKVCache(Cache):
         Sizes come from these tensors rather than Python ints, so a compiled decode step sees them as
         dynamic shapes instead of recompiling for every batch size and length."""
         self._mode, self._positions, self._mask = "decode", positions, mask
+        # Where row r's new K/V go in each layer's buffer seen as [slots * heads * max_len, D]: one
+        # `index_copy_` per buffer and layer (an indexed assignment with two index tensors cost 3x as much).
+        rows, heads = positions.shape[0], self.keys[0].shape[1]
+        head_starts = torch.arange(rows * heads, device=positions.device) * self.max_len
+        self._decode_rows = head_starts + positions.repeat_interleave(heads)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -61,10 +66,9 @@ class SlotKVCache(Cache):
             values[slot, :, :length] = value_states[0]
             return keys[slot : slot + 1, :, :length], values[slot : slot + 1, :, :length]
         if self._mode == "decode":
-            rows, view_len = self._positions.shape[0], self._mask.shape[-1]
-            index = torch.arange(rows, device=keys.device)
-            keys[index, :, self._positions] = key_states[:, :, 0]
-            values[index, :, self._positions] = value_states[:, :, 0]
+            rows, view_len, width = self._positions.shape[0], self._mask.shape[-1], keys.shape[-1]
+            keys.view(-1, width).index_copy_(0, self._decode_rows, key_states[:, :, 0].reshape(-1, width))
+            values.view(-1, width).index_copy_(0, self._decode_rows, value_states[:, :, 0].reshape(-1, width))
             return keys[:rows, :, :view_len], values[:rows, :, :view_len]
         raise RuntimeError("SlotKVCache.update called before begin_prefill/begin_decode")
 

@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from .. import cpu_memory
 from ..configuration import JetMoeConfig
+from ..ops.attention import additive_inference_mask
 from ..ops.cross_entropy import summed_cross_entropy
 from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
@@ -310,6 +311,8 @@ class JetMoeModel(JetMoePreTrainedModel):
             position_ids = cache_position.unsqueeze(0)
 
         mask = causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position)
+        if (config._attn_implementation or "sdpa") == "sdpa" and not output_attentions:
+            mask = additive_inference_mask(mask, inputs_embeds.dtype)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
