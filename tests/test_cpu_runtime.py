@@ -23,7 +23,10 @@ before = rss_mib()
 block = torch.ones(256 * 2**20 // 4)  # 256 MiB, far above glibc's largest mmap threshold
 del block
 after_free = rss_mib()
-print(json.dumps({"applied": applied, "kept_mib": after_free - before,
+released = cpu_runtime.release_free_memory()
+after_release = rss_mib()
+print(json.dumps({"applied": applied, "kept_mib": after_free - before, "released": released,
+                  "left_after_release_mib": after_release - before,
                   "capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY")}))
 """
 
@@ -42,6 +45,8 @@ def test_defaults_keep_freed_memory_and_enlarge_the_kernel_cache():
     assert on["applied"] is True
     assert on["capacity"] == "8192"
     assert on["kept_mib"] > 200  # the freed 256 MiB stay in the process for the next tensor
+    assert on["released"] is True
+    assert on["left_after_release_mib"] < 50  # release_free_memory() handed them back
 
     off = _probe(JETMOE_CPU_DEFAULTS="0")
     assert off["applied"] is False

@@ -61,6 +61,19 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
+def release_free_memory() -> bool:
+    """Hand the heap's free memory back to the kernel now (glibc's `malloc_trim`), once, after a phase that freed
+    a lot that the process will not need again, such as loading a model: with `retain_freed_memory` in effect
+    nothing is returned otherwise. Quantising jetmoe-8b on load left 2.9 GB of freed temporaries on the heap.
+    Returns whether it ran (glibc only)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes = (ctypes.c_size_t,)
+    libc.malloc_trim(0)
+    return True
+
+
 def enlarge_kernel_cache(capacity: int = KERNEL_CACHE_CAPACITY) -> int:
     """Ask oneDNN to keep `capacity` compiled kernels (unless the environment sets it); returns the setting."""
     return int(os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity)))

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from toy_checkpoint import PROMPTS, load_toy
 
 import jetmoe
+from jetmoe import cpu_memory
 from jetmoe.generation import Engine, SamplingParams, load_model, load_quantized, quantize_model, save_quantized
 from jetmoe.generation.quantize import SPEC_FILE, Int8Linear, Int8ParallelExperts, quantize_tensor
 
@@ -18,6 +19,18 @@ VALIDATION_TEXT = (
     "The Python language is a programming language. A mixture of experts routes every token to two experts. "
     "Servers answer many clients at once with continuous batching. Generation streams text one token at a time."
 )
+
+
+@pytest.mark.skipif(not cpu_memory.huge_pages_supported(), reason="huge pages are a Linux feature")
+def test_large_quantised_weights_are_written_onto_huge_pages():
+    """Straight onto huge-page memory, not the heap (whose freed copies the process would keep); small ones
+    stay ordinary tensors. Values as from a plain buffer."""
+    big = torch.randn(4, 1024, 640)  # 2.5 MiB of int8
+    q, scale = quantize_tensor(big)
+    assert cpu_memory.on_huge_pages(q)
+    assert torch.equal(q, (big / scale[..., None]).round().clamp(-127, 127).to(torch.int8))
+    small_q, _ = quantize_tensor(torch.randn(8, 64))
+    assert not cpu_memory.on_huge_pages(small_q)
 
 
 def test_quantize_tensor_error_is_at_most_half_a_step_per_channel():
