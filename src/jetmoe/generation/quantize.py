@@ -27,9 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from jetmoe import JetMoeConfig, JetMoeForCausalLM
-from jetmoe import cpu_memory
-from jetmoe.cpu_memory import private_copy
+from jetmoe import JetMoeConfig, JetMoeForCausalLM, cpu_memory
 from jetmoe.modeling.experts import ParallelExperts
 from jetmoe.modeling.routing import TopKRouter
 from jetmoe.ops import native, slot_products
@@ -293,7 +291,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.bfloat16, device
             # A private copy, one tensor at a time: the int8 CPU kernel crashes on the file-backed memory
             # safetensors hands out, and the peak stays at the model plus one tensor. Large ones go onto
             # huge-page memory (jetmoe/cpu_memory.py: scattered heap pages slowed decoding).
-            state[key] = private_copy(tensor, dtype if tensor.is_floating_point() else None)
+            state[key] = cpu_memory.private_copy(tensor, dtype if tensor.is_floating_point() else None)
     # Strict: a missing or extra tensor is an error naming it. assign=True adopts the loaded tensors as they
     # are (no second copy).
     model.load_state_dict(state, strict=True, assign=True)
