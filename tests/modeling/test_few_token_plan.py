@@ -8,7 +8,8 @@ import torch
 from oracle_pair import TINY, WIDE, build_pair, random_ids
 
 from jetmoe.generation.quantize import quantize_model
-from jetmoe.modeling import routing
+from jetmoe.modeling import experts, routing
+from jetmoe.ops import native
 from jetmoe.modeling.routing import make_plan, use_few_token_plan
 
 
@@ -60,6 +61,29 @@ def test_decode_step_is_identical_with_either_plan(monkeypatch, dtype, geometry,
     grouped = _decode_logits(model, ids)
     assert not plans[-1].in_slot_order
     assert torch.equal(few, grouped), (few.float() - grouped.float()).abs().max()
+
+
+@pytest.mark.skipif(not native.available(), reason="jetmoe's C kernels do not build here")
+def test_decode_step_runs_each_expert_product_with_its_next_step_in_one_call(monkeypatch):
+    """bf16 decoding with a few-token plan: the MoE GLU product with its activation, and the MoE and MoA output
+    products with their gated sums, each in one kernel call; the logits are those of the steps run apart."""
+    model, _ = build_pair(TINY)
+    model = model.to(torch.bfloat16)
+    ids = random_ids(1, 7)
+    calls = {"bf16_gemv_silu_mul": 0, "bf16_gemv_combine": 0}
+    for name in calls:
+        original = getattr(native, name)
+
+        def counted(*args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(native, name, counted)
+    fused = _decode_logits(model, ids)
+    layers = TINY["num_hidden_layers"]
+    assert calls == {"bf16_gemv_silu_mul": layers, "bf16_gemv_combine": 2 * layers}  # the decode step only
+    monkeypatch.setattr(experts, "_fused_decode", lambda *args: False)
+    assert torch.equal(fused, _decode_logits(model, ids))
 
 
 def _compiled_decode(model, ids, capture_scalar_outputs: bool):

@@ -121,6 +121,49 @@ def test_bad_groups_and_dtypes_are_rejected():
 
 
 @requires_native
+@pytest.mark.parametrize("slot_experts", [(3,), (3, 5), (2, 2, 7, 0)])
+def test_product_and_next_step_in_one_call_equal_the_two_steps(slot_experts):
+    """bf16_gemv_silu_mul and bf16_gemv_combine (decoding: the step after a product in the same C call) give
+    the values of the product and the element-wise kernel run one after the other, bit for bit."""
+    from jetmoe.ops.native import elementwise
+
+    torch.manual_seed(0)
+    rows = len(slot_experts)
+    groups = native.slot_groups(slot_experts)
+    up = torch.randn(8, 2 * 192, 256).bfloat16()
+    x = torch.randn(rows, 256).bfloat16()
+    expected = elementwise.silu_mul(native.bf16_gemv(x, up, groups))
+    assert torch.equal(native.bf16_gemv_silu_mul(x, up, groups), expected)
+
+    down = torch.randn(8, 80, 192).bfloat16()
+    h = torch.randn(rows, 192).bfloat16()
+    k = 1 if rows == 1 else 2 if rows == 2 else 4
+    gates = torch.rand(rows // k, k).bfloat16()
+    bias = torch.randn(80).bfloat16()
+    expected = elementwise.combine(native.bf16_gemv(h, down, groups), None, gates, bias)
+    assert torch.equal(native.bf16_gemv_combine(h, down, groups, gates, bias), expected)
+
+
+@requires_native
+def test_product_and_next_step_reject_what_they_cannot_do():
+    x, up, down = torch.randn(2, 64).bfloat16(), torch.randn(4, 128, 64).bfloat16(), torch.randn(4, 48, 64).bfloat16()
+    gates, bias = torch.rand(1, 2).bfloat16(), torch.randn(48).bfloat16()
+    groups = native.slot_groups((1, 2))
+    with pytest.raises(ValueError, match="every row in a group"):
+        native.bf16_gemv_silu_mul(x, up, [1, 0, 1])  # row 1 in no group: its activation would read garbage
+    with pytest.raises(ValueError, match="2I % 64"):
+        native.bf16_gemv_silu_mul(x, torch.randn(4, 96, 64).bfloat16(), groups)
+    with pytest.raises(ValueError, match="bf16"):
+        native.bf16_gemv_silu_mul(x.float(), up, groups)
+    with pytest.raises(ValueError, match="gates"):
+        native.bf16_gemv_combine(x, down, groups, torch.rand(2, 2).bfloat16(), bias)  # 4 slots for 2 rows
+    with pytest.raises(ValueError, match="bias"):
+        native.bf16_gemv_combine(x, down, groups, gates, torch.randn(40).bfloat16())
+    with pytest.raises(ValueError, match="groups"):
+        native.bf16_gemv_combine(x, down, [9, 0, 2], gates, bias)  # no expert 9
+
+
+@requires_native
 def test_int8_gemv_does_not_depend_on_the_thread_count():
     torch.manual_seed(2)
     q = torch.randint(-127, 128, (301, 1024), dtype=torch.int8)

@@ -16,7 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..ops.attention import shared_kv_attention, shared_kv_attention_reference
 from ..ops.dense import Linear
 from ..ops.fused import rotary
-from .experts import ParallelExperts, combine, grouped_to_slots, slots_to_grouped, tokens_to_grouped
+from .experts import ParallelExperts, experts_combine, grouped_to_slots, slots_to_grouped, tokens_to_grouped
 from .routing import RoutingPlan, TopKRouter
 
 
@@ -37,7 +37,7 @@ class JetMoeMoA(nn.Module):
 
     def reduce(self, slot_outputs: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
         """Attention outputs per slot [N*k, Nkv*D] -> [N, H]."""
-        return combine(self.output_linear(slots_to_grouped(slot_outputs, plan), plan), plan, self.bias)
+        return experts_combine(self.output_linear, slots_to_grouped(slot_outputs, plan), plan, self.bias)
 
 
 class JetMoeAttention(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import fused, grouped_linear, slot_linear
+from ..ops import fused, grouped_linear, native, slot_linear
 from ..ops.permute import permute_rows, repeat_rows
 from .routing import RoutingPlan
 
@@ -56,3 +56,41 @@ def combine(grouped_outputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor
     if fused.combine_fusable(grouped_outputs, plan.gates, bias):
         return fused.combine(grouped_outputs, None if plan.in_slot_order else plan.slot_to_grouped, plan.gates, bias)
     return fused.combine_reference(grouped_to_slots(grouped_outputs, plan), plan.gates, bias)
+
+
+# Decoding: a few-token plan's expert product and the step that follows it (the GLU, or the gated sum) in one
+# call of jetmoe's C kernels, with the same values as the two steps apart: run apart, the second step began
+# right after the product had streamed its weights through the caches and paid ~80 us to reload its own code
+# and data (ops/native/gemv.c). Elsewhere (training, sorted plans, fp32, other devices, under torch.compile)
+# the two steps run as they are.
+
+
+def _fused_decode(rows: torch.Tensor, experts: nn.Module, plan: RoutingPlan) -> bool:
+    return (
+        plan.in_slot_order
+        and type(experts) is ParallelExperts  # not a replacement such as the int8 experts
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and native.bf16_ok(rows, experts.weight)
+    )
+
+
+def experts_silu_glu(experts: ParallelExperts, grouped_inputs: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """silu_glu(experts(grouped_inputs, plan)): [N*k, in] -> [N*k, out / 2]."""
+    if experts.output_size % 64 == 0 and _fused_decode(grouped_inputs, experts, plan):
+        return native.bf16_gemv_silu_mul(grouped_inputs, experts.weight, native.slot_groups(plan.slot_experts))
+    return fused.silu_glu(experts(grouped_inputs, plan))
+
+
+def experts_combine(
+    experts: ParallelExperts, grouped_inputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor
+) -> torch.Tensor:
+    """combine(experts(grouped_inputs, plan), plan, bias): [N*k, in] -> [N, out]."""
+    if (
+        experts.output_size % 16 == 0
+        and plan.gates.dtype == bias.dtype == torch.bfloat16
+        and _fused_decode(grouped_inputs, experts, plan)
+    ):
+        groups = native.slot_groups(plan.slot_experts)
+        return native.bf16_gemv_combine(grouped_inputs, experts.weight, groups, plan.gates, bias)
+    return combine(experts(grouped_inputs, plan), plan, bias)

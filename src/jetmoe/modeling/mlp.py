@@ -7,7 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..ops import fused
-from .experts import ParallelExperts, combine, tokens_to_grouped
+from .experts import ParallelExperts, experts_combine, experts_silu_glu, tokens_to_grouped
 from .routing import TopKRouter
 
 
@@ -34,5 +34,9 @@ class JetMoeMoE(nn.Module):
         """[B, T, H] -> ([B, T, H], router logits [B*T, E])."""
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         plan = self.router(x)
-        expert_out = self.output_linear(self.glu(self.input_linear(tokens_to_grouped(x, plan), plan)), plan)
-        return combine(expert_out, plan, self.bias).view_as(hidden_states), plan.router_logits
+        grouped = tokens_to_grouped(x, plan)
+        if self.silu:
+            activated = experts_silu_glu(self.input_linear, grouped, plan)
+        else:
+            activated = self.glu(self.input_linear(grouped, plan))
+        return experts_combine(self.output_linear, activated, plan, self.bias).view_as(hidden_states), plan.router_logits

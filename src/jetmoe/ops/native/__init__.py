@@ -89,6 +89,8 @@ def load() -> ctypes.CDLL | None:
         return None
     i64, ptr, code = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.jetmoe_bf16_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    library.jetmoe_bf16_gemv_silu_mul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    library.jetmoe_bf16_gemv_combine.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
     library.jetmoe_int8_gemv.argtypes = [ptr, ptr, code, i64, i64, ptr, code, i64, ptr, i64, ptr, code, ctypes.c_int]
     f32 = ctypes.c_float
     library.jetmoe_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, code, ctypes.c_int]
@@ -102,6 +104,8 @@ def load() -> ctypes.CDLL | None:
     library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     for function in (
         library.jetmoe_bf16_gemv,
+        library.jetmoe_bf16_gemv_silu_mul,
+        library.jetmoe_bf16_gemv_combine,
         library.jetmoe_int8_gemv,
         library.jetmoe_rms_norm,
         library.jetmoe_rms_norm_backward,
@@ -229,6 +233,67 @@ def _bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> to
         weight.data_ptr(), weight.shape[1], weight.shape[2], x.data_ptr(), table, len(table) // 3, out.data_ptr(),
         torch.get_num_threads(),
     )
+    return out
+
+
+def _covers_every_row(table: ctypes.Array, rows: int) -> bool:
+    """Whether the groups name every row of x once, in order (as slot_groups does): the step after the product
+    reads all of its rows."""
+    flat = list(table)
+    return [flat[i + 1 : i + 3] for i in range(0, len(flat), 3)] == [[r, r + 1] for r in range(rows)] or (
+        len(flat) == 3 and flat[1] == 0 and flat[2] == rows
+    )
+
+
+def bf16_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """`silu(h[:, :I]) * h[:, I:]` of h = bf16_gemv(x, weight, groups) [M, 2I], in one call: bit for bit
+    elementwise.silu_mul(bf16_gemv(...)). For decoding (see gemv.c); 2I a multiple of 64, every row of x in
+    a group. Not for torch.compile (no operator form: there the two steps run as they are)."""
+    weight, table = _checked(x, weight, groups, "bf16_gemv_silu_mul")
+    inner2 = weight.shape[1]
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or inner2 % 64 or not _covers_every_row(table, x.shape[0]):
+        raise ValueError(f"bf16_gemv_silu_mul: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
+                         f"{weight.dtype}, groups {list(table)}: bf16, 2I % 64 == 0, every row in a group")  # fmt: skip
+    x = x.contiguous()
+    h = torch.empty(x.shape[0], inner2, dtype=x.dtype)
+    out = torch.empty(x.shape[0], inner2 // 2, dtype=x.dtype)
+    load().jetmoe_bf16_gemv_silu_mul(
+        weight.data_ptr(), inner2, weight.shape[2], x.data_ptr(), table, len(table) // 3, h.data_ptr(), x.shape[0],
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def bf16_gemv_combine(
+    x: torch.Tensor, weight: torch.Tensor, groups: Groups, gates: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """Slot-order expert outputs y = bf16_gemv(x, weight, groups) [N*k, H] gate-weighted, summed per token, plus
+    bias -> [N, H], in one call: bit for bit elementwise.combine(y, None, gates, bias). For decoding (see
+    gemv.c); gates [N, k] and bias [H] bf16, H a multiple of 16, every row of x in a group."""
+    weight, table = _checked(x, weight, groups, "bf16_gemv_combine")
+    hidden = weight.shape[1]
+    tokens, k = gates.shape if gates.dim() == 2 else (0, 0)
+    if (
+        x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or gates.dtype != torch.bfloat16
+        or bias.dtype != torch.bfloat16
+        or not (gates.is_cpu and bias.is_cpu)
+        or tokens * k != x.shape[0]
+        or tuple(bias.shape) != (hidden,)
+        or hidden % 16
+        or not _covers_every_row(table, x.shape[0])
+    ):
+        raise ValueError(f"bf16_gemv_combine: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)}, gates "
+                         f"{tuple(gates.shape)} {gates.dtype}, bias {tuple(bias.shape)} {bias.dtype}, groups "
+                         f"{list(table)}: all bf16, gates [N, k] for N*k rows, bias [H], H % 16 == 0")  # fmt: skip
+    x, gates, bias = x.contiguous(), gates.contiguous(), bias.contiguous()
+    y = torch.empty(x.shape[0], hidden, dtype=x.dtype)
+    out = torch.empty(tokens, hidden, dtype=x.dtype)
+    load().jetmoe_bf16_gemv_combine(
+        weight.data_ptr(), hidden, weight.shape[2], x.data_ptr(), table, len(table) // 3, y.data_ptr(),
+        gates.data_ptr(), bias.data_ptr(), tokens, k, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 
