@@ -121,3 +121,16 @@ def test_compiled_decode_uses_the_few_token_plan_when_scalars_are_captured():
     names, logits = _compiled_decode(model, ids, capture_scalar_outputs=False)
     assert "sort" in names and "item" not in names, sorted(names)
     torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native.available(), reason="jetmoe's C kernels do not build here")
+def test_compiled_bf16_decode_runs_product_and_next_step_as_one_operator():
+    """In the engine's compiled decode step (scalars captured) the fused product + GLU and product + gated sum
+    are single operators, and the traced step gives eager's logits bit for bit."""
+    model, _ = build_pair(TINY)
+    model = model.to(torch.bfloat16)
+    ids = random_ids(1, 7)
+    eager = _decode_logits(model, ids)
+    names, logits = _compiled_decode(model, ids, capture_scalar_outputs=True)
+    assert {"bf16_gemv_silu_mul.default", "bf16_gemv_combine.default"} <= names, sorted(names)
+    assert torch.equal(logits, eager)

@@ -61,8 +61,8 @@ def combine(grouped_outputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor
 # Decoding: a few-token plan's expert product and the step that follows it (the GLU, or the gated sum) in one
 # call of jetmoe's C kernels, with the same values as the two steps apart: run apart, the second step began
 # right after the product had streamed its weights through the caches and paid ~80 us to reload its own code
-# and data (ops/native/gemv.c). Elsewhere (training, sorted plans, fp32, other devices, under torch.compile)
-# the two steps run as they are.
+# and data (ops/native/gemv.c). Under torch.compile (the engine's compiled decode step) the call is one operator.
+# Elsewhere (training, sorted plans, fp32, other devices) the two steps run as they are.
 
 
 def _fused_decode(rows: torch.Tensor, experts: nn.Module, plan: RoutingPlan) -> bool:
@@ -70,7 +70,6 @@ def _fused_decode(rows: torch.Tensor, experts: nn.Module, plan: RoutingPlan) -> 
         plan.in_slot_order
         and type(experts) is ParallelExperts  # not a replacement such as the int8 experts
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and native.bf16_ok(rows, experts.weight)
     )
 

@@ -248,7 +248,13 @@ def _covers_every_row(table: ctypes.Array, rows: int) -> bool:
 def bf16_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
     """`silu(h[:, :I]) * h[:, I:]` of h = bf16_gemv(x, weight, groups) [M, 2I], in one call: bit for bit
     elementwise.silu_mul(bf16_gemv(...)). For decoding (see gemv.c); 2I a multiple of 64, every row of x in
-    a group. Not for torch.compile (no operator form: there the two steps run as they are)."""
+    a group. Under torch.compile this is the operator `jetmoe::bf16_gemv_silu_mul`."""
+    if torch.compiler.is_compiling():
+        return bf16_gemv_silu_mul_op(x, weight, list(groups))
+    return _bf16_gemv_silu_mul(x, weight, groups)
+
+
+def _bf16_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
     weight, table = _checked(x, weight, groups, "bf16_gemv_silu_mul")
     inner2 = weight.shape[1]
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or inner2 % 64 or not _covers_every_row(table, x.shape[0]):
@@ -269,7 +275,16 @@ def bf16_gemv_combine(
 ) -> torch.Tensor:
     """Slot-order expert outputs y = bf16_gemv(x, weight, groups) [N*k, H] gate-weighted, summed per token, plus
     bias -> [N, H], in one call: bit for bit elementwise.combine(y, None, gates, bias). For decoding (see
-    gemv.c); gates [N, k] and bias [H] bf16, H a multiple of 16, every row of x in a group."""
+    gemv.c); gates [N, k] and bias [H] bf16, H a multiple of 16, every row of x in a group. Under
+    torch.compile this is the operator `jetmoe::bf16_gemv_combine`."""
+    if torch.compiler.is_compiling():
+        return bf16_gemv_combine_op(x, weight, list(groups), gates, bias)
+    return _bf16_gemv_combine(x, weight, groups, gates, bias)
+
+
+def _bf16_gemv_combine(
+    x: torch.Tensor, weight: torch.Tensor, groups: Groups, gates: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
     weight, table = _checked(x, weight, groups, "bf16_gemv_combine")
     hidden = weight.shape[1]
     tokens, k = gates.shape if gates.dim() == 2 else (0, 0)
@@ -322,7 +337,11 @@ def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Gr
 _LIBRARY = torch.library.Library("jetmoe", "FRAGMENT")
 _LIBRARY.define("bf16_gemv(Tensor x, Tensor weight, SymInt[] groups) -> Tensor")
 _LIBRARY.define("int8_gemv(Tensor x, Tensor q, Tensor scale, SymInt[] groups) -> Tensor")
+_LIBRARY.define("bf16_gemv_silu_mul(Tensor x, Tensor weight, SymInt[] groups) -> Tensor")
+_LIBRARY.define("bf16_gemv_combine(Tensor x, Tensor weight, SymInt[] groups, Tensor gates, Tensor bias) -> Tensor")
 _LIBRARY.impl("bf16_gemv", _bf16_gemv, "CPU")
+_LIBRARY.impl("bf16_gemv_silu_mul", _bf16_gemv_silu_mul, "CPU")
+_LIBRARY.impl("bf16_gemv_combine", _bf16_gemv_combine, "CPU")
 _LIBRARY.impl("int8_gemv", _int8_gemv, "CPU")
 
 
@@ -336,5 +355,17 @@ def _(x, q, scale, groups):
     return x.new_empty((x.shape[0], q.shape[-2]))
 
 
+@torch.library.register_fake("jetmoe::bf16_gemv_silu_mul")
+def _(x, weight, groups):
+    return x.new_empty((x.shape[0], weight.shape[-2] // 2))
+
+
+@torch.library.register_fake("jetmoe::bf16_gemv_combine")
+def _(x, weight, groups, gates, bias):
+    return x.new_empty((gates.shape[0], weight.shape[-2]))
+
+
 bf16_gemv_op = torch.ops.jetmoe.bf16_gemv.default
+bf16_gemv_silu_mul_op = torch.ops.jetmoe.bf16_gemv_silu_mul.default
+bf16_gemv_combine_op = torch.ops.jetmoe.bf16_gemv_combine.default
 int8_gemv_op = torch.ops.jetmoe.int8_gemv.default
