@@ -39,4 +39,5 @@ class JetMoeMoE(nn.Module):
             activated = experts_silu_glu(self.input_linear, grouped, plan)
         else:
             activated = self.glu(self.input_linear(grouped, plan))
-        return experts_combine(self.output_linear, activated, plan, self.bias).view_as(hidden_states), plan.router_logits
+        out = experts_combine(self.output_linear, activated, plan, self.bias)
+        return out.view_as(hidden_states), plan.router_logits

@@ -90,7 +90,7 @@ def load() -> ctypes.CDLL | None:
     i64, ptr, code = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.jetmoe_bf16_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
     library.jetmoe_bf16_gemv_silu_mul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
-    library.jetmoe_bf16_gemv_combine.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    library.jetmoe_bf16_gemv_combine.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr, code]
     library.jetmoe_int8_gemv.argtypes = [ptr, ptr, code, i64, i64, ptr, code, i64, ptr, i64, ptr, code, ctypes.c_int]
     f32 = ctypes.c_float
     library.jetmoe_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, code, ctypes.c_int]
@@ -257,7 +257,8 @@ def bf16_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) ->
 def _bf16_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
     weight, table = _checked(x, weight, groups, "bf16_gemv_silu_mul")
     inner2 = weight.shape[1]
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or inner2 % 64 or not _covers_every_row(table, x.shape[0]):
+    bf16 = x.dtype == weight.dtype == torch.bfloat16
+    if not bf16 or inner2 % 64 or not _covers_every_row(table, x.shape[0]):
         raise ValueError(f"bf16_gemv_silu_mul: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
                          f"{weight.dtype}, groups {list(table)}: bf16, 2I % 64 == 0, every row in a group")  # fmt: skip
     x = x.contiguous()
