@@ -25,6 +25,7 @@ from ..ops.cross_entropy import summed_cross_entropy
 from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
 from .experts import ParallelExperts
+from . import native_decode
 from .mlp import JetMoeMoE
 from .norm_rotary import JetMoeRMSNorm, JetMoeRotaryEmbedding
 from .routing import reference_balancing_loss, switch_balancing_loss
@@ -104,6 +105,10 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
+        if native_decode.applies(self, hidden_states, output_attentions):  # decoding: the same steps in C
+            done = native_decode.layer_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+            if done is not None:
+                return done
         attn_out, attn_probs, moa_logits = self.self_attention(
             self.input_layernorm(hidden_states),
             position_embeddings,

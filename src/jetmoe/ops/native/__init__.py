@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "elementwise.c"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("gemv.c", "elementwise.c", "decode.c"))
 # Instruction sets the kernels use, as gcc/clang flags and as /proc/cpuinfo names.
 _ISA_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c")
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c")
@@ -100,6 +100,15 @@ def load() -> ctypes.CDLL | None:
     library.jetmoe_rotary.argtypes = [ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, code, code, ctypes.c_int]
     library.jetmoe_combine.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
     library.jetmoe_combine_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
+    library.jetmoe_decode_attention_in.argtypes = [
+        ptr, i64, i64, i64, ptr, f32, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr,
+        ctypes.c_int,
+    ]
+    library.jetmoe_decode_attention_out.argtypes = [
+        ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
+        ctypes.c_int,
+    ]
+    library.jetmoe_softmax_sorted.argtypes = [ptr, i64, i64, ptr]
     library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     for function in (
@@ -116,6 +125,9 @@ def load() -> ctypes.CDLL | None:
         library.jetmoe_combine_backward,
         library.jetmoe_logsumexp_rows,
         library.jetmoe_cross_entropy_backward,
+        library.jetmoe_decode_attention_in,
+        library.jetmoe_decode_attention_out,
+        library.jetmoe_softmax_sorted,
     ):
         function.restype = ctypes.c_int
     return library

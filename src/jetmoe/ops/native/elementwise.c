@@ -87,6 +87,9 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), x, _CMP_LT_OQ), _mm512_set1_ps(INFINITY));
 }
 
+/* One value of exp16 (the router's gates, decode.c). */
+float jetmoe_exp(float x) { return _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))); }
+
 static inline __m512 sigmoid16(__m512 x) {
     __m512 one = _mm512_set1_ps(1.0f);
     return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));

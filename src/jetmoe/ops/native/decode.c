@@ -1,0 +1,220 @@
+/* A JetMoE layer's steps for a few tokens in bf16 (decoding), in two calls around attention.
+ *
+ * A decoding step of the "small" config ran ~45 PyTorch operators per layer around its 7 weight products; on
+ * the 2-core CPU their dispatch, and the caches they found empty after each product had streamed its weights
+ * (gemv.c), cost about as much as the products. Here the steps before attention (norm, router, query and K/V
+ * projections, rotary) are one call, and the steps after it (output projection, residual, norm, router,
+ * experts, residual) another; attention itself, which reads the cache, stays with PyTorch.
+ *
+ * Each step is the kernel the operator path runs (gemv.c, elementwise.c) on the same inputs, so the results
+ * are the operator path's bit for bit. The router is the one step done here: its logits are rounded to bf16
+ * (the product's dtype) and read as fp32, the top k taken best first, and the gates are PyTorch's CPU softmax
+ * over those k logits (exp(l - max) with SLEEF's expf_u10 as in elementwise.c, summed in order, times one
+ * over the sum) rounded to bf16. Where PyTorch's choice would hinge on its own tie-breaking (the k-th and
+ * the next logit equal) or on a nan or inf, a call returns 1 having written nothing but what it reports, and
+ * the caller runs the operator path for that part of the layer.
+ *
+ * Shapes (N tokens, k choices, H hidden, E experts, A = Nkv * D attention width, I expert inner width), all
+ * contiguous bf16 unless said: weights as the model stores them ([E, out, in] for experts, [out, in] dense).
+ * The caller (ops/native/__init__.py) checks them; H, A and D are multiples of 32, 2I of 64.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { BF16 = 1 };
+#define MAX_EXPERTS 64
+#define MAX_SLOTS 16
+
+int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, const int64_t *groups,
+                     int64_t n_groups, uint16_t *y, int threads);
+int jetmoe_rms_norm(const void *x, const void *weight, void *out, float *inv_rms, int64_t rows, int64_t cols,
+                    float eps, int dtype, int threads);
+int jetmoe_rotary(const void *x, int64_t sb, int64_t st, int64_t sh, const void *cos, const void *sin, int64_t cos_sb,
+                  void *out, int64_t batch, int64_t length, int64_t heads, int64_t dim, int inverse, int dtype,
+                  int threads);
+int jetmoe_combine(const void *y, const int64_t *rows, const void *gates, const void *bias, void *out,
+                   int64_t tokens, int64_t k, int64_t hidden, int dtype, int threads);
+int jetmoe_silu_mul(const void *h, void *out, int64_t rows, int64_t inner, int dtype, int threads);
+float jetmoe_exp(float x);
+
+static inline float bf16_to_float(uint16_t bits) {
+    uint32_t wide = (uint32_t)bits << 16;
+    float f;
+    memcpy(&f, &wide, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch */
+    __m128bh b = _mm_cvtneps_pbh(_mm_set1_ps(f));
+    uint16_t bits;
+    memcpy(&bits, &b, sizeof bits);
+    return bits;
+}
+
+/* softmax over rows of `count` fp32 values in descending order (top-k logits), as PyTorch's CPU kernel computes
+ * it for a short last dimension: exp(v - max) (SLEEF's expf_u10), summed in order, each times 1 / sum. */
+int jetmoe_softmax_sorted(const float *values, int64_t rows, int64_t count, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = values + r * count;
+        float *result = out + r * count, sum = 0.0f;
+        for (int64_t j = 0; j < count; j++) {
+            result[j] = jetmoe_exp(row[j] - row[0]);
+            sum = j == 0 ? result[0] : sum + result[j];
+        }
+        float inverse = 1.0f / sum;
+        for (int64_t j = 0; j < count; j++) result[j] *= inverse;
+    }
+    return 0;
+}
+
+/* Router for rows of `normed` [N, H]: logits (fp32 [N, E], the bf16 product read as fp32), each row's top k
+ * experts best first and their gates. Returns 1 (and leaves experts and gates unset) where a row's choice is
+ * not decided by distinct finite logits. */
+static int route(const uint16_t *normed, int64_t tokens, int64_t hidden, const uint16_t *router_w, int64_t experts,
+                 int64_t k, float *logits, int64_t *chosen, uint16_t *gates, int threads) {
+    uint16_t product[MAX_SLOTS * MAX_EXPERTS];
+    int64_t dense[3] = {0, 0, tokens};
+    jetmoe_bf16_gemv(router_w, experts, hidden, normed, dense, 1, product, threads);
+    for (int64_t n = 0; n < tokens; n++) {
+        float *row = logits + n * experts;
+        for (int64_t e = 0; e < experts; e++) {
+            row[e] = bf16_to_float(product[n * experts + e]);
+            if (!isfinite(row[e])) return 1;
+        }
+        int64_t *best = chosen + n * k;
+        for (int64_t j = 0; j < k; j++) { /* selection: the largest logit not taken yet, lowest index first */
+            int64_t pick = -1;
+            for (int64_t e = 0; e < experts; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= best[i] == e;
+                if (!taken && (pick < 0 || row[e] > row[pick])) pick = e;
+            }
+            best[j] = pick;
+        }
+        if (k < experts) { /* a tie across the cut: which expert PyTorch's topk keeps is its own business */
+            for (int64_t e = 0; e < experts; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < k; i++) taken |= best[i] == e;
+                if (!taken && row[e] == row[best[k - 1]]) return 1;
+            }
+        }
+        float top[MAX_SLOTS], probabilities[MAX_SLOTS];
+        for (int64_t j = 0; j < k; j++) top[j] = row[best[j]];
+        jetmoe_softmax_sorted(top, 1, k, probabilities);
+        for (int64_t j = 0; j < k; j++) gates[n * k + j] = float_to_bf16(probabilities[j]);
+    }
+    return 0;
+}
+
+/* Each token's row once per choice ([N, H] -> [N * k, H], slot order) and the expert of each slot as gemv
+ * groups (expert, slot, slot + 1). */
+static void slot_rows(const uint16_t *x, int64_t tokens, int64_t hidden, int64_t k, const int64_t *chosen,
+                      uint16_t *repeated, int64_t *groups) {
+    for (int64_t s = 0; s < tokens * k; s++) {
+        memcpy(repeated + s * hidden, x + (s / k) * hidden, hidden * sizeof *x);
+        groups[3 * s] = chosen[s];
+        groups[3 * s + 1] = s;
+        groups[3 * s + 2] = s + 1;
+    }
+}
+
+/* Before attention, for x [B, T, H] (N = B * T tokens):
+ *   normed = rms_norm(x); logits, experts, gates = route(normed)
+ *   queries = rotary(each slot's normed row times its expert's query weight) [B, T, k * Nkv, D]
+ *   kv = normed @ kv_w^T [B, T, 2, Nkv, D]; keys = rotary(kv[:, :, 0]) [B, T, Nkv, D]
+ * cos and sin: [B or 1, T, D] (cos_sb: T * D, or 0 to share one table). */
+int jetmoe_decode_attention_in(const uint16_t *x, int64_t batch, int64_t length, int64_t hidden, const uint16_t *norm_w,
+                               float eps, const uint16_t *router_w, int64_t experts, int64_t k, const uint16_t *query_w,
+                               const uint16_t *kv_w, int64_t kv_heads, int64_t head_dim, const uint16_t *cos,
+                               const uint16_t *sin, int64_t cos_sb, float *logits, int64_t *chosen, uint16_t *gates,
+                               uint16_t *queries, uint16_t *kv, uint16_t *keys, int threads) {
+    const int64_t tokens = batch * length, slots = tokens * k, width = kv_heads * head_dim;
+    if (experts > MAX_EXPERTS || slots > MAX_SLOTS) return -1;
+    uint16_t *normed = malloc((size_t)(tokens + slots) * hidden * sizeof *normed);
+    uint16_t *projected = malloc((size_t)slots * width * sizeof *projected);
+    if (!normed || !projected) {
+        free(normed);
+        free(projected);
+        return -1;
+    }
+    uint16_t *repeated = normed + tokens * hidden;
+    int64_t groups[3 * MAX_SLOTS], dense[3] = {0, 0, tokens};
+    int status = 0;
+    jetmoe_rms_norm(x, norm_w, normed, NULL, tokens, hidden, eps, BF16, threads);
+    if (route(normed, tokens, hidden, router_w, experts, k, logits, chosen, gates, threads)) {
+        status = 1;
+        goto done;
+    }
+    slot_rows(normed, tokens, hidden, k, chosen, repeated, groups);
+    jetmoe_bf16_gemv(query_w, width, hidden, repeated, groups, slots, projected, threads);
+    jetmoe_rotary(projected, length * k * width, k * width, head_dim, cos, sin, cos_sb, queries, batch, length,
+                  k * kv_heads, head_dim, 0, BF16, threads);
+    jetmoe_bf16_gemv(kv_w, 2 * width, hidden, normed, dense, 1, kv, threads);
+    jetmoe_rotary(kv, length * 2 * width, 2 * width, head_dim, cos, sin, cos_sb, keys, batch, length, kv_heads,
+                  head_dim, 0, BF16, threads);
+done:
+    free(normed);
+    free(projected);
+    return status;
+}
+
+/* round(a + b) element by element: PyTorch's bf16 add. */
+static void add_rows(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t count) {
+    for (int64_t i = 0; i < count; i += 16) {
+        __m512 sum = _mm512_add_ps(
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + i))), 16)),
+            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + i))), 16)));
+        _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(sum));
+    }
+}
+
+/* After attention, for the residual x [N, H] and the attention output of each slot [N * k, A]:
+ *   h = x + (sum_j gates[n, j] * (attended[n * k + j] @ output_w[expert]^T) + attn_bias)
+ *   normed = rms_norm(h); logits, experts, gates = route(normed)
+ *   out = h + (sum_j gates * (silu_glu(normed @ w1[expert]^T) @ w2[expert]^T) + mlp_bias)
+ * Writes h always; returns 1 after h and the MoE logits when the MoE's routing is not decided (the caller
+ * then runs the MoE on h itself), 0 with out written. */
+int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidden, int64_t k, const uint16_t *attended,
+                                int64_t width, const uint16_t *output_w, const int64_t *attn_chosen,
+                                const uint16_t *attn_gates, const uint16_t *attn_bias, const uint16_t *norm_w,
+                                float eps, const uint16_t *router_w, int64_t experts, const uint16_t *w1,
+                                int64_t inner, const uint16_t *w2, const uint16_t *mlp_bias, uint16_t *h,
+                                float *logits, uint16_t *out, int threads) {
+    const int64_t slots = tokens * k;
+    if (experts > MAX_EXPERTS || slots > MAX_SLOTS) return -1;
+    const int64_t widest = 2 * inner > hidden ? 2 * inner : hidden;
+    uint16_t *buffer = malloc((size_t)(slots * widest + slots * hidden + slots * inner + 2 * tokens * hidden) * 2);
+    if (!buffer) return -1;
+    uint16_t *products = buffer, *repeated = products + slots * widest, *activated = repeated + slots * hidden;
+    uint16_t *summed = activated + slots * inner, *normed = summed + tokens * hidden;
+    int64_t groups[3 * MAX_SLOTS], chosen[MAX_SLOTS];
+    uint16_t gates[MAX_SLOTS];
+    int status = 0;
+
+    for (int64_t s = 0; s < slots; s++) {
+        groups[3 * s] = attn_chosen[s];
+        groups[3 * s + 1] = s;
+        groups[3 * s + 2] = s + 1;
+    }
+    jetmoe_bf16_gemv(output_w, hidden, width, attended, groups, slots, products, threads);
+    jetmoe_combine(products, NULL, attn_gates, attn_bias, summed, tokens, k, hidden, BF16, threads);
+    add_rows(x, summed, h, tokens * hidden);
+
+    jetmoe_rms_norm(h, norm_w, normed, NULL, tokens, hidden, eps, BF16, threads);
+    if (route(normed, tokens, hidden, router_w, experts, k, logits, chosen, gates, threads)) {
+        status = 1;
+        goto done;
+    }
+    slot_rows(normed, tokens, hidden, k, chosen, repeated, groups);
+    jetmoe_bf16_gemv(w1, 2 * inner, hidden, repeated, groups, slots, products, threads);
+    jetmoe_silu_mul(products, activated, slots, inner, BF16, threads);
+    jetmoe_bf16_gemv(w2, hidden, inner, activated, groups, slots, products, threads);
+    jetmoe_combine(products, NULL, gates, mlp_bias, summed, tokens, k, hidden, BF16, threads);
+    add_rows(h, summed, out, tokens * hidden);
+done:
+    free(buffer);
+    return status;
+}

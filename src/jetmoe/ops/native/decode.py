@@ -1,0 +1,152 @@
+"""Python side of decode.c: a JetMoE layer's steps for a few bf16 tokens, in one C call before attention and one
+after it. Bit for bit the operator path (the same kernels on the same inputs); see decode.c.
+
+The callers (modeling/native_decode.py) check `layer_ok` once per layer and the token count per call; the
+functions here check the shapes they rely on and raise ValueError naming the problem. No autograd, no
+torch.compile (the callers run the operator path there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import native as _kernels
+
+_BF16 = torch.bfloat16
+_MAX_EXPERTS = 64
+MAX_SLOTS = 16  # tokens x top-k per call (decode.c's stack buffers)
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check(name: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}: {message}")
+
+
+def _bf16_contiguous(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == _BF16 and t.is_cpu and t.is_contiguous() for t in tensors)
+
+
+def softmax_sorted(values: torch.Tensor) -> torch.Tensor:
+    """The routers' gates before rounding: softmax over each row of fp32 values [N, k] sorted best first, as
+    `torch.softmax(values, dim=-1)` computes it on the CPU (the kernel the C router runs)."""
+    _check("softmax_sorted", values.dtype == torch.float32 and values.dim() == 2 and values.is_cpu, "fp32 [N, k]")
+    values = values.contiguous()
+    out = torch.empty_like(values)
+    _kernels.load().jetmoe_softmax_sorted(_ptr(values), values.shape[0], values.shape[1], _ptr(out))
+    return out
+
+
+def attention_in(
+    x: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    router_w: torch.Tensor,
+    top_k: int,
+    query_w: torch.Tensor,
+    kv_w: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, ...] | None:
+    """x [B, T, H] -> (router logits fp32 [N, E], experts int64 [N, k], gates bf16 [N, k], rotated queries
+    [B, T, k * Nkv, D], kv [B, T, 2 * Nkv * D], rotated keys [B, T, Nkv, D]); None where the routing is not
+    decided by distinct finite logits (run the operator path)."""
+    batch, length, hidden = x.shape
+    experts, width = query_w.shape[0], query_w.shape[1]
+    head_dim = cos.shape[-1]
+    tokens = batch * length
+    _check(
+        "decode attention_in",
+        _bf16_contiguous(x, norm_w, router_w, query_w, kv_w, cos, sin)
+        and tuple(norm_w.shape) == (hidden,)
+        and tuple(router_w.shape) == (experts, hidden)
+        and tuple(query_w.shape) == (experts, width, hidden)
+        and tuple(kv_w.shape) == (2 * width, hidden)
+        and cos.shape == sin.shape
+        and cos.dim() == 3
+        and cos.shape[0] in (1, batch)
+        and cos.shape[1] == length
+        and hidden % 32 == 0
+        and head_dim % 32 == 0
+        and width % head_dim == 0
+        and experts <= _MAX_EXPERTS
+        and 1 <= top_k <= experts
+        and tokens * top_k <= MAX_SLOTS,
+        f"x {tuple(x.shape)}, norm {tuple(norm_w.shape)}, router {tuple(router_w.shape)}, query {tuple(query_w.shape)}, "
+        f"kv {tuple(kv_w.shape)}, cos {tuple(cos.shape)}, top_k {top_k}: contiguous bf16 on the CPU, H and D "
+        f"multiples of 32, at most {MAX_SLOTS} slots",
+    )
+    kv_heads = width // head_dim
+    logits = torch.empty(tokens, experts, dtype=torch.float32)
+    chosen = torch.empty(tokens, top_k, dtype=torch.int64)
+    gates = torch.empty(tokens, top_k, dtype=_BF16)
+    queries = torch.empty(batch, length, top_k * kv_heads, head_dim, dtype=_BF16)
+    kv = torch.empty(batch, length, 2 * width, dtype=_BF16)
+    keys = torch.empty(batch, length, kv_heads, head_dim, dtype=_BF16)
+    status = _kernels.load().jetmoe_decode_attention_in(
+        _ptr(x), batch, length, hidden, _ptr(norm_w), eps, _ptr(router_w), experts, top_k, _ptr(query_w),
+        _ptr(kv_w), kv_heads, head_dim, _ptr(cos), _ptr(sin), length * head_dim if cos.shape[0] > 1 else 0,
+        _ptr(logits), _ptr(chosen), _ptr(gates), _ptr(queries), _ptr(kv), _ptr(keys), torch.get_num_threads(),
+    )  # fmt: skip
+    if status < 0:
+        raise MemoryError("decode attention_in: out of memory")
+    return None if status else (logits, chosen, gates, queries, kv, keys)
+
+
+def attention_out(
+    x: torch.Tensor,
+    attended: torch.Tensor,
+    output_w: torch.Tensor,
+    chosen: torch.Tensor,
+    gates: torch.Tensor,
+    attn_bias: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    router_w: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    mlp_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x [N, H] (the layer's input), attended [N * k, A] (slot order) -> (h = x + attention output [N, H], MoE
+    router logits fp32 [N, E], the layer's output [N, H]; None where the MoE's routing is not decided by
+    distinct finite logits: run the MoE on h)."""
+    tokens, hidden = x.shape
+    top_k = gates.shape[-1]
+    experts, inner2 = w1.shape[0], w1.shape[1]
+    width = output_w.shape[-1]
+    _check(
+        "decode attention_out",
+        _bf16_contiguous(x, attended, output_w, gates, attn_bias, norm_w, router_w, w1, w2, mlp_bias)
+        and chosen.dtype == torch.int64
+        and chosen.is_contiguous()
+        and tuple(chosen.shape) == tuple(gates.shape) == (tokens, top_k)
+        and tuple(attended.shape) == (tokens * top_k, width)
+        and output_w.shape[1] == hidden
+        and tuple(attn_bias.shape) == tuple(mlp_bias.shape) == tuple(norm_w.shape) == (hidden,)
+        and tuple(router_w.shape) == (experts, hidden)
+        and tuple(w1.shape) == (experts, inner2, hidden)
+        and tuple(w2.shape) == (experts, hidden, inner2 // 2)
+        and output_w.shape[0] == experts
+        and hidden % 32 == 0
+        and width % 32 == 0
+        and inner2 % 64 == 0
+        and experts <= _MAX_EXPERTS
+        and tokens * top_k <= MAX_SLOTS,
+        f"x {tuple(x.shape)}, attended {tuple(attended.shape)}, output {tuple(output_w.shape)}, gates "
+        f"{tuple(gates.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}: contiguous bf16 on the CPU, H and A "
+        f"multiples of 32, 2I of 64, at most {MAX_SLOTS} slots",
+    )
+    h = torch.empty_like(x)
+    logits = torch.empty(tokens, experts, dtype=torch.float32)
+    out = torch.empty_like(x)
+    status = _kernels.load().jetmoe_decode_attention_out(
+        _ptr(x), tokens, hidden, top_k, _ptr(attended), width, _ptr(output_w), _ptr(chosen), _ptr(gates),
+        _ptr(attn_bias), _ptr(norm_w), eps, _ptr(router_w), experts, _ptr(w1), inner2 // 2, _ptr(w2), _ptr(mlp_bias),
+        _ptr(h), _ptr(logits), _ptr(out), torch.get_num_threads(),
+    )  # fmt: skip
+    if status < 0:
+        raise MemoryError("decode attention_out: out of memory")
+    return h, logits, None if status else out

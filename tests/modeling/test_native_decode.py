@@ -1,0 +1,199 @@
+"""A decoder layer for a few bf16 tokens in two C calls (modeling/native_decode.py, ops/native/decode.c): the
+operator path's values bit for bit, the operator path wherever a router's choice hangs on a tie, and only
+where the operator path would take its few-token plan."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle_pair import TINY, build_pair, padding_mask, random_ids
+
+from jetmoe.generation.quantize import quantize_model
+from jetmoe.modeling import native_decode, routing
+from jetmoe.ops import native
+from jetmoe.ops.native import decode as kernels
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="jetmoe's C kernels do not build here")
+
+# The kernels' widths: H and D multiples of 32, 2I of 64. K3: top-3 of 6 (a 3-term softmax and sum).
+NATIVE = dict(TINY, hidden_size=64, kv_channels=32, intermediate_size=64)
+NATIVE_K3 = dict(NATIVE, num_local_experts=6, num_experts_per_tok=3)
+
+
+def _model(geometry=NATIVE, seed=0):
+    model, _ = build_pair(geometry, seed=seed)
+    return model.to(torch.bfloat16)
+
+
+class _Calls:
+    """Counts the C calls, and the ones that left the routing to the operator path."""
+
+    def __init__(self, monkeypatch):
+        self.taken = {"in": 0, "out": 0}
+        self.undecided = {"in": 0, "out": 0}
+        attention_in, attention_out = kernels.attention_in, kernels.attention_out
+
+        def counted_in(*args):
+            result = attention_in(*args)
+            self.taken["in"] += 1
+            self.undecided["in"] += result is None
+            return result
+
+        def counted_out(*args):
+            result = attention_out(*args)
+            self.taken["out"] += 1
+            self.undecided["out"] += result[2] is None
+            return result
+
+        monkeypatch.setattr(kernels, "attention_in", counted_in)
+        monkeypatch.setattr(kernels, "attention_out", counted_out)
+
+
+def _greedy(model, ids, attention_mask=None, new_tokens=12):
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=attention_mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences, torch.stack(out.logits)
+
+
+def _operator_path(monkeypatch):
+    monkeypatch.setattr(native_decode, "applies", lambda *args: False)
+
+
+@pytest.mark.parametrize("geometry", [NATIVE, NATIVE_K3], ids=["top2", "top3"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_greedy_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, geometry, batch):
+    model = _model(geometry)
+    ids = random_ids(batch, 9)
+    calls = _Calls(monkeypatch)
+    sequences, logits = _greedy(model, ids)
+    slots = batch * geometry["num_experts_per_tok"]
+    if slots <= routing.FEW_SLOTS:  # the decode steps (11 of them) take the C path in every layer
+        assert calls.taken["in"] == calls.taken["out"] == 11 * geometry["num_hidden_layers"]
+    else:
+        assert calls.taken["in"] == 0
+    monkeypatch.undo()
+    _operator_path(monkeypatch)
+    expected_sequences, expected_logits = _greedy(model, ids)
+    assert torch.equal(sequences, expected_sequences)
+    assert torch.equal(logits, expected_logits)
+
+
+def test_left_padded_batch_is_the_operator_paths_bit_for_bit(monkeypatch):
+    """Rows of different lengths: the padding mask reaches attention as the operator path's."""
+    model = _model()
+    ids = random_ids(2, 10)
+    mask = padding_mask([10, 6], 10, "left")
+    calls = _Calls(monkeypatch)
+    sequences, logits = _greedy(model, ids, mask)
+    assert calls.taken["in"] > 0
+    monkeypatch.undo()
+    _operator_path(monkeypatch)
+    expected_sequences, expected_logits = _greedy(model, ids, mask)
+    assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected_logits)
+
+
+@pytest.mark.parametrize("router", ["self_attention.experts.router", "mlp.router"])
+def test_a_tied_router_leaves_the_choice_to_the_operator_path(monkeypatch, router):
+    """All-zero router weights tie every logit: PyTorch's topk decides, so the C calls hand that part back."""
+    model = _model()
+    with torch.no_grad():
+        model.model.layers[0].get_submodule(router).layer.weight.zero_()
+    ids = random_ids(1, 9)
+    calls = _Calls(monkeypatch)
+    sequences, logits = _greedy(model, ids)
+    side = "in" if router.startswith("self_attention") else "out"
+    assert calls.undecided[side] == 11  # layer 0 of each decode step
+    assert calls.undecided["in" if side == "out" else "out"] == 0
+    monkeypatch.undo()
+    _operator_path(monkeypatch)
+    expected_sequences, expected_logits = _greedy(model, ids)
+    assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected_logits)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_router_gates_are_pytorchs_softmax(seed):
+    """Many random tokens through the attention router: logits, choices and gates as TopKRouter gives them."""
+    model = _model(NATIVE_K3, seed=seed)
+    layer = model.model.layers[0]
+    attention = layer.self_attention
+    generator = torch.Generator().manual_seed(seed)
+    cos = torch.ones(1, 1, attention.head_dim, dtype=torch.bfloat16)
+    for _ in range(64):
+        x = (3 * torch.randn(1, 1, NATIVE_K3["hidden_size"], generator=generator)).to(torch.bfloat16)
+        with torch.no_grad():
+            plan = attention.experts.router(layer.input_layernorm(x).view(1, -1))
+        routed = kernels.attention_in(
+            x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
+            attention.experts.router.layer.weight, attention.top_k, attention.experts.input_linear.weight,
+            attention.kv_proj.weight, cos, torch.zeros_like(cos),
+        )  # fmt: skip
+        if routed is None:  # a tie at the cut: nothing to compare
+            continue
+        logits, chosen, gates = routed[:3]
+        assert torch.equal(logits, plan.router_logits)
+        assert torch.equal(chosen, plan.expert_ids)
+        assert torch.equal(gates, plan.gates)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_the_routers_softmax_is_pytorchs_bit_for_bit(k):
+    """The gates before their rounding to bf16 (after it, an ulp of fp32 almost never shows): 2^18 rows of
+    bf16-valued logits, top k of them in descending order, as the routers see them."""
+    logits = torch.randn(1 << 18, 8, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16).float()
+    top = logits.topk(k, dim=-1).values
+    assert torch.equal(kernels.softmax_sorted(top), torch.softmax(top, dim=-1))
+
+
+def test_applies_only_where_the_operator_path_takes_a_few_token_plan_in_bf16():
+    model = _model()
+    layer = model.model.layers[0]
+    one = torch.randn(1, 1, NATIVE["hidden_size"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert native_decode.applies(layer, one, output_attentions=False)
+        assert not native_decode.applies(layer, one, output_attentions=True)  # probabilities: the operator path
+        assert not native_decode.applies(layer, one.float(), output_attentions=False)
+        many = one.expand(1, routing.FEW_SLOTS, -1)  # more slots than a few-token plan takes
+        assert not native_decode.applies(layer, many, output_attentions=False)
+    assert not native_decode.applies(layer, one, output_attentions=False)  # autograd on
+    with torch.no_grad():
+        assert not native_decode.applies(_model().float().model.layers[0], one.float(), output_attentions=False)
+        quantized = _model()
+        quantize_model(quantized)
+        assert not native_decode.applies(quantized.model.layers[0], one, output_attentions=False)
+
+
+def test_bad_shapes_are_rejected_with_the_problem_named():
+    model = _model()
+    layer = model.model.layers[0]
+    attention = layer.self_attention
+    x = torch.randn(1, 1, NATIVE["hidden_size"], dtype=torch.bfloat16)
+    cos = torch.ones(1, 1, attention.head_dim, dtype=torch.bfloat16)
+    args = (
+        layer.input_layernorm.weight, 1e-6, attention.experts.router.layer.weight, attention.top_k,
+        attention.experts.input_linear.weight, attention.kv_proj.weight,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="attention_in"):
+        kernels.attention_in(x.float(), *args, cos, cos)
+    with pytest.raises(ValueError, match="attention_in"):
+        kernels.attention_in(x, *args, cos[..., :16], cos[..., :16])
+    with pytest.raises(ValueError, match="slots"):
+        kernels.attention_in(x.expand(1, 9, -1).contiguous(), *args, cos.expand(1, 9, -1), cos.expand(1, 9, -1))
+    mlp, moa = layer.mlp, attention.experts
+    attended = torch.zeros(2, attention.num_key_value_heads * attention.head_dim, dtype=torch.bfloat16)
+    chosen, gates = torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 2, dtype=torch.bfloat16)
+    out_args = (
+        moa.output_linear.weight, chosen, gates, moa.bias, layer.post_attention_layernorm.weight, 1e-6,
+        mlp.router.layer.weight, mlp.input_linear.weight, mlp.output_linear.weight, mlp.bias,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="attention_out"):
+        kernels.attention_out(x.view(1, -1), attended[:1], *out_args)
+    with pytest.raises(ValueError, match="attention_out"):
+        kernels.attention_out(x.view(1, -1), attended, *out_args[:1], chosen.int(), *out_args[2:])
