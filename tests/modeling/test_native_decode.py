@@ -9,7 +9,7 @@ import torch
 from oracle_pair import TINY, build_pair, padding_mask, random_ids
 
 from jetmoe.generation.quantize import quantize_model
-from jetmoe.modeling import native_decode, routing
+from jetmoe.modeling import native_decode
 from jetmoe.ops import native
 from jetmoe.ops.native import decode as kernels
 
@@ -64,19 +64,20 @@ def _greedy(model, ids, attention_mask=None, new_tokens=12):
 
 
 def _operator_path(monkeypatch):
-    monkeypatch.setattr(native_decode, "applies", lambda *args: False)
+    monkeypatch.setattr(native_decode, "applicable", lambda *args: None)
 
 
 @pytest.mark.parametrize("geometry", [NATIVE, NATIVE_K3], ids=["top2", "top3"])
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
 def test_greedy_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, geometry, batch):
+    """Few-token plans (batch 1, 2) and sorted plans (up to 16 slots) on the operator path."""
     model = _model(geometry)
     ids = random_ids(batch, 9)
     calls = _Calls(monkeypatch)
     sequences, logits = _greedy(model, ids)
-    slots = batch * geometry["num_experts_per_tok"]
-    if slots <= routing.FEW_SLOTS:  # the decode steps (11 of them) take the C path in every layer
-        assert calls.taken["in"] == calls.taken["out"] == 11 * geometry["num_hidden_layers"]
+    if batch * geometry["num_experts_per_tok"] <= native_decode.MAX_SLOTS:  # every layer of the 11 decode steps
+        assert calls.taken["in"] == 11 * geometry["num_hidden_layers"]
+        assert calls.taken["out"] == calls.taken["in"] - calls.undecided["in"]  # a tie: that layer's operator path
     else:
         assert calls.taken["in"] == 0
     monkeypatch.undo()
@@ -152,22 +153,30 @@ def test_the_routers_softmax_is_pytorchs_bit_for_bit(k):
     assert torch.equal(kernels.softmax_sorted(top), torch.softmax(top, dim=-1))
 
 
-def test_applies_only_where_the_operator_path_takes_a_few_token_plan_in_bf16():
+def test_applicable_only_where_the_operator_path_takes_a_few_token_plan_in_bf16():
     model = _model()
     layer = model.model.layers[0]
     one = torch.randn(1, 1, NATIVE["hidden_size"], dtype=torch.bfloat16)
     with torch.no_grad():
-        assert native_decode.applies(layer, one, output_attentions=False)
-        assert not native_decode.applies(layer, one, output_attentions=True)  # probabilities: the operator path
-        assert not native_decode.applies(layer, one.float(), output_attentions=False)
-        many = one.expand(1, routing.FEW_SLOTS, -1)  # more slots than a few-token plan takes
-        assert not native_decode.applies(layer, many, output_attentions=False)
-    assert not native_decode.applies(layer, one, output_attentions=False)  # autograd on
+        assert native_decode.applicable(layer, one, output_attentions=False)
+        assert not native_decode.applicable(layer, one, output_attentions=True)  # probabilities: the operator path
+        assert not native_decode.applicable(layer, one.float(), output_attentions=False)
+        eight = one.expand(1, native_decode.MAX_TOKENS, -1)
+        assert native_decode.applicable(layer, eight, output_attentions=False)
+        nine = one.expand(1, native_decode.MAX_TOKENS + 1, -1)  # a prompt: the operator path's other kernels
+        assert not native_decode.applicable(layer, nine, output_attentions=False)
+    assert not native_decode.applicable(layer, one, output_attentions=False)  # autograd on
     with torch.no_grad():
-        assert not native_decode.applies(_model().float().model.layers[0], one.float(), output_attentions=False)
-        quantized = _model()
-        quantize_model(quantized)
-        assert not native_decode.applies(quantized.model.layers[0], one, output_attentions=False)
+        assert not native_decode.applicable(_model().float().model.layers[0], one.float(), output_attentions=False)
+        # what a layer was prepared with is rebuilt when its modules are replaced or change dtype
+        changed = _model()
+        assert native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
+        changed.float()
+        assert not native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
+        changed.to(torch.bfloat16)
+        assert native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
+        quantize_model(changed)
+        assert not native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
 
 
 def test_bad_shapes_are_rejected_with_the_problem_named():

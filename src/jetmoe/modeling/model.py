@@ -105,8 +105,10 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        if native_decode.applies(self, hidden_states, output_attentions):  # decoding: the same steps in C
-            done = native_decode.layer_forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        prepared = native_decode.applicable(self, hidden_states, output_attentions)
+        if prepared is not None:  # decoding: the same steps in two C calls
+            args = (hidden_states, position_embeddings, attention_mask, cache)
+            done = native_decode.layer_forward(self, prepared, *args, **kwargs)
             if done is not None:
                 return done
         attn_out, attn_probs, moa_logits = self.self_attention(

@@ -8,33 +8,76 @@ path's bit for bit (each step is the kernel that path runs; tests/modeling/test_
 whole model). Where a router's choice would hang on a tie or a non-finite logit, that part of the layer
 runs the operator path.
 
-It runs where the operator path would take its few-token plan in bf16 with the C kernels (CPU, no autograd,
-at most FEW_SLOTS slots, outside torch.compile), for layers whose modules are the model's own (not int8 or
-other replacements) with bf16 weights, SiLU experts and widths the kernels take.
+It runs for CPU inference in bf16 outside torch.compile, up to 8 tokens (a decoding batch) and 16 slots,
+where the operator path runs all of a layer's products through the same C kernel, for layers whose modules
+are the model's own (not int8 or other replacements) with bf16 weights, SiLU experts and widths the kernels
+take. The slots are grouped by expert as the sorted plan groups them, so each expert's weights are read once.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from ..ops import native
+from ..ops import dense, grouped_matmul, native
 from ..ops.dense import Linear
 from ..ops.native import decode as kernels
 from .experts import ParallelExperts
-from .routing import use_few_token_plan
+from .norm_rotary import JetMoeRMSNorm
 
 
-def _layer_ok(layer) -> bool:
-    attention, mlp = layer.self_attention, layer.mlp
-    moa = attention.experts
-    linears = (moa.router.layer, mlp.router.layer, attention.kv_proj)
-    experts = (moa.input_linear, moa.output_linear, mlp.input_linear, mlp.output_linear)
-    if not (all(type(m) is Linear and m.bias is None for m in linears) and all(type(m) is ParallelExperts for m in experts)):
-        return False  # replaced modules (int8, adapters): the operator path knows them
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    tensors = [m.weight for m in (*linears, *experts, *norms)] + [moa.bias, mlp.bias]
-    return (
-        all(t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous() for t in tensors)
+# The modules whose weights the C calls read, in this order, and the types they must have: the model's own
+# (replacements such as int8 or adapter modules compute something else, and the operator path knows them).
+_PARTS = (
+    ("input_layernorm",),
+    ("self_attention", "experts", "router", "layer"),
+    ("self_attention", "experts", "input_linear"),
+    ("self_attention", "kv_proj"),
+    ("self_attention", "experts", "output_linear"),
+    ("post_attention_layernorm",),
+    ("mlp", "router", "layer"),
+    ("mlp", "input_linear"),
+    ("mlp", "output_linear"),
+)
+_TYPES = (JetMoeRMSNorm, Linear, ParallelExperts, Linear, ParallelExperts, JetMoeRMSNorm, Linear, ParallelExperts, ParallelExperts)
+
+
+class _Layer(NamedTuple):
+    """What the two C calls need from a layer (weights in _PARTS order, then the MoA and MoE biases)."""
+
+    weights: tuple[torch.Tensor, ...]
+    input_eps: float
+    post_eps: float
+    top_k: int
+    kv_heads: int
+    head_dim: int
+
+
+def _part(layer, path: tuple[str, ...]):
+    module = layer
+    for name in path:  # nn.Module's attribute lookup costs ~1 us a name; this runs for every layer and step
+        module = module._modules[name]
+    return module
+
+
+def _prepare(layer) -> _Layer | None:
+    """The layer's C-call inputs, or None where the C calls do not take this layer. Cached on the layer and
+    rebuilt when a module or parameter is replaced or changes dtype (`.to()` keeps the Parameter objects)."""
+    modules = tuple(_part(layer, path) for path in _PARTS)
+    if any(type(module) is not expected for module, expected in zip(modules, _TYPES)):
+        return None
+    attention, mlp = layer._modules["self_attention"], layer._modules["mlp"]
+    moa = attention._modules["experts"]
+    weights = tuple(module._parameters["weight"] for module in modules)
+    weights += (moa._parameters["bias"], mlp._parameters["bias"])
+    key = (*modules, *weights, *(w.dtype for w in weights))
+    cached = layer.__dict__.get("_native_decode")  # (key, prepared): the key's objects compared by identity
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    ok = (
+        all(m.bias is None for m in (modules[1], modules[3], modules[6]))
+        and all(w.dtype == torch.bfloat16 and w.is_cpu and w.is_contiguous() for w in weights)
         and mlp.silu
         and moa.router.top_k == mlp.router.top_k
         and attention.config.hidden_size % 32 == 0
@@ -42,37 +85,59 @@ def _layer_ok(layer) -> bool:
         and mlp.input_linear.output_size % 64 == 0
         and max(moa.router.num_experts, mlp.router.num_experts) <= 64
     )
+    prepared = None
+    if ok:
+        prepared = _Layer(
+            weights, modules[0].variance_epsilon, modules[5].variance_epsilon, attention.top_k,
+            attention.num_key_value_heads, attention.head_dim,
+        )  # fmt: skip
+    layer.__dict__["_native_decode"] = (key, prepared)
+    return prepared
 
 
-def applies(layer, hidden_states: torch.Tensor, output_attentions: bool) -> bool:
-    """Whether `layer_forward` takes this call."""
-    return (
-        not output_attentions
-        and hidden_states.dtype == torch.bfloat16
-        and not torch.compiler.is_compiling()
-        and use_few_token_plan(hidden_states.reshape(-1, hidden_states.shape[-1]), layer.mlp.router.top_k)
-        and native.available()
-        and _layer_ok(layer)
-    )
+# Up to this many tokens and slots the operator path runs every product of a layer through the C kernel the
+# C calls use (dense layers: ops/dense.py; expert products: ops/grouped_matmul.py), so the two agree bit for
+# bit; beyond, it takes other kernels (oneDNN), and so does a prompt.
+MAX_TOKENS = dense._NATIVE_MAX_ROWS
+MAX_SLOTS = min(grouped_matmul._NATIVE_MAX_ROWS, kernels.MAX_SLOTS)
 
 
-def layer_forward(layer, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
-    """JetMoeDecoderLayer.forward for `applies` calls: (output [B, T, H], None, (MoA logits, MoE logits)); None
-    where the MoA router's choice is not decided here (the caller runs the operator path)."""
-    attention, mlp = layer.self_attention, layer.mlp
-    moa = attention.experts
+def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _Layer | None:
+    """The layer's C-call inputs where `layer_forward` takes this call (CPU inference in bf16, outside
+    torch.compile, at most MAX_TOKENS tokens and MAX_SLOTS slots), else None."""
+    if (
+        output_attentions
+        or hidden_states.dtype != torch.bfloat16
+        or not hidden_states.is_cpu
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    tokens = hidden_states.numel() // hidden_states.shape[-1]
+    if tokens > MAX_TOKENS or not native.available():
+        return None
+    prepared = _prepare(layer)
+    if prepared is None or tokens * prepared.top_k > MAX_SLOTS:
+        return None
+    return prepared
+
+
+def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
+    """JetMoeDecoderLayer.forward for a call `applicable` prepared: (output [B, T, H], None, (MoA logits, MoE
+    logits)); None where the MoA router's choice is not decided here (the caller runs the operator path)."""
+    input_norm, moa_router, query_w, kv_w, output_w, post_norm, mlp_router, w1, w2, moa_bias, mlp_bias = prepared.weights
+    k, kv_heads, head_dim = prepared.top_k, prepared.kv_heads, prepared.head_dim
     batch, length, hidden = hidden_states.shape
-    k, kv_heads, head_dim = attention.top_k, attention.num_key_value_heads, attention.head_dim
     x = hidden_states.contiguous()
     cos, sin = position_embeddings
     routed = kernels.attention_in(
-        x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, moa.router.layer.weight, k,
-        moa.input_linear.weight, attention.kv_proj.weight, cos.contiguous(), sin.contiguous(),
-    )  # fmt: skip
+        x, input_norm, prepared.input_eps, moa_router, k, query_w, kv_w, cos.contiguous(), sin.contiguous()
+    )
     if routed is None:
         return None
     moa_logits, chosen, gates, queries, kv, keys = routed
 
+    attention = layer._modules["self_attention"]
     query = queries.view(batch, length, k, kv_heads, head_dim).permute(0, 3, 2, 1, 4)  # [B, Nkv, k, T, D]
     key = keys.transpose(1, 2)
     value = kv.view(batch, length, 2, kv_heads, head_dim)[:, :, 1].transpose(1, 2)
@@ -81,12 +146,12 @@ def layer_forward(layer, hidden_states, position_embeddings, attention_mask, cac
     out, _ = attention._attend(query, key, value, attention_mask, False, **kwargs)
     attended = out.permute(0, 3, 2, 1, 4).reshape(batch * length * k, kv_heads * head_dim)
 
-    norm = layer.post_attention_layernorm
     h, moe_logits, output = kernels.attention_out(
-        x.view(-1, hidden), attended, moa.output_linear.weight, chosen, gates, moa.bias, norm.weight,
-        norm.variance_epsilon, mlp.router.layer.weight, mlp.input_linear.weight, mlp.output_linear.weight, mlp.bias,
+        x.view(-1, hidden), attended, output_w, chosen, gates, moa_bias, post_norm, prepared.post_eps, mlp_router,
+        w1, w2, mlp_bias,
     )  # fmt: skip
     if output is None:  # the MoE router's choice is the operator path's to make
-        mlp_out, moe_logits = mlp(norm(h.view(batch, length, hidden)))
-        return h.view(batch, length, hidden) + mlp_out, None, (moa_logits, moe_logits)
+        h = h.view(batch, length, hidden)
+        mlp_out, moe_logits = layer.mlp(layer.post_attention_layernorm(h))
+        return h + mlp_out, None, (moa_logits, moe_logits)
     return output.view(batch, length, hidden), None, (moa_logits, moe_logits)

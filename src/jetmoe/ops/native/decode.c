@@ -109,16 +109,34 @@ static int route(const uint16_t *normed, int64_t tokens, int64_t hidden, const u
     return 0;
 }
 
-/* Each token's row once per choice ([N, H] -> [N * k, H], slot order) and the expert of each slot as gemv
- * groups (expert, slot, slot + 1). */
-static void slot_rows(const uint16_t *x, int64_t tokens, int64_t hidden, int64_t k, const int64_t *chosen,
-                      uint16_t *repeated, int64_t *groups) {
-    for (int64_t s = 0; s < tokens * k; s++) {
-        memcpy(repeated + s * hidden, x + (s / k) * hidden, hidden * sizeof *x);
-        groups[3 * s] = chosen[s];
-        groups[3 * s + 1] = s;
-        groups[3 * s + 2] = s + 1;
+/* The slots (token n's j-th choice is slot n * k + j) grouped by expert, as the operator path's sorted plan
+ * orders them: order[g] is the slot at grouped row g (slots of one expert in slot order, experts in order),
+ * position[s] the grouped row of slot s, and groups the gemv groups (expert, first row, end row). Returns
+ * the number of groups. Each expert's weights are then read once for all of its rows. */
+static int64_t group_slots(const int64_t *chosen, int64_t slots, int64_t experts, int64_t *order, int64_t *position,
+                           int64_t *groups) {
+    int64_t rows = 0, count = 0;
+    for (int64_t e = 0; e < experts; e++) {
+        int64_t first = rows;
+        for (int64_t s = 0; s < slots; s++) {
+            if (chosen[s] != e) continue;
+            order[rows] = s;
+            position[s] = rows++;
+        }
+        if (rows > first) {
+            groups[3 * count] = e;
+            groups[3 * count + 1] = first;
+            groups[3 * count + 2] = rows;
+            count++;
+        }
     }
+    return count;
+}
+
+/* rows[order[g] / per] for each grouped row g: each slot's token row (per = k), or each slot's own row (per = 1). */
+static void gather_rows(const uint16_t *rows, int64_t width, const int64_t *order, int64_t count, int64_t per,
+                        uint16_t *out) {
+    for (int64_t g = 0; g < count; g++) memcpy(out + g * width, rows + (order[g] / per) * width, width * sizeof *out);
 }
 
 /* Before attention, for x [B, T, H] (N = B * T tokens):
@@ -133,31 +151,29 @@ int jetmoe_decode_attention_in(const uint16_t *x, int64_t batch, int64_t length,
                                uint16_t *queries, uint16_t *kv, uint16_t *keys, int threads) {
     const int64_t tokens = batch * length, slots = tokens * k, width = kv_heads * head_dim;
     if (experts > MAX_EXPERTS || slots > MAX_SLOTS) return -1;
-    uint16_t *normed = malloc((size_t)(tokens + slots) * hidden * sizeof *normed);
-    uint16_t *projected = malloc((size_t)slots * width * sizeof *projected);
-    if (!normed || !projected) {
-        free(normed);
-        free(projected);
-        return -1;
-    }
-    uint16_t *repeated = normed + tokens * hidden;
-    int64_t groups[3 * MAX_SLOTS], dense[3] = {0, 0, tokens};
+    uint16_t *normed = malloc((size_t)(tokens * hidden + slots * hidden + 2 * slots * width) * sizeof *normed);
+    if (!normed) return -1;
+    uint16_t *grouped = normed + tokens * hidden, *projected = grouped + slots * hidden;
+    uint16_t *in_slot_order = projected + slots * width;
+    int64_t groups[3 * MAX_SLOTS], order[MAX_SLOTS], position[MAX_SLOTS], dense[3] = {0, 0, tokens};
     int status = 0;
     jetmoe_rms_norm(x, norm_w, normed, NULL, tokens, hidden, eps, BF16, threads);
     if (route(normed, tokens, hidden, router_w, experts, k, logits, chosen, gates, threads)) {
         status = 1;
         goto done;
     }
-    slot_rows(normed, tokens, hidden, k, chosen, repeated, groups);
-    jetmoe_bf16_gemv(query_w, width, hidden, repeated, groups, slots, projected, threads);
-    jetmoe_rotary(projected, length * k * width, k * width, head_dim, cos, sin, cos_sb, queries, batch, length,
+    int64_t n_groups = group_slots(chosen, slots, experts, order, position, groups);
+    gather_rows(normed, hidden, order, slots, k, grouped);
+    jetmoe_bf16_gemv(query_w, width, hidden, grouped, groups, n_groups, projected, threads);
+    for (int64_t s = 0; s < slots; s++)
+        memcpy(in_slot_order + s * width, projected + position[s] * width, width * sizeof *projected);
+    jetmoe_rotary(in_slot_order, length * k * width, k * width, head_dim, cos, sin, cos_sb, queries, batch, length,
                   k * kv_heads, head_dim, 0, BF16, threads);
     jetmoe_bf16_gemv(kv_w, 2 * width, hidden, normed, dense, 1, kv, threads);
     jetmoe_rotary(kv, length * 2 * width, 2 * width, head_dim, cos, sin, cos_sb, keys, batch, length, kv_heads,
                   head_dim, 0, BF16, threads);
 done:
     free(normed);
-    free(projected);
     return status;
 }
 
@@ -185,22 +201,19 @@ int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidde
                                 float *logits, uint16_t *out, int threads) {
     const int64_t slots = tokens * k;
     if (experts > MAX_EXPERTS || slots > MAX_SLOTS) return -1;
-    const int64_t widest = 2 * inner > hidden ? 2 * inner : hidden;
-    uint16_t *buffer = malloc((size_t)(slots * widest + slots * hidden + slots * inner + 2 * tokens * hidden) * 2);
+    const int64_t widest = 2 * inner > hidden ? 2 * inner : hidden, inputs = hidden > width ? hidden : width;
+    uint16_t *buffer = malloc((size_t)(slots * widest + slots * inputs + slots * inner + 2 * tokens * hidden) * 2);
     if (!buffer) return -1;
-    uint16_t *products = buffer, *repeated = products + slots * widest, *activated = repeated + slots * hidden;
+    uint16_t *products = buffer, *grouped = products + slots * widest, *activated = grouped + slots * inputs;
     uint16_t *summed = activated + slots * inner, *normed = summed + tokens * hidden;
-    int64_t groups[3 * MAX_SLOTS], chosen[MAX_SLOTS];
+    int64_t groups[3 * MAX_SLOTS], order[MAX_SLOTS], position[MAX_SLOTS], chosen[MAX_SLOTS];
     uint16_t gates[MAX_SLOTS];
     int status = 0;
 
-    for (int64_t s = 0; s < slots; s++) {
-        groups[3 * s] = attn_chosen[s];
-        groups[3 * s + 1] = s;
-        groups[3 * s + 2] = s + 1;
-    }
-    jetmoe_bf16_gemv(output_w, hidden, width, attended, groups, slots, products, threads);
-    jetmoe_combine(products, NULL, attn_gates, attn_bias, summed, tokens, k, hidden, BF16, threads);
+    int64_t n_groups = group_slots(attn_chosen, slots, experts, order, position, groups);
+    gather_rows(attended, width, order, slots, 1, grouped);
+    jetmoe_bf16_gemv(output_w, hidden, width, grouped, groups, n_groups, products, threads);
+    jetmoe_combine(products, position, attn_gates, attn_bias, summed, tokens, k, hidden, BF16, threads);
     add_rows(x, summed, h, tokens * hidden);
 
     jetmoe_rms_norm(h, norm_w, normed, NULL, tokens, hidden, eps, BF16, threads);
@@ -208,11 +221,12 @@ int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidde
         status = 1;
         goto done;
     }
-    slot_rows(normed, tokens, hidden, k, chosen, repeated, groups);
-    jetmoe_bf16_gemv(w1, 2 * inner, hidden, repeated, groups, slots, products, threads);
+    n_groups = group_slots(chosen, slots, experts, order, position, groups);
+    gather_rows(normed, hidden, order, slots, k, grouped);
+    jetmoe_bf16_gemv(w1, 2 * inner, hidden, grouped, groups, n_groups, products, threads);
     jetmoe_silu_mul(products, activated, slots, inner, BF16, threads);
-    jetmoe_bf16_gemv(w2, hidden, inner, activated, groups, slots, products, threads);
-    jetmoe_combine(products, NULL, gates, mlp_bias, summed, tokens, k, hidden, BF16, threads);
+    jetmoe_bf16_gemv(w2, hidden, inner, activated, groups, n_groups, products, threads);
+    jetmoe_combine(products, position, gates, mlp_bias, summed, tokens, k, hidden, BF16, threads);
     add_rows(h, summed, out, tokens * hidden);
 done:
     free(buffer);
