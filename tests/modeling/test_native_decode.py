@@ -87,6 +87,21 @@ def test_greedy_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, geometry
     assert torch.equal(logits, expected_logits)
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_int8_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, batch):
+    """int8 projections (generation/quantize.py) go through the same int8 kernel on both paths."""
+    model = _model()
+    quantize_model(model)
+    ids = random_ids(batch, 9)
+    calls = _Calls(monkeypatch)
+    sequences, logits = _greedy(model, ids)
+    assert calls.taken["in"] == 11 * NATIVE["num_hidden_layers"]
+    monkeypatch.undo()
+    _operator_path(monkeypatch)
+    expected_sequences, expected_logits = _greedy(model, ids)
+    assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected_logits)
+
+
 def test_left_padded_batch_is_the_operator_paths_bit_for_bit(monkeypatch):
     """Rows of different lengths: the padding mask reaches attention as the operator path's."""
     model = _model()
@@ -133,8 +148,8 @@ def test_router_gates_are_pytorchs_softmax(seed):
             plan = attention.experts.router(layer.input_layernorm(x).view(1, -1))
         routed = kernels.attention_in(
             x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon,
-            attention.experts.router.layer.weight, attention.top_k, attention.experts.input_linear.weight,
-            attention.kv_proj.weight, cos, torch.zeros_like(cos),
+            attention.experts.router.layer.weight, attention.top_k, (attention.experts.input_linear.weight, None),
+            (attention.kv_proj.weight, None), cos, torch.zeros_like(cos),
         )  # fmt: skip
         if routed is None:  # a tie at the cut: nothing to compare
             continue
@@ -175,8 +190,11 @@ def test_applicable_only_where_the_operator_path_takes_a_few_token_plan_in_bf16(
         assert not native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
         changed.to(torch.bfloat16)
         assert native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
-        quantize_model(changed)
-        assert not native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
+        quantize_model(changed)  # int8 projections: taken, with their scales
+        prepared = native_decode.applicable(changed.model.layers[0], one, output_attentions=False)
+        assert prepared and all(scale is not None for _, scale in prepared.operands[2:5] + prepared.operands[7:])
+        changed.model.layers[0].self_attention.kv_proj = torch.nn.Linear(NATIVE["hidden_size"], 128, bias=False)
+        assert not native_decode.applicable(changed.model.layers[0], one, output_attentions=False)  # not ours
 
 
 def test_bad_shapes_are_rejected_with_the_problem_named():
@@ -187,7 +205,7 @@ def test_bad_shapes_are_rejected_with_the_problem_named():
     cos = torch.ones(1, 1, attention.head_dim, dtype=torch.bfloat16)
     args = (
         layer.input_layernorm.weight, 1e-6, attention.experts.router.layer.weight, attention.top_k,
-        attention.experts.input_linear.weight, attention.kv_proj.weight,
+        (attention.experts.input_linear.weight, None), (attention.kv_proj.weight, None),
     )  # fmt: skip
     with pytest.raises(ValueError, match="attention_in"):
         kernels.attention_in(x.float(), *args, cos, cos)
@@ -199,8 +217,8 @@ def test_bad_shapes_are_rejected_with_the_problem_named():
     attended = torch.zeros(2, attention.num_key_value_heads * attention.head_dim, dtype=torch.bfloat16)
     chosen, gates = torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 2, dtype=torch.bfloat16)
     out_args = (
-        moa.output_linear.weight, chosen, gates, moa.bias, layer.post_attention_layernorm.weight, 1e-6,
-        mlp.router.layer.weight, mlp.input_linear.weight, mlp.output_linear.weight, mlp.bias,
+        (moa.output_linear.weight, None), chosen, gates, moa.bias, layer.post_attention_layernorm.weight, 1e-6,
+        mlp.router.layer.weight, (mlp.input_linear.weight, None), (mlp.output_linear.weight, None), mlp.bias,
     )  # fmt: skip
     with pytest.raises(ValueError, match="attention_out"):
         kernels.attention_out(x.view(1, -1), attended[:1], *out_args)

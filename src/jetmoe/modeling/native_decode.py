@@ -9,13 +9,15 @@ whole model). Where a router's choice would hang on a tie or a non-finite logit,
 runs the operator path.
 
 It runs for CPU inference in bf16 outside torch.compile, up to 8 tokens (a decoding batch) and 16 slots,
-where the operator path runs all of a layer's products through the same C kernel, for layers whose modules
-are the model's own (not int8 or other replacements) with bf16 weights, SiLU experts and widths the kernels
-take. The slots are grouped by expert as the sorted plan groups them, so each expert's weights are read once.
+where the operator path runs all of a layer's products through the same C kernels, for layers whose modules
+are the model's own with bf16 weights, or int8 projections from generation/quantize.py (not other
+replacements), SiLU experts and widths the kernels take. The slots are grouped by expert as the sorted plan
+groups them, so each expert's weights are read once.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -27,26 +29,49 @@ from .experts import ParallelExperts
 from .norm_rotary import JetMoeRMSNorm
 
 
-# The modules whose weights the C calls read, in this order, and the types they must have: the model's own
-# (replacements such as int8 or adapter modules compute something else, and the operator path knows them).
+# The modules whose weights the C calls read, in this order, and what each may be: the model's own modules, or
+# for the projections the int8 ones of generation/quantize.py (other replacements, such as adapters, compute
+# something else, and the operator path knows them).
+_NORM, _ROUTER, _EXPERTS, _DENSE = "norm", "router", "experts", "dense"
 _PARTS = (
-    ("input_layernorm",),
-    ("self_attention", "experts", "router", "layer"),
-    ("self_attention", "experts", "input_linear"),
-    ("self_attention", "kv_proj"),
-    ("self_attention", "experts", "output_linear"),
-    ("post_attention_layernorm",),
-    ("mlp", "router", "layer"),
-    ("mlp", "input_linear"),
-    ("mlp", "output_linear"),
+    (("input_layernorm",), _NORM),
+    (("self_attention", "experts", "router", "layer"), _ROUTER),
+    (("self_attention", "experts", "input_linear"), _EXPERTS),
+    (("self_attention", "kv_proj"), _DENSE),
+    (("self_attention", "experts", "output_linear"), _EXPERTS),
+    (("post_attention_layernorm",), _NORM),
+    (("mlp", "router", "layer"), _ROUTER),
+    (("mlp", "input_linear"), _EXPERTS),
+    (("mlp", "output_linear"), _EXPERTS),
 )
-_TYPES = (JetMoeRMSNorm, Linear, ParallelExperts, Linear, ParallelExperts, JetMoeRMSNorm, Linear, ParallelExperts, ParallelExperts)
+
+
+@functools.cache
+def _int8_types() -> dict[str, type]:
+    from ..generation.quantize import Int8Linear, Int8ParallelExperts  # generation builds on modeling: import late
+
+    return {_DENSE: Int8Linear, _EXPERTS: Int8ParallelExperts}
+
+
+def _operand(module, role: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, None) for a float module, (int8 weight, scale) for an int8 projection, None for anything else."""
+    kind = type(module)
+    if (role == _NORM and kind is JetMoeRMSNorm) or (role == _EXPERTS and kind is ParallelExperts):
+        return module._parameters["weight"], None
+    if role in (_ROUTER, _DENSE) and kind is Linear:
+        return (module._parameters["weight"], None) if module.bias is None else None
+    if kind is _int8_types().get(role) and getattr(module, "bias", None) is None:
+        return module._buffers["weight_int8"], module._buffers["scale"]
+    return None
 
 
 class _Layer(NamedTuple):
-    """What the two C calls need from a layer (weights in _PARTS order, then the MoA and MoE biases)."""
+    """What the two C calls need from a layer: (weight, scale or None) per module in _PARTS order, the MoA and
+    MoE biases, and a few sizes."""
 
-    weights: tuple[torch.Tensor, ...]
+    operands: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+    moa_bias: torch.Tensor
+    mlp_bias: torch.Tensor
     input_eps: float
     post_eps: float
     top_k: int
@@ -54,30 +79,35 @@ class _Layer(NamedTuple):
     head_dim: int
 
 
-def _part(layer, path: tuple[str, ...]):
-    module = layer
-    for name in path:  # nn.Module's attribute lookup costs ~1 us a name; this runs for every layer and step
-        module = module._modules[name]
-    return module
-
-
 def _prepare(layer) -> _Layer | None:
     """The layer's C-call inputs, or None where the C calls do not take this layer. Cached on the layer and
-    rebuilt when a module or parameter is replaced or changes dtype (`.to()` keeps the Parameter objects)."""
-    modules = tuple(_part(layer, path) for path in _PARTS)
-    if any(type(module) is not expected for module, expected in zip(modules, _TYPES)):
-        return None
+    rebuilt when a module or tensor is replaced or changes dtype (`.to()` keeps the Parameter objects)."""
+    modules, operands = [], []
+    for path, role in _PARTS:
+        module = layer
+        for name in path:  # nn.Module's attribute lookup costs ~1 us a name; this runs in every layer and step
+            module = module._modules[name]
+        operand = _operand(module, role)
+        if operand is None:
+            return None
+        modules.append(module)
+        operands.append(operand)
     attention, mlp = layer._modules["self_attention"], layer._modules["mlp"]
-    moa = attention._modules["experts"]
-    weights = tuple(module._parameters["weight"] for module in modules)
-    weights += (moa._parameters["bias"], mlp._parameters["bias"])
-    key = (*modules, *weights, *(w.dtype for w in weights))
+    biases = (attention._modules["experts"]._parameters["bias"], mlp._parameters["bias"])
+    tensors = [t for operand in operands for t in operand if t is not None] + list(biases)
+    key = (*modules, *tensors, *(t.dtype for t in tensors))
     cached = layer.__dict__.get("_native_decode")  # (key, prepared): the key's objects compared by identity
     if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
         return cached[1]
+    moa = attention.experts
     ok = (
-        all(m.bias is None for m in (modules[1], modules[3], modules[6]))
-        and all(w.dtype == torch.bfloat16 and w.is_cpu and w.is_contiguous() for w in weights)
+        all(t.is_cpu and t.is_contiguous() for t in tensors)
+        and all(
+            weight.dtype == (torch.bfloat16 if scale is None else torch.int8)
+            and (scale is None or scale.dtype == torch.bfloat16)
+            for weight, scale in operands
+        )
+        and all(b.dtype == torch.bfloat16 for b in biases)
         and mlp.silu
         and moa.router.top_k == mlp.router.top_k
         and attention.config.hidden_size % 32 == 0
@@ -88,7 +118,7 @@ def _prepare(layer) -> _Layer | None:
     prepared = None
     if ok:
         prepared = _Layer(
-            weights, modules[0].variance_epsilon, modules[5].variance_epsilon, attention.top_k,
+            tuple(operands), *biases, modules[0].variance_epsilon, modules[5].variance_epsilon, attention.top_k,
             attention.num_key_value_heads, attention.head_dim,
         )  # fmt: skip
     layer.__dict__["_native_decode"] = (key, prepared)
@@ -125,33 +155,33 @@ def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _
 def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
     """JetMoeDecoderLayer.forward for a call `applicable` prepared: (output [B, T, H], None, (MoA logits, MoE
     logits)); None where the MoA router's choice is not decided here (the caller runs the operator path)."""
-    input_norm, moa_router, query_w, kv_w, output_w, post_norm, mlp_router, w1, w2, moa_bias, mlp_bias = prepared.weights
+    input_norm, moa_router, query, kv, output, post_norm, mlp_router, w1, w2 = prepared.operands
     k, kv_heads, head_dim = prepared.top_k, prepared.kv_heads, prepared.head_dim
     batch, length, hidden = hidden_states.shape
     x = hidden_states.contiguous()
     cos, sin = position_embeddings
     routed = kernels.attention_in(
-        x, input_norm, prepared.input_eps, moa_router, k, query_w, kv_w, cos.contiguous(), sin.contiguous()
+        x, input_norm[0], prepared.input_eps, moa_router[0], k, query, kv, cos.contiguous(), sin.contiguous()
     )
     if routed is None:
         return None
-    moa_logits, chosen, gates, queries, kv, keys = routed
+    moa_logits, chosen, gates, queries, projected_kv, keys = routed
 
     attention = layer._modules["self_attention"]
     query = queries.view(batch, length, k, kv_heads, head_dim).permute(0, 3, 2, 1, 4)  # [B, Nkv, k, T, D]
     key = keys.transpose(1, 2)
-    value = kv.view(batch, length, 2, kv_heads, head_dim)[:, :, 1].transpose(1, 2)
+    value = projected_kv.view(batch, length, 2, kv_heads, head_dim)[:, :, 1].transpose(1, 2)
     if cache is not None:
         key, value = cache.update(key, value, attention.layer_idx)
     out, _ = attention._attend(query, key, value, attention_mask, False, **kwargs)
     attended = out.permute(0, 3, 2, 1, 4).reshape(batch * length * k, kv_heads * head_dim)
 
-    h, moe_logits, output = kernels.attention_out(
-        x.view(-1, hidden), attended, output_w, chosen, gates, moa_bias, post_norm, prepared.post_eps, mlp_router,
-        w1, w2, mlp_bias,
+    h, moe_logits, layer_out = kernels.attention_out(
+        x.view(-1, hidden), attended, output, chosen, gates, prepared.moa_bias, post_norm[0], prepared.post_eps,
+        mlp_router[0], w1, w2, prepared.mlp_bias,
     )  # fmt: skip
-    if output is None:  # the MoE router's choice is the operator path's to make
+    if layer_out is None:  # the MoE router's choice is the operator path's to make
         h = h.view(batch, length, hidden)
         mlp_out, moe_logits = layer.mlp(layer.post_attention_layernorm(h))
         return h + mlp_out, None, (moa_logits, moe_logits)
-    return output.view(batch, length, hidden), None, (moa_logits, moe_logits)
+    return layer_out.view(batch, length, hidden), None, (moa_logits, moe_logits)

@@ -101,12 +101,12 @@ def load() -> ctypes.CDLL | None:
     library.jetmoe_combine.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
     library.jetmoe_combine_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
     library.jetmoe_decode_attention_in.argtypes = [
-        ptr, i64, i64, i64, ptr, f32, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr,
-        ctypes.c_int,
+        ptr, i64, i64, i64, ptr, f32, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr,
+        ptr, ptr, ctypes.c_int,
     ]
     library.jetmoe_decode_attention_out.argtypes = [
-        ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr,
-        ctypes.c_int,
+        ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr,
+        ptr, ptr, ctypes.c_int,
     ]
     library.jetmoe_softmax_sorted.argtypes = [ptr, i64, i64, ptr]
     library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]

@@ -15,8 +15,10 @@
  * the caller runs the operator path for that part of the layer.
  *
  * Shapes (N tokens, k choices, H hidden, E experts, A = Nkv * D attention width, I expert inner width), all
- * contiguous bf16 unless said: weights as the model stores them ([E, out, in] for experts, [out, in] dense).
- * The caller (ops/native/__init__.py) checks them; H, A and D are multiples of 32, 2I of 64.
+ * contiguous bf16 unless said: weights as the model stores them ([E, out, in] for experts, [out, in] dense);
+ * the projections may instead be int8 with per-row scales (see product). The caller (ops/native/decode.py)
+ * checks the shapes; H, A and D are multiples of 32, 2I of 64. Calls return 0, 1 (routing left to the caller,
+ * see below) or -1 (out of memory).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -30,6 +32,9 @@ enum { BF16 = 1 };
 
 int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, const int64_t *groups,
                      int64_t n_groups, uint16_t *y, int threads);
+int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_t rows, int64_t cols,
+                     const void *x, int x_dtype, int64_t m_rows, const int64_t *groups, int64_t n_groups, void *y,
+                     int y_dtype, int threads);
 int jetmoe_rms_norm(const void *x, const void *weight, void *out, float *inv_rms, int64_t rows, int64_t cols,
                     float eps, int dtype, int threads);
 int jetmoe_rotary(const void *x, int64_t sb, int64_t st, int64_t sh, const void *cos, const void *sin, int64_t cos_sb,
@@ -39,6 +44,16 @@ int jetmoe_combine(const void *y, const int64_t *rows, const void *gates, const 
                    int64_t tokens, int64_t k, int64_t hidden, int dtype, int threads);
 int jetmoe_silu_mul(const void *h, void *out, int64_t rows, int64_t inner, int dtype, int threads);
 float jetmoe_exp(float x);
+
+/* A weight product's operand: bf16 weights [E, rows, cols], or int8 ones with a bf16 scale per output row
+ * ([E, rows]) where scale is not NULL (generation/quantize.py's modules); the product is the kernel the operator
+ * path runs for it (gemv.c). x has m_rows rows; returns 0, or -1 when out of memory. */
+static int product(const void *w, const uint16_t *scale, int64_t rows, int64_t cols, const uint16_t *x, int64_t m_rows,
+                   const int64_t *groups, int64_t n_groups, uint16_t *y, int threads) {
+    if (scale)
+        return jetmoe_int8_gemv(w, scale, BF16, rows, cols, x, BF16, m_rows, groups, n_groups, y, BF16, threads);
+    return jetmoe_bf16_gemv(w, rows, cols, x, groups, n_groups, y, threads);
+}
 
 static inline float bf16_to_float(uint16_t bits) {
     uint32_t wide = (uint32_t)bits << 16;
@@ -75,13 +90,13 @@ int jetmoe_softmax_sorted(const float *values, int64_t rows, int64_t count, floa
  * not decided by distinct finite logits. */
 static int route(const uint16_t *normed, int64_t tokens, int64_t hidden, const uint16_t *router_w, int64_t experts,
                  int64_t k, float *logits, int64_t *chosen, uint16_t *gates, int threads) {
-    uint16_t product[MAX_SLOTS * MAX_EXPERTS];
+    uint16_t scores[MAX_SLOTS * MAX_EXPERTS];
     int64_t dense[3] = {0, 0, tokens};
-    jetmoe_bf16_gemv(router_w, experts, hidden, normed, dense, 1, product, threads);
+    jetmoe_bf16_gemv(router_w, experts, hidden, normed, dense, 1, scores, threads);
     for (int64_t n = 0; n < tokens; n++) {
         float *row = logits + n * experts;
         for (int64_t e = 0; e < experts; e++) {
-            row[e] = bf16_to_float(product[n * experts + e]);
+            row[e] = bf16_to_float(scores[n * experts + e]);
             if (!isfinite(row[e])) return 1;
         }
         int64_t *best = chosen + n * k;
@@ -145,8 +160,8 @@ static void gather_rows(const uint16_t *rows, int64_t width, const int64_t *orde
  *   kv = normed @ kv_w^T [B, T, 2, Nkv, D]; keys = rotary(kv[:, :, 0]) [B, T, Nkv, D]
  * cos and sin: [B or 1, T, D] (cos_sb: T * D, or 0 to share one table). */
 int jetmoe_decode_attention_in(const uint16_t *x, int64_t batch, int64_t length, int64_t hidden, const uint16_t *norm_w,
-                               float eps, const uint16_t *router_w, int64_t experts, int64_t k, const uint16_t *query_w,
-                               const uint16_t *kv_w, int64_t kv_heads, int64_t head_dim, const uint16_t *cos,
+                               float eps, const uint16_t *router_w, int64_t experts, int64_t k, const void *query_w,
+                               const uint16_t *query_scale, const void *kv_w, const uint16_t *kv_scale, int64_t kv_heads, int64_t head_dim, const uint16_t *cos,
                                const uint16_t *sin, int64_t cos_sb, float *logits, int64_t *chosen, uint16_t *gates,
                                uint16_t *queries, uint16_t *kv, uint16_t *keys, int threads) {
     const int64_t tokens = batch * length, slots = tokens * k, width = kv_heads * head_dim;
@@ -164,12 +179,18 @@ int jetmoe_decode_attention_in(const uint16_t *x, int64_t batch, int64_t length,
     }
     int64_t n_groups = group_slots(chosen, slots, experts, order, position, groups);
     gather_rows(normed, hidden, order, slots, k, grouped);
-    jetmoe_bf16_gemv(query_w, width, hidden, grouped, groups, n_groups, projected, threads);
+    if (product(query_w, query_scale, width, hidden, grouped, slots, groups, n_groups, projected, threads)) {
+        status = -1;
+        goto done;
+    }
     for (int64_t s = 0; s < slots; s++)
         memcpy(in_slot_order + s * width, projected + position[s] * width, width * sizeof *projected);
     jetmoe_rotary(in_slot_order, length * k * width, k * width, head_dim, cos, sin, cos_sb, queries, batch, length,
                   k * kv_heads, head_dim, 0, BF16, threads);
-    jetmoe_bf16_gemv(kv_w, 2 * width, hidden, normed, dense, 1, kv, threads);
+    if (product(kv_w, kv_scale, 2 * width, hidden, normed, tokens, dense, 1, kv, threads)) {
+        status = -1;
+        goto done;
+    }
     jetmoe_rotary(kv, length * 2 * width, 2 * width, head_dim, cos, sin, cos_sb, keys, batch, length, kv_heads,
                   head_dim, 0, BF16, threads);
 done:
@@ -194,11 +215,12 @@ static void add_rows(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_
  * Writes h always; returns 1 after h and the MoE logits when the MoE's routing is not decided (the caller
  * then runs the MoE on h itself), 0 with out written. */
 int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidden, int64_t k, const uint16_t *attended,
-                                int64_t width, const uint16_t *output_w, const int64_t *attn_chosen,
-                                const uint16_t *attn_gates, const uint16_t *attn_bias, const uint16_t *norm_w,
-                                float eps, const uint16_t *router_w, int64_t experts, const uint16_t *w1,
-                                int64_t inner, const uint16_t *w2, const uint16_t *mlp_bias, uint16_t *h,
-                                float *logits, uint16_t *out, int threads) {
+                                int64_t width, const void *output_w, const uint16_t *output_scale,
+                                const int64_t *attn_chosen, const uint16_t *attn_gates, const uint16_t *attn_bias,
+                                const uint16_t *norm_w, float eps, const uint16_t *router_w, int64_t experts,
+                                const void *w1, const uint16_t *w1_scale, int64_t inner, const void *w2,
+                                const uint16_t *w2_scale, const uint16_t *mlp_bias, uint16_t *h, float *logits,
+                                uint16_t *out, int threads) {
     const int64_t slots = tokens * k;
     if (experts > MAX_EXPERTS || slots > MAX_SLOTS) return -1;
     const int64_t widest = 2 * inner > hidden ? 2 * inner : hidden, inputs = hidden > width ? hidden : width;
@@ -212,7 +234,10 @@ int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidde
 
     int64_t n_groups = group_slots(attn_chosen, slots, experts, order, position, groups);
     gather_rows(attended, width, order, slots, 1, grouped);
-    jetmoe_bf16_gemv(output_w, hidden, width, grouped, groups, n_groups, products, threads);
+    if (product(output_w, output_scale, hidden, width, grouped, slots, groups, n_groups, products, threads)) {
+        status = -1;
+        goto done;
+    }
     jetmoe_combine(products, position, attn_gates, attn_bias, summed, tokens, k, hidden, BF16, threads);
     add_rows(x, summed, h, tokens * hidden);
 
@@ -223,9 +248,15 @@ int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidde
     }
     n_groups = group_slots(chosen, slots, experts, order, position, groups);
     gather_rows(normed, hidden, order, slots, k, grouped);
-    jetmoe_bf16_gemv(w1, 2 * inner, hidden, grouped, groups, n_groups, products, threads);
+    if (product(w1, w1_scale, 2 * inner, hidden, grouped, slots, groups, n_groups, products, threads)) {
+        status = -1;
+        goto done;
+    }
     jetmoe_silu_mul(products, activated, slots, inner, BF16, threads);
-    jetmoe_bf16_gemv(w2, hidden, inner, activated, groups, n_groups, products, threads);
+    if (product(w2, w2_scale, hidden, inner, activated, slots, groups, n_groups, products, threads)) {
+        status = -1;
+        goto done;
+    }
     jetmoe_combine(products, position, gates, mlp_bias, summed, tokens, k, hidden, BF16, threads);
     add_rows(h, summed, out, tokens * hidden);
 done:

@@ -1,9 +1,9 @@
 """Python side of decode.c: a JetMoE layer's steps for a few bf16 tokens, in one C call before attention and one
-after it. Bit for bit the operator path (the same kernels on the same inputs); see decode.c.
+after it. Bit for bit the operator path (the same kernels on the same inputs); see decode.c. The projections
+(not the routers) may be int8 with per-row scales, as generation/quantize.py makes them.
 
-The callers (modeling/native_decode.py) check `layer_ok` once per layer and the token count per call; the
-functions here check the shapes they rely on and raise ValueError naming the problem. No autograd, no
-torch.compile (the callers run the operator path there).
+The caller (modeling/native_decode.py) decides which layers and calls these take; the functions here check
+the shapes they rely on and raise ValueError naming the problem. No autograd, no torch.compile.
 """
 
 from __future__ import annotations
@@ -30,6 +30,23 @@ def _bf16_contiguous(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == _BF16 and t.is_cpu and t.is_contiguous() for t in tensors)
 
 
+Projection = tuple[torch.Tensor, torch.Tensor | None]  # (bf16 weight, None) or (int8 weight, bf16 scale per row)
+
+
+def _projection_ok(projection: Projection, shape: tuple[int, ...]) -> bool:
+    weight, scale = projection
+    if tuple(weight.shape) != shape or not (weight.is_cpu and weight.is_contiguous()):
+        return False
+    if scale is None:
+        return weight.dtype == _BF16
+    return weight.dtype == torch.int8 and _bf16_contiguous(scale) and tuple(scale.shape) == shape[:-1]
+
+
+def _pointers(projection: Projection) -> tuple[int, int | None]:
+    weight, scale = projection
+    return weight.data_ptr(), None if scale is None else scale.data_ptr()
+
+
 def softmax_sorted(values: torch.Tensor) -> torch.Tensor:
     """The routers' gates before rounding: softmax over each row of fp32 values [N, k] sorted best first, as
     `torch.softmax(values, dim=-1)` computes it on the CPU (the kernel the C router runs)."""
@@ -46,25 +63,26 @@ def attention_in(
     eps: float,
     router_w: torch.Tensor,
     top_k: int,
-    query_w: torch.Tensor,
-    kv_w: torch.Tensor,
+    query: Projection,
+    kv: Projection,
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> tuple[torch.Tensor, ...] | None:
     """x [B, T, H] -> (router logits fp32 [N, E], experts int64 [N, k], gates bf16 [N, k], rotated queries
     [B, T, k * Nkv, D], kv [B, T, 2 * Nkv * D], rotated keys [B, T, Nkv, D]); None where the routing is not
-    decided by distinct finite logits (run the operator path)."""
+    decided by distinct finite logits (run the operator path). query: the MoA experts' input projections
+    [E, A, H], kv: [2A, H]."""
     batch, length, hidden = x.shape
-    experts, width = query_w.shape[0], query_w.shape[1]
+    experts, width = query[0].shape[0], query[0].shape[1]
     head_dim = cos.shape[-1]
     tokens = batch * length
     _check(
         "decode attention_in",
-        _bf16_contiguous(x, norm_w, router_w, query_w, kv_w, cos, sin)
+        _bf16_contiguous(x, norm_w, router_w, cos, sin)
         and tuple(norm_w.shape) == (hidden,)
         and tuple(router_w.shape) == (experts, hidden)
-        and tuple(query_w.shape) == (experts, width, hidden)
-        and tuple(kv_w.shape) == (2 * width, hidden)
+        and _projection_ok(query, (experts, width, hidden))
+        and _projection_ok(kv, (2 * width, hidden))
         and cos.shape == sin.shape
         and cos.dim() == 3
         and cos.shape[0] in (1, batch)
@@ -75,8 +93,9 @@ def attention_in(
         and experts <= _MAX_EXPERTS
         and 1 <= top_k <= experts
         and tokens * top_k <= MAX_SLOTS,
-        f"x {tuple(x.shape)}, norm {tuple(norm_w.shape)}, router {tuple(router_w.shape)}, query {tuple(query_w.shape)}, "
-        f"kv {tuple(kv_w.shape)}, cos {tuple(cos.shape)}, top_k {top_k}: contiguous bf16 on the CPU, H and D "
+        f"x {tuple(x.shape)}, norm {tuple(norm_w.shape)}, router {tuple(router_w.shape)}, query "
+        f"{tuple(query[0].shape)} {query[0].dtype}, kv {tuple(kv[0].shape)} {kv[0].dtype}, cos {tuple(cos.shape)}, "
+        f"top_k {top_k}: contiguous on the CPU, bf16 (projections int8 with bf16 scales [..., out] also), H and D "
         f"multiples of 32, at most {MAX_SLOTS} slots",
     )
     kv_heads = width // head_dim
@@ -84,68 +103,69 @@ def attention_in(
     chosen = torch.empty(tokens, top_k, dtype=torch.int64)
     gates = torch.empty(tokens, top_k, dtype=_BF16)
     queries = torch.empty(batch, length, top_k * kv_heads, head_dim, dtype=_BF16)
-    kv = torch.empty(batch, length, 2 * width, dtype=_BF16)
+    kv_out = torch.empty(batch, length, 2 * width, dtype=_BF16)
     keys = torch.empty(batch, length, kv_heads, head_dim, dtype=_BF16)
     status = _kernels.load().jetmoe_decode_attention_in(
-        _ptr(x), batch, length, hidden, _ptr(norm_w), eps, _ptr(router_w), experts, top_k, _ptr(query_w),
-        _ptr(kv_w), kv_heads, head_dim, _ptr(cos), _ptr(sin), length * head_dim if cos.shape[0] > 1 else 0,
-        _ptr(logits), _ptr(chosen), _ptr(gates), _ptr(queries), _ptr(kv), _ptr(keys), torch.get_num_threads(),
+        _ptr(x), batch, length, hidden, _ptr(norm_w), eps, _ptr(router_w), experts, top_k, *_pointers(query),
+        *_pointers(kv), kv_heads, head_dim, _ptr(cos), _ptr(sin), length * head_dim if cos.shape[0] > 1 else 0,
+        _ptr(logits), _ptr(chosen), _ptr(gates), _ptr(queries), _ptr(kv_out), _ptr(keys), torch.get_num_threads(),
     )  # fmt: skip
     if status < 0:
         raise MemoryError("decode attention_in: out of memory")
-    return None if status else (logits, chosen, gates, queries, kv, keys)
+    return None if status else (logits, chosen, gates, queries, kv_out, keys)
 
 
 def attention_out(
     x: torch.Tensor,
     attended: torch.Tensor,
-    output_w: torch.Tensor,
+    output: Projection,
     chosen: torch.Tensor,
     gates: torch.Tensor,
     attn_bias: torch.Tensor,
     norm_w: torch.Tensor,
     eps: float,
     router_w: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
+    w1: Projection,
+    w2: Projection,
     mlp_bias: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x [N, H] (the layer's input), attended [N * k, A] (slot order) -> (h = x + attention output [N, H], MoE
     router logits fp32 [N, E], the layer's output [N, H]; None where the MoE's routing is not decided by
-    distinct finite logits: run the MoE on h)."""
+    distinct finite logits: run the MoE on h). output: the MoA experts' output projections [E, H, A]; w1
+    [E, 2I, H] and w2 [E, H, I]: the MoE experts'."""
     tokens, hidden = x.shape
     top_k = gates.shape[-1]
-    experts, inner2 = w1.shape[0], w1.shape[1]
-    width = output_w.shape[-1]
+    experts, inner2 = w1[0].shape[0], w1[0].shape[1]
+    width = output[0].shape[-1]
     _check(
         "decode attention_out",
-        _bf16_contiguous(x, attended, output_w, gates, attn_bias, norm_w, router_w, w1, w2, mlp_bias)
+        _bf16_contiguous(x, attended, gates, attn_bias, norm_w, router_w, mlp_bias)
         and chosen.dtype == torch.int64
         and chosen.is_contiguous()
         and tuple(chosen.shape) == tuple(gates.shape) == (tokens, top_k)
         and tuple(attended.shape) == (tokens * top_k, width)
-        and output_w.shape[1] == hidden
+        and _projection_ok(output, (experts, hidden, width))
         and tuple(attn_bias.shape) == tuple(mlp_bias.shape) == tuple(norm_w.shape) == (hidden,)
         and tuple(router_w.shape) == (experts, hidden)
-        and tuple(w1.shape) == (experts, inner2, hidden)
-        and tuple(w2.shape) == (experts, hidden, inner2 // 2)
-        and output_w.shape[0] == experts
+        and _projection_ok(w1, (experts, inner2, hidden))
+        and _projection_ok(w2, (experts, hidden, inner2 // 2))
         and hidden % 32 == 0
         and width % 32 == 0
         and inner2 % 64 == 0
         and experts <= _MAX_EXPERTS
         and tokens * top_k <= MAX_SLOTS,
-        f"x {tuple(x.shape)}, attended {tuple(attended.shape)}, output {tuple(output_w.shape)}, gates "
-        f"{tuple(gates.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}: contiguous bf16 on the CPU, H and A "
-        f"multiples of 32, 2I of 64, at most {MAX_SLOTS} slots",
+        f"x {tuple(x.shape)}, attended {tuple(attended.shape)}, output {tuple(output[0].shape)}, gates "
+        f"{tuple(gates.shape)}, w1 {tuple(w1[0].shape)}, w2 {tuple(w2[0].shape)}: contiguous on the CPU, bf16 "
+        f"(projections int8 with bf16 scales [..., out] also), H and A multiples of 32, 2I of 64, at most "
+        f"{MAX_SLOTS} slots",
     )
     h = torch.empty_like(x)
     logits = torch.empty(tokens, experts, dtype=torch.float32)
     out = torch.empty_like(x)
     status = _kernels.load().jetmoe_decode_attention_out(
-        _ptr(x), tokens, hidden, top_k, _ptr(attended), width, _ptr(output_w), _ptr(chosen), _ptr(gates),
-        _ptr(attn_bias), _ptr(norm_w), eps, _ptr(router_w), experts, _ptr(w1), inner2 // 2, _ptr(w2), _ptr(mlp_bias),
-        _ptr(h), _ptr(logits), _ptr(out), torch.get_num_threads(),
+        _ptr(x), tokens, hidden, top_k, _ptr(attended), width, *_pointers(output), _ptr(chosen), _ptr(gates),
+        _ptr(attn_bias), _ptr(norm_w), eps, _ptr(router_w), experts, *_pointers(w1), inner2 // 2, *_pointers(w2),
+        _ptr(mlp_bias), _ptr(h), _ptr(logits), _ptr(out), torch.get_num_threads(),
     )  # fmt: skip
     if status < 0:
         raise MemoryError("decode attention_out: out of memory")
