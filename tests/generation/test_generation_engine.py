@@ -208,3 +208,33 @@ def test_compiled_decode_backend_keeps_aten_matrix_vector_products():
     vector = torch.randn(1024, generator=generator).to(torch.bfloat16)
     compiled = torch.compile(lambda w, v: torch.mv(w, v) * 2, backend=_inductor_keeping_mv)
     assert torch.equal(compiled(weight, vector), torch.mv(weight, vector) * 2)
+
+
+def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_tokenizer, monkeypatch):
+    """bf16 on the CPU, a geometry jetmoe's C decoder layers take: rows of different lengths joining and leaving
+    a running batch of 3 (the cache's masks, slot moves) decode the tokens and logits of the operator path."""
+    from oracle_pair import TINY, build_pair
+
+    from jetmoe.modeling import native_decode
+
+    model, _ = build_pair(dict(TINY, hidden_size=64, kv_channels=32, intermediate_size=64))
+    model = model.to(torch.bfloat16)
+    prompts = [[5 + i for i in range(n)] for n in (3, 11, 6, 17, 8)]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    taken = []
+    original = native_decode.layer_forward
+    monkeypatch.setattr(native_decode, "layer_forward", lambda *args, **kwargs: taken.append(1) or original(*args, **kwargs))
+
+    def run():
+        engine, logits = Engine(model, toy_tokenizer, max_batch=3), []
+        decode = engine._decode_once
+        engine._decode_once = lambda *args: logits.append(decode(*args).clone()) or logits[-1]
+        return [c.token_ids for c in engine.generate(prompts, params)], logits
+
+    native, native_logits = run()
+    assert len(taken) > 20  # both layers of every decode step
+    monkeypatch.setattr(native_decode, "applicable", lambda *args: None)
+    operator, operator_logits = run()
+    assert native == operator and all(len(ids) == 10 for ids in native)
+    assert len(native_logits) == len(operator_logits) > 10
+    assert all(torch.equal(a, b) for a, b in zip(native_logits, operator_logits))
