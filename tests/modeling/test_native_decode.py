@@ -180,6 +180,7 @@ def test_applicable_only_where_the_operator_path_takes_a_few_token_plan_in_bf16(
         assert native_decode.applicable(layer, eight, output_attentions=False)
         nine = one.expand(1, native_decode.MAX_TOKENS + 1, -1)  # a prompt: the operator path's other kernels
         assert not native_decode.applicable(layer, nine, output_attentions=False)
+        assert not native_decode.applicable(layer, one[:, :0], output_attentions=False)  # no tokens
     assert not native_decode.applicable(layer, one, output_attentions=False)  # autograd on
     with torch.no_grad():
         assert not native_decode.applicable(_model().float().model.layers[0], one.float(), output_attentions=False)

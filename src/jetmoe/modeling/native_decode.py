@@ -143,8 +143,8 @@ def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _
         or torch.compiler.is_compiling()
     ):
         return None
-    tokens = hidden_states.numel() // hidden_states.shape[-1]
-    if tokens > MAX_TOKENS or not native.available():
+    tokens = hidden_states.numel() // max(hidden_states.shape[-1], 1)
+    if not 0 < tokens <= MAX_TOKENS or not native.available():
         return None
     prepared = _prepare(layer)
     if prepared is None or tokens * prepared.top_k > MAX_SLOTS:
