@@ -134,6 +134,25 @@ def test_a_tied_router_leaves_the_choice_to_the_operator_path(monkeypatch, route
     assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected_logits)
 
 
+def test_tied_choices_after_the_first_two_go_to_the_operator_path(monkeypatch):
+    """Top-3: two experts with the same router row always tie. Where they meet after the first choice, their
+    order would decide the order of the gated sum's additions, so that layer's routing is PyTorch's."""
+    model = _model(NATIVE_K3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for router in (layer.self_attention.experts.router, layer.mlp.router):
+                router.layer.weight[2] = router.layer.weight[1]
+    ids = random_ids(1, 9)
+    calls = _Calls(monkeypatch)
+    sequences, logits = _greedy(model, ids)
+    assert calls.undecided["in"] + calls.undecided["out"] > 0
+    assert calls.taken["out"] - calls.undecided["out"] > 0  # and the C path ran where there was no such tie
+    monkeypatch.undo()
+    _operator_path(monkeypatch)
+    expected_sequences, expected_logits = _greedy(model, ids)
+    assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected_logits)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_router_gates_are_pytorchs_softmax(seed):
     """Many random tokens through the attention router: logits, choices and gates as TopKRouter gives them."""

@@ -10,9 +10,8 @@
  * are the operator path's bit for bit. The router is the one step done here: its logits are rounded to bf16
  * (the product's dtype) and read as fp32, the top k taken best first, and the gates are PyTorch's CPU softmax
  * over those k logits (exp(l - max) with SLEEF's expf_u10 as in elementwise.c, summed in order, times one
- * over the sum) rounded to bf16. Where PyTorch's choice would hinge on its own tie-breaking (the k-th and
- * the next logit equal) or on a nan or inf, a call returns 1 having written nothing but what it reports, and
- * the caller runs the operator path for that part of the layer.
+ * over the sum) rounded to bf16. Where the result would hinge on PyTorch's own tie-breaking (see route) or on
+ * a nan or inf, a call returns 1, and the caller runs the operator path for that part of the layer.
  *
  * Shapes (N tokens, k choices, H hidden, E experts, A = Nkv * D attention width, I expert inner width), all
  * contiguous bf16 unless said: weights as the model stores them ([E, out, in] for experts, [out, in] dense);
@@ -109,12 +108,15 @@ static int route(const uint16_t *normed, int64_t tokens, int64_t hidden, const u
             }
             best[j] = pick;
         }
-        if (k < experts) { /* a tie across the cut: which expert PyTorch's topk keeps is its own business */
-            for (int64_t e = 0; e < experts; e++) {
-                int taken = 0;
-                for (int64_t i = 0; i < k; i++) taken |= best[i] == e;
-                if (!taken && row[e] == row[best[k - 1]]) return 1;
-            }
+        /* Ties PyTorch's topk breaks its own way: across the cut (which expert it keeps), or between chosen
+         * experts after the first two (their order decides the order of the gated sum's additions). The first
+         * two may tie: swapping them swaps two equal gates and the two terms of a commutative addition. */
+        for (int64_t e = 0; e < experts; e++) {
+            int taken = 0;
+            for (int64_t i = 0; i < k; i++) taken |= best[i] == e;
+            if (!taken && row[e] == row[best[k - 1]] && k < experts) return 1;
+            for (int64_t j = 2; j < k; j++)
+                if (e != best[j] && row[e] == row[best[j]]) return 1;
         }
         float top[MAX_SLOTS], probabilities[MAX_SLOTS];
         for (int64_t j = 0; j < k; j++) top[j] = row[best[j]];
