@@ -221,9 +221,13 @@ def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_
     model = model.to(torch.bfloat16)
     prompts = [[5 + i for i in range(n)] for n in (3, 11, 6, 17, 8)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    taken = []
-    original = native_decode.layer_forward
-    monkeypatch.setattr(native_decode, "layer_forward", lambda *args, **kwargs: taken.append(1) or original(*args, **kwargs))
+    taken, original = [], native_decode.layer_forward
+
+    def counted(*args, **kwargs):
+        taken.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(native_decode, "layer_forward", counted)
 
     def run():
         engine, logits = Engine(model, toy_tokenizer, max_batch=3), []

@@ -155,13 +155,13 @@ def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _
 def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, attention_mask, cache, **kwargs):
     """JetMoeDecoderLayer.forward for a call `applicable` prepared: (output [B, T, H], None, (MoA logits, MoE
     logits)); None where the MoA router's choice is not decided here (the caller runs the operator path)."""
-    input_norm, moa_router, query, kv, output, post_norm, mlp_router, w1, w2 = prepared.operands
+    input_norm, moa_router, query_proj, kv_proj, output_proj, post_norm, mlp_router, w1, w2 = prepared.operands
     k, kv_heads, head_dim = prepared.top_k, prepared.kv_heads, prepared.head_dim
     batch, length, hidden = hidden_states.shape
     x = hidden_states.contiguous()
     cos, sin = position_embeddings
     routed = kernels.attention_in(
-        x, input_norm[0], prepared.input_eps, moa_router[0], k, query, kv, cos.contiguous(), sin.contiguous()
+        x, input_norm[0], prepared.input_eps, moa_router[0], k, query_proj, kv_proj, cos.contiguous(), sin.contiguous()
     )
     if routed is None:
         return None
@@ -177,7 +177,7 @@ def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, a
     attended = out.permute(0, 3, 2, 1, 4).reshape(batch * length * k, kv_heads * head_dim)
 
     h, moe_logits, layer_out = kernels.attention_out(
-        x.view(-1, hidden), attended, output, chosen, gates, prepared.moa_bias, post_norm[0], prepared.post_eps,
+        x.view(-1, hidden), attended, output_proj, chosen, gates, prepared.moa_bias, post_norm[0], prepared.post_eps,
         mlp_router[0], w1, w2, prepared.mlp_bias,
     )  # fmt: skip
     if layer_out is None:  # the MoE router's choice is the operator path's to make

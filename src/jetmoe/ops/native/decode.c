@@ -163,9 +163,10 @@ static void gather_rows(const uint16_t *rows, int64_t width, const int64_t *orde
  * cos and sin: [B or 1, T, D] (cos_sb: T * D, or 0 to share one table). */
 int jetmoe_decode_attention_in(const uint16_t *x, int64_t batch, int64_t length, int64_t hidden, const uint16_t *norm_w,
                                float eps, const uint16_t *router_w, int64_t experts, int64_t k, const void *query_w,
-                               const uint16_t *query_scale, const void *kv_w, const uint16_t *kv_scale, int64_t kv_heads, int64_t head_dim, const uint16_t *cos,
-                               const uint16_t *sin, int64_t cos_sb, float *logits, int64_t *chosen, uint16_t *gates,
-                               uint16_t *queries, uint16_t *kv, uint16_t *keys, int threads) {
+                               const uint16_t *query_scale, const void *kv_w, const uint16_t *kv_scale,
+                               int64_t kv_heads, int64_t head_dim, const uint16_t *cos, const uint16_t *sin,
+                               int64_t cos_sb, float *logits, int64_t *chosen, uint16_t *gates, uint16_t *queries,
+                               uint16_t *kv, uint16_t *keys, int threads) {
     const int64_t tokens = batch * length, slots = tokens * k, width = kv_heads * head_dim;
     if (experts > MAX_EXPERTS || slots > MAX_SLOTS) return -1;
     uint16_t *normed = malloc((size_t)(tokens * hidden + slots * hidden + 2 * slots * width) * sizeof *normed);
@@ -201,11 +202,13 @@ done:
 }
 
 /* round(a + b) element by element: PyTorch's bf16 add. */
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
 static void add_rows(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t count) {
     for (int64_t i = 0; i < count; i += 16) {
-        __m512 sum = _mm512_add_ps(
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + i))), 16)),
-            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + i))), 16)));
+        __m512 sum = _mm512_add_ps(load_bf16x16(a + i), load_bf16x16(b + i));
         _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(sum));
     }
 }
