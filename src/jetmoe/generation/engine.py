@@ -317,7 +317,8 @@ class Engine:
         sequence.last_token_time = time.perf_counter()
         if sequence.first_token_time is None:
             sequence.first_token_time = sequence.last_token_time
-        self.sampler.record(sequence.slot, token)
+        if params.uses_penalties:  # the history is read for penalties only (two indexed writes a token otherwise)
+            self.sampler.record(sequence.slot, token)
         reason = None
         if (token in self.eos_ids and not params.ignore_eos) or token in params.stop_token_ids:
             reason = "stop"
