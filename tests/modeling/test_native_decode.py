@@ -244,3 +244,5 @@ def test_bad_shapes_are_rejected_with_the_problem_named():
         kernels.attention_out(x.view(1, -1), attended[:1], *out_args)
     with pytest.raises(ValueError, match="attention_out"):
         kernels.attention_out(x.view(1, -1), attended, *out_args[:1], chosen.int(), *out_args[2:])
+    with pytest.raises(ValueError, match="outside"):
+        kernels.attention_out(x.view(1, -1), attended, *out_args[:1], chosen + NATIVE["num_local_experts"], *out_args[2:])

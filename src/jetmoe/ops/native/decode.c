@@ -17,7 +17,7 @@
  * contiguous bf16 unless said: weights as the model stores them ([E, out, in] for experts, [out, in] dense);
  * the projections may instead be int8 with per-row scales (see product). The caller (ops/native/decode.py)
  * checks the shapes; H, A and D are multiples of 32, 2I of 64. Calls return 0, 1 (routing left to the caller,
- * see below) or -1 (out of memory).
+ * see below), -1 (out of memory) or -2 (an expert id given out of range).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -129,7 +129,8 @@ static int route(const uint16_t *normed, int64_t tokens, int64_t hidden, const u
 /* The slots (token n's j-th choice is slot n * k + j) grouped by expert, as the operator path's sorted plan
  * orders them: order[g] is the slot at grouped row g (slots of one expert in slot order, experts in order),
  * position[s] the grouped row of slot s, and groups the gemv groups (expert, first row, end row). Returns
- * the number of groups. Each expert's weights are then read once for all of its rows. */
+ * the number of groups, or -1 if a slot's expert is not in 0..experts-1. Each expert's weights are then read
+ * once for all of its rows. */
 static int64_t group_slots(const int64_t *chosen, int64_t slots, int64_t experts, int64_t *order, int64_t *position,
                            int64_t *groups) {
     int64_t rows = 0, count = 0;
@@ -147,7 +148,7 @@ static int64_t group_slots(const int64_t *chosen, int64_t slots, int64_t experts
             count++;
         }
     }
-    return count;
+    return rows == slots ? count : -1;
 }
 
 /* rows[order[g] / per] for each grouped row g: each slot's token row (per = k), or each slot's own row (per = 1). */
@@ -238,6 +239,10 @@ int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidde
     int status = 0;
 
     int64_t n_groups = group_slots(attn_chosen, slots, experts, order, position, groups);
+    if (n_groups < 0) {
+        status = -2;
+        goto done;
+    }
     gather_rows(attended, width, order, slots, 1, grouped);
     if (product(output_w, output_scale, hidden, width, grouped, slots, groups, n_groups, products, threads)) {
         status = -1;

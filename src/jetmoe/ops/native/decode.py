@@ -167,6 +167,8 @@ def attention_out(
         _ptr(attn_bias), _ptr(norm_w), eps, _ptr(router_w), experts, *_pointers(w1), inner2 // 2, *_pointers(w2),
         _ptr(mlp_bias), _ptr(h), _ptr(logits), _ptr(out), torch.get_num_threads(),
     )  # fmt: skip
+    if status == -2:
+        raise ValueError(f"decode attention_out: chosen experts {chosen.tolist()} outside 0..{experts - 1}")
     if status < 0:
         raise MemoryError("decode attention_out: out of memory")
     return h, logits, None if status else out
