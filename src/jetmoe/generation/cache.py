@@ -72,6 +72,16 @@ class SlotKVCache(Cache):
             return keys[:rows, :, :view_len], values[:rows, :, :view_len]
         raise RuntimeError("SlotKVCache.update called before begin_prefill/begin_decode")
 
+    def decode_buffers(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """In a decode step: (keys, values [rows, heads, view_len, D] views of this layer's buffers, and each row's
+        new position), for a caller that writes the new K/V itself (modeling/native_decode.py's C calls) instead
+        of calling `update`; None otherwise."""
+        if self._mode != "decode":
+            return None
+        rows, view_len = self._positions.shape[0], self._mask.shape[-1]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        return keys[:rows, :, :view_len], values[:rows, :, :view_len], self._positions
+
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` positions of slot `source` into slot `target` (batch compaction)."""
         for buffer in (*self.keys, *self.values):

@@ -2,11 +2,12 @@
 
 The operator path of a decoding layer is ~45 PyTorch calls around its 7 weight products; on the 2-core CPU
 their overhead cost about as much as the products themselves. `layer_forward` runs the same steps through
-ops/native/decode.c: one call from the layer's input to the rotated queries and keys, PyTorch's cache update
-and attention, one call from the attention output to the layer's output. The results are the operator
-path's bit for bit (each step is the kernel that path runs; tests/modeling/test_native_decode.py checks the
-whole model). Where a router's choice would hang on a tie or a non-finite logit, that part of the layer
-runs the operator path.
+ops/native/decode.c: one call from the layer's input to the rotated queries and keys; the cache update and
+attention (one C call for the engine's cache, which lets its caller write the new rows; `cache.update` and
+the attention implementation otherwise); one call from the attention output to the layer's output. The
+results are the operator path's bit for bit (each step is the kernel that path runs, the decoding attention
+kernel included; tests/modeling/test_native_decode.py checks the whole model). Where a router's choice would
+hang on a tie or a non-finite logit, that part of the layer runs the operator path.
 
 It runs for CPU inference in bf16 outside torch.compile, up to 8 tokens (a decoding batch) and 16 slots,
 where the operator path runs all of a layer's products through the same C kernels, for layers whose modules
@@ -169,12 +170,14 @@ def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, a
 
     attention = layer._modules["self_attention"]
     query = queries.view(batch, length, k, kv_heads, head_dim).permute(0, 3, 2, 1, 4)  # [B, Nkv, k, T, D]
-    key = keys.transpose(1, 2)
-    value = projected_kv.view(batch, length, 2, kv_heads, head_dim)[:, :, 1].transpose(1, 2)
-    if cache is not None:
-        key, value = cache.update(key, value, attention.layer_idx)
-    out, _ = attention._attend(query, key, value, attention_mask, False, **kwargs)
-    attended = out.permute(0, 3, 2, 1, 4).reshape(batch * length * k, kv_heads * head_dim)
+    new_values = projected_kv.view(batch, length, 2, kv_heads, head_dim)[:, :, 1]
+    attended = _cached_attention(attention, cache, query, keys, new_values, attention_mask)
+    if attended is None:
+        key, value = keys.transpose(1, 2), new_values.transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, attention.layer_idx)
+        out, _ = attention._attend(query, key, value, attention_mask, False, **kwargs)
+        attended = out.permute(0, 3, 2, 1, 4).reshape(batch * length * k, kv_heads * head_dim)
 
     h, moe_logits, layer_out = kernels.attention_out(
         x.view(-1, hidden), attended, output_proj, chosen, gates, prepared.moa_bias, post_norm[0], prepared.post_eps,
@@ -185,3 +188,22 @@ def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, a
         mlp_out, moe_logits = layer.mlp(layer.post_attention_layernorm(h))
         return h + mlp_out, None, (moa_logits, moe_logits)
     return layer_out.view(batch, length, hidden), None, (moa_logits, moe_logits)
+
+
+def _cached_attention(attention, cache, query, keys, values, mask) -> torch.Tensor | None:
+    """The cache update and attention in one C call, for a cache that lets its caller write the new K/V rows
+    (the engine's, generation/cache.py `decode_buffers`) under the sdpa implementation, where the operator path
+    runs the same kernel (ops/attention.py): attention output per slot [N * k, Nkv * D]. None elsewhere."""
+    buffers = getattr(cache, "decode_buffers", None)
+    buffers = buffers(attention.layer_idx) if buffers is not None else None
+    if buffers is None or query.shape[3] != 1 or (attention.config._attn_implementation or "sdpa") != "sdpa":
+        return None
+    key_view, value_view, positions = buffers
+    if not kernels.attention_takes(query, key_view, value_view, mask):
+        return None
+    batch, kv_heads, k, _, head_dim = query.shape
+    attended = torch.empty(batch * k, kv_heads * head_dim, dtype=torch.bfloat16)
+    out = attended.view(batch, 1, k, kv_heads, head_dim).permute(0, 3, 2, 1, 4)
+    new = (keys[:, 0], values[:, 0], positions)  # one new position per row: [B, Nkv, D] each
+    kernels.run_attention(query, key_view, value_view, mask, attention.scaling, out, new)
+    return attended

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .native import decode
+
 
 def _as_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if mask.dtype == torch.bool:
@@ -69,6 +71,11 @@ def additive_inference_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> to
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
 
 
+# Decoding on the CPU in bf16 (a few queries over a short cache) runs jetmoe's C kernel (ops/native/decode.c)
+# in place of SDPA; the C decoder layers (modeling/native_decode.py) call the same kernel, so the two paths agree.
+DECODE_MAX_QUERIES = 8
+
+
 def shared_kv_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -80,10 +87,17 @@ def shared_kv_attention(
     """SDPA over shared K/V. Same shapes as `shared_kv_attention_reference`, output only.
 
     With no mask the attention is causal (queries are the last T positions); SDPA then runs `is_causal`
-    without building a mask when T equals S, and T == 1 needs no mask at all.
+    without building a mask when T equals S, and T == 1 needs no mask at all. Decoding in bf16 on the CPU
+    (`decode.attention_takes`: few queries and products, no autograd) runs jetmoe's C kernel instead.
     """
     batch, kv_heads, groups, q_len, head_dim = query.shape
     key_len = key.shape[2]
+    if dropout_p == 0.0 and q_len <= DECODE_MAX_QUERIES:
+        mask = attention_mask
+        if mask is None and q_len > 1:
+            mask = _causal_mask(q_len, key_len, query.device)[None, None]
+        if decode.attention_takes(query, key, value, mask):  # decoding on the CPU: jetmoe's C kernel
+            return decode.attention(query, key, value, mask, scale)
     is_causal = False
     if attention_mask is None and q_len > 1:
         if q_len == key_len:

@@ -109,6 +109,10 @@ def load() -> ctypes.CDLL | None:
         ptr, ptr, ctypes.c_int,
     ]
     library.jetmoe_softmax_sorted.argtypes = [ptr, i64, i64, ptr]
+    library.jetmoe_decode_attention.argtypes = [
+        ptr, ptr, ptr, ptr, i64, i64, i64, ptr, code, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i64,
+        ptr, i64, ptr, ctypes.c_int,
+    ]
     library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     for function in (
@@ -128,6 +132,7 @@ def load() -> ctypes.CDLL | None:
         library.jetmoe_decode_attention_in,
         library.jetmoe_decode_attention_out,
         library.jetmoe_softmax_sorted,
+        library.jetmoe_decode_attention,
     ):
         function.restype = ctypes.c_int
     return library

@@ -4,7 +4,8 @@
  * the 2-core CPU their dispatch, and the caches they found empty after each product had streamed its weights
  * (gemv.c), cost about as much as the products. Here the steps before attention (norm, router, query and K/V
  * projections, rotary) are one call, and the steps after it (output projection, residual, norm, router,
- * experts, residual) another; attention itself, which reads the cache, stays with PyTorch.
+ * experts, residual) another; attention, with the cache update where the cache allows it, a third (the last
+ * section of this file), which the operator path runs too for the same inputs.
  *
  * Each step is the kernel the operator path runs (gemv.c, elementwise.c) on the same inputs, so the results
  * are the operator path's bit for bit. The router is the one step done here: its logits are rounded to bf16
@@ -272,4 +273,92 @@ int jetmoe_decode_attention_out(const uint16_t *x, int64_t tokens, int64_t hidde
 done:
     free(buffer);
     return status;
+}
+
+/* ---- Attention of a few query positions over K/V (decoding) -----------------------------------------------
+ * For b < B, kv head h < Nkv, query group g < G (JetMoE's k experts, all reading kv head h) and position t < T:
+ *   s[p] = (q . key[b, h, p]) * scale + mask[b, t, p] in fp32 (bf16 products summed in fp32), p < S,
+ *   out = round(sum_p round_bf16(exp(s[p] - max)) value[b, h, p] / sum_p exp(s[p] - max)).
+ * The steps of PyTorch's CPU flash attention for bf16, in an order of its own (SDPA's values agree to within
+ * roundings, not bit for bit). A query that may attend to nothing gets 0 (as SDPA's boolean-mask case).
+ * query and out: element strides (b, h, g, t) with contiguous rows of D; key and value: strides (sb, sh, ss)
+ * alike; mask: NULL, or [B or 1, T, S] with strides (mb, mt, 1), "may attend" bytes (mask_kind 1) or
+ * additive bf16 (2) or fp32 (3). D is a multiple of 32.
+ * With `new_keys`/`new_values` (one new position per row b: Nkv rows of D at new_keys + b * new_keys_sb, and
+ * alike) those are first written into key/value at position new_positions[b]: a cache update and attention in
+ * one call. */
+float jetmoe_exp_shifted(float *x, int64_t n, float shift);
+
+static inline float dot_bf16(const uint16_t *a, const uint16_t *b, int64_t dim) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; d += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + d), (__m512bh)_mm512_loadu_si512(b + d));
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline float mask_value(const void *mask, int kind, int64_t at) {
+    if (kind == 1) return ((const uint8_t *)mask)[at] ? 0.0f : -INFINITY;
+    if (kind == 2) return bf16_to_float(((const uint16_t *)mask)[at]);
+    return ((const float *)mask)[at];
+}
+
+int jetmoe_decode_attention(const uint16_t *query, const int64_t *query_strides, uint16_t *key, uint16_t *value,
+                            int64_t sb, int64_t sh, int64_t ss, const void *mask, int mask_kind, int64_t mb,
+                            int64_t mt, uint16_t *out, const int64_t *out_strides, int64_t batch, int64_t kv_heads,
+                            int64_t groups, int64_t length, int64_t positions, int64_t dim, float scale,
+                            const uint16_t *new_keys, int64_t new_keys_sb, const uint16_t *new_values,
+                            int64_t new_values_sb, const int64_t *new_positions, int threads) {
+    (void)threads;
+    if (new_keys) {
+        for (int64_t b = 0; b < batch; b++)
+            if (new_positions[b] < 0 || new_positions[b] >= positions) return -2;
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t h = 0; h < kv_heads; h++) {
+                int64_t at = b * sb + h * sh + new_positions[b] * ss;
+                memcpy(key + at, new_keys + b * new_keys_sb + h * dim, dim * sizeof *key);
+                memcpy(value + at, new_values + b * new_values_sb + h * dim, dim * sizeof *value);
+            }
+        }
+    }
+    float *scores = malloc((size_t)(positions + dim) * sizeof(float));
+    if (!scores) return -1;
+    float *acc = scores + positions;
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const uint16_t *keys = key + b * sb + h * sh, *values = value + b * sb + h * sh;
+            for (int64_t g = 0; g < groups; g++) {
+                for (int64_t t = 0; t < length; t++) {
+                    const uint16_t *q = query + b * query_strides[0] + h * query_strides[1] + g * query_strides[2] +
+                                        t * query_strides[3];
+                    uint16_t *o =
+                        out + b * out_strides[0] + h * out_strides[1] + g * out_strides[2] + t * out_strides[3];
+                    float peak = -INFINITY;
+                    for (int64_t p = 0; p < positions; p++) {
+                        float extra = mask_kind ? mask_value(mask, mask_kind, b * mb + t * mt + p) : 0.0f;
+                        scores[p] = extra == -INFINITY ? -INFINITY : dot_bf16(q, keys + p * ss, dim) * scale + extra;
+                        if (scores[p] > peak) peak = scores[p];
+                    }
+                    if (peak == -INFINITY) { /* sees nothing */
+                        memset(o, 0, dim * sizeof *o);
+                        continue;
+                    }
+                    float sum = jetmoe_exp_shifted(scores, positions, peak);
+                    for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
+                    for (int64_t p = 0; p < positions; p++) {
+                        if (scores[p] == 0.0f) continue;
+                        __m512 weight = _mm512_set1_ps(bf16_to_float(float_to_bf16(scores[p])));
+                        for (int64_t d = 0; d < dim; d += 16)
+                            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, load_bf16x16(values + p * ss + d),
+                                                                      _mm512_loadu_ps(acc + d)));
+                    }
+                    __m512 inverse = _mm512_set1_ps(1.0f / sum);
+                    for (int64_t d = 0; d < dim; d += 16)
+                        _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(
+                                                                    _mm512_mul_ps(_mm512_loadu_ps(acc + d), inverse)));
+                }
+            }
+        }
+    }
+    free(scores);
+    return 0;
 }

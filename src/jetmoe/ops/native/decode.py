@@ -172,3 +172,108 @@ def attention_out(
     if status < 0:
         raise MemoryError("decode attention_out: out of memory")
     return h, logits, None if status else out
+
+
+# ---- attention while decoding ---------------------------------------------------------------------------------
+
+_MASK_KINDS = {torch.bool: 1, torch.bfloat16: 2, torch.float32: 3}
+# Up to this many query-key products per call (batch x kv heads x query groups x queries x positions) the C
+# kernel runs, beyond it SDPA: SDPA's flash kernel blocks its products through oneDNN and wins on long rows
+# (warm, 16 queries: 19 vs 21 us over 20 positions, 34 vs 27 over 100, 280 vs 100 over 1000), but while decoding
+# it ran just after the projections had evicted the caches and cost ~250 us a layer in place; the C kernel, in
+# the same call as the cache update and with no operators around it, made a batch-1 step of "small" 1.6 ms
+# faster (18.2 vs 19.8 ms, alternating) over 40-330 positions.
+MAX_ATTENTION_PRODUCTS = 8192
+
+
+def attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether `attention` takes these (bf16 on the CPU, no autograd, outside torch.compile, a few products)."""
+    batch, kv_heads, groups, length, dim = query.shape
+    return (
+        query.dtype == key.dtype == value.dtype == _BF16
+        and query.is_cpu
+        and batch * kv_heads * groups * length * key.shape[2] <= MAX_ATTENTION_PRODUCTS
+        and dim % 32 == 0
+        and query.stride(-1) == key.stride(-1) == 1
+        and key.stride() == value.stride()
+        and (mask is None or (mask.dtype in _MASK_KINDS and mask.dim() == 4 and mask.shape[1] == 1))
+        and (mask is None or mask.stride(-1) == 1)
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and _kernels.available()
+    )
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    out: torch.Tensor | None = None,
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Softmax attention for decoding (see decode.c): query [B, Nkv, G, T, D] (G query heads per kv head; any
+    strides, contiguous rows), key and value [B, Nkv, S, D] (views alike, such as a cache's), mask None or
+    [B or 1, 1, T, S] ("may attend" booleans, or additive bf16/fp32) -> out [B, Nkv, G, T, D] (a new tensor, or
+    `out`, any strides with contiguous rows). A query that may attend to nothing gets 0. `new` = (keys,
+    values [B, Nkv, D] with contiguous rows of D per head, positions int64 [B]): written into key and value at
+    those positions first (key and value must then be views of the buffers to update)."""
+    batch, kv_heads, groups, length, dim = query.shape
+    positions = key.shape[2]
+    _check(
+        "decode attention",
+        attention_takes(query, key, value, mask)
+        and tuple(key.shape) == tuple(value.shape) == (batch, kv_heads, positions, dim)
+        and positions > 0
+        and (mask is None or (mask.shape[0] in (1, batch) and tuple(mask.shape[2:]) == (length, positions)))
+        and (out is None or (tuple(out.shape) == tuple(query.shape) and out.dtype == _BF16 and out.stride(-1) == 1)),
+        f"query {tuple(query.shape)}, key {tuple(key.shape)} {key.dtype}, value {tuple(value.shape)}, mask "
+        f"{None if mask is None else (tuple(mask.shape), mask.dtype)}: bf16 on the CPU, key and value [B, Nkv, S, D] "
+        "alike, D a multiple of 32, mask [B or 1, 1, T, S], few enough products, no autograd",
+    )
+    if out is None:
+        out = torch.empty(query.shape, dtype=_BF16)
+    if new is not None:
+        keys, values, where = new
+        _check(
+            "decode attention",
+            length == 1
+            and tuple(keys.shape) == tuple(values.shape) == (batch, kv_heads, dim)
+            and keys.dtype == values.dtype == _BF16
+            and keys.stride()[1:] == values.stride()[1:] == (dim, 1)
+            and where.dtype == torch.int64
+            and tuple(where.shape) == (batch,)
+            and where.is_contiguous(),
+            f"new keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions {tuple(where.shape)} "
+            f"{where.dtype}: one int64 position per row, rows of [Nkv, D] with contiguous heads",
+        )
+    return run_attention(query, key, value, mask, scale, out, new)
+
+
+def run_attention(query, key, value, mask, scale, out, new) -> torch.Tensor:
+    """`attention` for arguments already checked (the C decoder layers check them once per layer)."""
+    batch, kv_heads, groups, length, dim = query.shape
+    positions = key.shape[2]
+    new_keys = new_values = new_positions = None
+    new_keys_sb = new_values_sb = 0
+    if new is not None:
+        keys, values, where = new
+        new_keys, new_values, new_positions = _ptr(keys), _ptr(values), _ptr(where)
+        new_keys_sb, new_values_sb = keys.stride(0), values.stride(0)
+    sb, sh, ss, _ = key.stride()
+    mask_ptr, kind, mb, mt = None, 0, 0, 0
+    if mask is not None:
+        mask_ptr, kind = _ptr(mask), _MASK_KINDS[mask.dtype]
+        mb, mt = (mask.stride(0) if mask.shape[0] > 1 else 0), mask.stride(2)
+    strides = _kernels._int64_array(4)
+    status = _kernels.load().jetmoe_decode_attention(
+        _ptr(query), strides(*query.stride()[:4]), _ptr(key), _ptr(value), sb, sh, ss, mask_ptr, kind, mb, mt,
+        _ptr(out), strides(*out.stride()[:4]), batch, kv_heads, groups, length, positions, dim, scale, new_keys,
+        new_keys_sb, new_values, new_values_sb, new_positions, torch.get_num_threads(),
+    )  # fmt: skip
+    if status == -2:
+        raise ValueError(f"decode attention: new positions {new[2].tolist()} outside 0..{positions - 1}")
+    if status < 0:
+        raise MemoryError("decode attention: out of memory")
+    return out

@@ -90,6 +90,17 @@ static inline __m512 exp16(__m512 x) {
 /* One value of exp16 (the router's gates, decode.c). */
 float jetmoe_exp(float x) { return _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))); }
 
+float jetmoe_exp_shifted(float *x, int64_t n, float shift) {
+    __m512 total = _mm512_setzero_ps(), s = _mm512_set1_ps(shift);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = n - i >= 16 ? 0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + i), s)));
+        _mm512_mask_storeu_ps(x + i, lanes, e);
+        total = _mm512_add_ps(total, e);
+    }
+    return _mm512_reduce_add_ps(total);
+}
+
 static inline __m512 sigmoid16(__m512 x) {
     __m512 one = _mm512_set1_ps(1.0f);
     return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
