@@ -72,15 +72,14 @@ class SlotKVCache(Cache):
             return keys[:rows, :, :view_len], values[:rows, :, :view_len]
         raise RuntimeError("SlotKVCache.update called before begin_prefill/begin_decode")
 
-    def decode_buffers(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """In a decode step: (keys, values [rows, heads, view_len, D] views of this layer's buffers, and each row's
-        new position), for a caller that writes the new K/V itself (modeling/native_decode.py's C calls) instead
-        of calling `update`; None otherwise."""
+    def decode_buffers(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """In a decode step: (this layer's key and value buffers [slots, heads, max_len, D], each row's new
+        position, the positions attention reads), for a caller that writes the new K/V itself and attends over
+        rows 0..n-1 and positions 0..view-1 (modeling/native_decode.py's C calls) instead of calling `update`;
+        None otherwise."""
         if self._mode != "decode":
             return None
-        rows, view_len = self._positions.shape[0], self._mask.shape[-1]
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        return keys[:rows, :, :view_len], values[:rows, :, :view_len], self._positions
+        return self.keys[layer_idx], self.values[layer_idx], self._positions, self._mask.shape[-1]
 
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` positions of slot `source` into slot `target` (batch compaction)."""

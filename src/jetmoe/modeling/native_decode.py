@@ -169,11 +169,11 @@ def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, a
     moa_logits, chosen, gates, queries, projected_kv, keys = routed
 
     attention = layer._modules["self_attention"]
-    query = queries.view(batch, length, k, kv_heads, head_dim).permute(0, 3, 2, 1, 4)  # [B, Nkv, k, T, D]
-    new_values = projected_kv.view(batch, length, 2, kv_heads, head_dim)[:, :, 1]
-    attended = _cached_attention(attention, cache, query, keys, new_values, attention_mask)
+    attended = _cached_attention(attention, cache, queries, keys, projected_kv, attention_mask)
     if attended is None:
-        key, value = keys.transpose(1, 2), new_values.transpose(1, 2)
+        query = queries.view(batch, length, k, kv_heads, head_dim).permute(0, 3, 2, 1, 4)  # [B, Nkv, k, T, D]
+        key = keys.transpose(1, 2)
+        value = projected_kv.view(batch, length, 2, kv_heads, head_dim)[:, :, 1].transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, attention.layer_idx)
         out, _ = attention._attend(query, key, value, attention_mask, False, **kwargs)
@@ -190,20 +190,35 @@ def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, a
     return layer_out.view(batch, length, hidden), None, (moa_logits, moe_logits)
 
 
-def _cached_attention(attention, cache, query, keys, values, mask) -> torch.Tensor | None:
+def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> torch.Tensor | None:
     """The cache update and attention in one C call, for a cache that lets its caller write the new K/V rows
     (the engine's, generation/cache.py `decode_buffers`) under the sdpa implementation, where the operator path
-    runs the same kernel (ops/attention.py): attention output per slot [N * k, Nkv * D]. None elsewhere."""
+    runs the same kernel on the same values (ops/attention.py): attention output per slot [N * k, Nkv * D].
+    None elsewhere. queries [B, 1, k * Nkv, D] (slot j's heads together), keys [B, 1, Nkv, D], projected_kv
+    [B, 1, 2 * Nkv * D] (the values in its second half). Strides instead of views: a decoding step calls this
+    in every layer."""
     buffers = getattr(cache, "decode_buffers", None)
     buffers = buffers(attention.layer_idx) if buffers is not None else None
-    if buffers is None or query.shape[3] != 1 or (attention.config._attn_implementation or "sdpa") != "sdpa":
+    if buffers is None or queries.shape[1] != 1 or (attention.config._attn_implementation or "sdpa") != "sdpa":
         return None
-    key_view, value_view, positions = buffers
-    if not kernels.attention_takes(query, key_view, value_view, mask):
-        return None
-    batch, kv_heads, k, _, head_dim = query.shape
-    attended = torch.empty(batch * k, kv_heads * head_dim, dtype=torch.bfloat16)
-    out = attended.view(batch, 1, k, kv_heads, head_dim).permute(0, 3, 2, 1, 4)
-    new = (keys[:, 0], values[:, 0], positions)  # one new position per row: [B, Nkv, D] each
-    kernels.run_attention(query, key_view, value_view, mask, attention.scaling, out, new)
+    key_buffer, value_buffer, positions, view = buffers
+    batch, _, heads_k, head_dim = queries.shape
+    kv_heads = keys.shape[2]
+    k, width = heads_k // kv_heads, kv_heads * head_dim
+    if (
+        key_buffer.dtype != torch.bfloat16
+        or value_buffer.stride() != key_buffer.stride()
+        or batch * heads_k * view > kernels.MAX_ATTENTION_PRODUCTS
+        or not kernels.mask_ok(mask)
+    ):
+        return None  # the operator path takes SDPA for these too
+    attended = torch.empty(batch * k, width, dtype=torch.bfloat16)
+    # query (b, h, j) is queries[b, 0, j * Nkv + h]; its output goes to attended[b * k + j, h * D:]
+    slot_strides = (heads_k * head_dim, head_dim, width, heads_k * head_dim)
+    values = projected_kv.data_ptr() + width * projected_kv.element_size()  # the second half of each row
+    new_rows = (keys.data_ptr(), width, values, 2 * width, positions)
+    kernels.run_attention(
+        queries.data_ptr(), slot_strides, key_buffer.data_ptr(), value_buffer.data_ptr(), key_buffer.stride()[:3],
+        mask, attention.scaling, attended.data_ptr(), slot_strides, (batch, kv_heads, k, 1, view, head_dim), new_rows,
+    )  # fmt: skip
     return attended

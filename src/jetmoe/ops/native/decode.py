@@ -186,6 +186,13 @@ _MASK_KINDS = {torch.bool: 1, torch.bfloat16: 2, torch.float32: 3}
 MAX_ATTENTION_PRODUCTS = 8192
 
 
+def mask_ok(mask: torch.Tensor | None) -> bool:
+    """Whether the attention kernel reads this mask: None, or [B or 1, 1, T, S] of a kind it knows."""
+    if mask is None:
+        return True
+    return mask.dtype in _MASK_KINDS and mask.dim() == 4 and mask.shape[1] == 1 and mask.stride(-1) == 1
+
+
 def attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether `attention` takes these (bf16 on the CPU, no autograd, outside torch.compile, a few products)."""
     batch, kv_heads, groups, length, dim = query.shape
@@ -196,8 +203,7 @@ def attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         and dim % 32 == 0
         and query.stride(-1) == key.stride(-1) == 1
         and key.stride() == value.stride()
-        and (mask is None or (mask.dtype in _MASK_KINDS and mask.dim() == 4 and mask.shape[1] == 1))
-        and (mask is None or mask.stride(-1) == 1)
+        and mask_ok(mask)
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and _kernels.available()
@@ -234,6 +240,7 @@ def attention(
     )
     if out is None:
         out = torch.empty(query.shape, dtype=_BF16)
+    new_rows = None
     if new is not None:
         keys, values, where = new
         _check(
@@ -248,32 +255,33 @@ def attention(
             f"new keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions {tuple(where.shape)} "
             f"{where.dtype}: one int64 position per row, rows of [Nkv, D] with contiguous heads",
         )
-    return run_attention(query, key, value, mask, scale, out, new)
+        new_rows = (_ptr(keys), keys.stride(0), _ptr(values), values.stride(0), where)
+    run_attention(
+        _ptr(query), query.stride()[:4], _ptr(key), _ptr(value), key.stride()[:3], mask, scale, _ptr(out),
+        out.stride()[:4], (batch, kv_heads, groups, length, positions, dim), new_rows,
+    )  # fmt: skip
+    return out
 
 
-def run_attention(query, key, value, mask, scale, out, new) -> torch.Tensor:
-    """`attention` for arguments already checked (the C decoder layers check them once per layer)."""
-    batch, kv_heads, groups, length, dim = query.shape
-    positions = key.shape[2]
+def run_attention(query, query_strides, key, value, kv_strides, mask, scale, out, out_strides, sizes, new_rows):
+    """The kernel call behind `attention`, on data pointers and element strides, for callers that checked their
+    arguments (the C decoder layers: the engine's cache and their own buffers). sizes: (B, Nkv, G, T, S, D);
+    new_rows: None or (keys pointer, its batch stride, values pointer, its batch stride, positions int64 [B])."""
     new_keys = new_values = new_positions = None
     new_keys_sb = new_values_sb = 0
-    if new is not None:
-        keys, values, where = new
-        new_keys, new_values, new_positions = _ptr(keys), _ptr(values), _ptr(where)
-        new_keys_sb, new_values_sb = keys.stride(0), values.stride(0)
-    sb, sh, ss, _ = key.stride()
+    if new_rows is not None:
+        new_keys, new_keys_sb, new_values, new_values_sb, where = new_rows
+        new_positions = _ptr(where)
     mask_ptr, kind, mb, mt = None, 0, 0, 0
     if mask is not None:
         mask_ptr, kind = _ptr(mask), _MASK_KINDS[mask.dtype]
         mb, mt = (mask.stride(0) if mask.shape[0] > 1 else 0), mask.stride(2)
     strides = _kernels._int64_array(4)
     status = _kernels.load().jetmoe_decode_attention(
-        _ptr(query), strides(*query.stride()[:4]), _ptr(key), _ptr(value), sb, sh, ss, mask_ptr, kind, mb, mt,
-        _ptr(out), strides(*out.stride()[:4]), batch, kv_heads, groups, length, positions, dim, scale, new_keys,
-        new_keys_sb, new_values, new_values_sb, new_positions, torch.get_num_threads(),
+        query, strides(*query_strides), key, value, *kv_strides, mask_ptr, kind, mb, mt, out, strides(*out_strides),
+        *sizes, scale, new_keys, new_keys_sb, new_values, new_values_sb, new_positions, torch.get_num_threads(),
     )  # fmt: skip
     if status == -2:
-        raise ValueError(f"decode attention: new positions {new[2].tolist()} outside 0..{positions - 1}")
+        raise ValueError(f"decode attention: new positions {new_rows[4].tolist()} outside 0..{sizes[4] - 1}")
     if status < 0:
         raise MemoryError("decode attention: out of memory")
-    return out
