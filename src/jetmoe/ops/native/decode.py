@@ -180,9 +180,9 @@ _MASK_KINDS = {torch.bool: 1, torch.bfloat16: 2, torch.float32: 3}
 # Up to this many query-key products per call (batch x kv heads x query groups x queries x positions) the C
 # kernel runs, beyond it SDPA: SDPA's flash kernel blocks its products through oneDNN and wins on long rows
 # (warm, 16 queries: 19 vs 21 us over 20 positions, 34 vs 27 over 100, 280 vs 100 over 1000), but while decoding
-# it ran just after the projections had evicted the caches and cost ~250 us a layer in place; the C kernel, in
-# the same call as the cache update and with no operators around it, made a batch-1 step of "small" 1.6 ms
-# faster (18.2 vs 19.8 ms, alternating) over 40-330 positions.
+# it ran just after the projections had evicted the caches and cost ~250 us a layer in place; the C kernel,
+# with the cache update in the same call and no operators around it, made a batch-1 engine step of "small"
+# faster: 14.2 vs 15.6 ms (alternating, over 40-330 positions).
 MAX_ATTENTION_PRODUCTS = 8192
 
 
