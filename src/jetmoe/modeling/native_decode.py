@@ -1,4 +1,4 @@
-"""A decoder layer for a few bf16 tokens on the CPU (decoding) in two C calls around attention.
+"""A decoder layer while decoding on the CPU (bf16 activations, bf16 or int8 weights) in C: two calls around attention.
 
 The operator path of a decoding layer is ~45 PyTorch calls around its 7 weight products; on the 2-core CPU
 their overhead cost about as much as the products themselves. `layer_forward` runs the same steps through
@@ -210,6 +210,7 @@ def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> to
         or value_buffer.stride() != key_buffer.stride()
         or batch * heads_k * view > kernels.MAX_ATTENTION_PRODUCTS
         or not kernels.mask_ok(mask)
+        or (mask is not None and (mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != (1, view)))
     ):
         return None  # the operator path takes SDPA for these too
     attended = torch.empty(batch * k, width, dtype=torch.bfloat16)
