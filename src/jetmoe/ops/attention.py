@@ -92,12 +92,11 @@ def shared_kv_attention(
     """
     batch, kv_heads, groups, q_len, head_dim = query.shape
     key_len = key.shape[2]
-    if dropout_p == 0.0 and q_len <= DECODE_MAX_QUERIES:
-        mask = attention_mask
+    if dropout_p == 0.0 and q_len <= DECODE_MAX_QUERIES and decode.attention_takes(query, key, value, attention_mask):
+        mask = attention_mask  # decoding on the CPU: jetmoe's C kernel
         if mask is None and q_len > 1:
             mask = _causal_mask(q_len, key_len, query.device)[None, None]
-        if decode.attention_takes(query, key, value, mask):  # decoding on the CPU: jetmoe's C kernel
-            return decode.attention(query, key, value, mask, scale)
+        return decode.attention(query, key, value, mask, scale)
     is_causal = False
     if attention_mask is None and q_len > 1:
         if q_len == key_len:
