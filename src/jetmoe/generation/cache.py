@@ -81,6 +81,9 @@ class SlotKVCache(Cache):
             return None
         return self.keys[layer_idx], self.values[layer_idx], self._positions, self._mask.shape[-1]
 
+    def decode_written(self, layer_idx: int) -> None:
+        """Nothing to record: `begin_decode` set this step's positions for every layer."""
+
     def move(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` positions of slot `source` into slot `target` (batch compaction)."""
         for buffer in (*self.keys, *self.values):

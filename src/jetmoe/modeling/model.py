@@ -24,6 +24,7 @@ from ..ops.attention import additive_inference_mask
 from ..ops.cross_entropy import summed_cross_entropy
 from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
+from .cache import JetMoeCache
 from .experts import ParallelExperts
 from . import native_decode
 from .mlp import JetMoeMoE
@@ -306,7 +307,7 @@ class JetMoeModel(JetMoePreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False  # recomputing a layer in backward would append to the cache a second time
         if use_cache and cache is None:
-            cache = DynamicCache(config=config)
+            cache = JetMoeCache(config=config)
 
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
@@ -374,6 +375,22 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.lm_head = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate()'s cache: where transformers creates a plain DynamicCache, a JetMoeCache (a DynamicCache
+        that appends into buffers) sized to generate()'s max_length instead. A cache the caller passes is kept."""
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        name = "cache" if "cache" in model_kwargs else "past_key_values"
+        cache = model_kwargs.get(name)
+        if (
+            type(cache) is DynamicCache
+            and not getattr(cache, "_is_user_defined", False)
+            and not getattr(cache, "offloading", False)
+            and cache.get_seq_length() == 0
+            and isinstance(generation_config.max_length, int)
+        ):
+            model_kwargs[name] = JetMoeCache(config=self.config, capacity=generation_config.max_length)
+        return result
 
     def balancing_loss(self, router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The router balancing loss the config selects (see JetMoeConfig.router_aux_loss_type)."""

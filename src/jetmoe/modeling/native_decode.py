@@ -192,7 +192,8 @@ def layer_forward(layer, prepared: _Layer, hidden_states, position_embeddings, a
 
 def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> torch.Tensor | None:
     """The cache update and attention in one C call, for a cache that lets its caller write the new K/V rows
-    (the engine's, generation/cache.py `decode_buffers`) under the sdpa implementation, where the operator path
+    (`decode_buffers` / `decode_written`: the engine's, generation/cache.py, and the model's own while decoding,
+    modeling/cache.py) under the sdpa implementation, where the operator path
     runs the same kernel on the same values (ops/attention.py): attention output per slot [N * k, Nkv * D].
     None elsewhere. queries [B, 1, k * Nkv, D] (slot j's heads together), keys [B, 1, Nkv, D], projected_kv
     [B, 1, 2 * Nkv * D] (the values in its second half). Strides instead of views: a decoding step calls this
@@ -222,4 +223,5 @@ def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> to
         queries.data_ptr(), slot_strides, key_buffer.data_ptr(), value_buffer.data_ptr(), key_buffer.stride()[:3],
         mask, attention.scaling, attended.data_ptr(), slot_strides, (batch, kv_heads, k, 1, view, head_dim), new_rows,
     )  # fmt: skip
+    cache.decode_written(attention.layer_idx)
     return attended
