@@ -216,25 +216,20 @@ def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_
     from oracle_pair import TINY, build_pair
 
     from jetmoe.modeling import native_decode
+    from jetmoe.ops.native import decode as kernels
 
     model, _ = build_pair(dict(TINY, hidden_size=64, kv_channels=32, intermediate_size=64))
     model = model.to(torch.bfloat16)
     prompts = [[5 + i for i in range(n)] for n in (3, 11, 6, 17, 8)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    taken, original = [], native_decode.layer_forward
-    in_cache, original_attention = [], native_decode._cached_attention
+    stacked, run_layers = [], kernels.run_layers
 
-    def counted(*args, **kwargs):
-        taken.append(1)
-        return original(*args, **kwargs)
+    def counted(operands, first, *args):
+        status, stopped = run_layers(operands, first, *args)
+        stacked.append(stopped - first)  # layers run through, each writing its new K/V rows into the cache
+        return status, stopped
 
-    def counted_attention(*args):
-        result = original_attention(*args)
-        in_cache.append(result is not None)
-        return result
-
-    monkeypatch.setattr(native_decode, "layer_forward", counted)
-    monkeypatch.setattr(native_decode, "_cached_attention", counted_attention)
+    monkeypatch.setattr(kernels, "run_layers", counted)
 
     def run():
         engine, logits = Engine(model, toy_tokenizer, max_batch=3), []
@@ -243,8 +238,7 @@ def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_
         return [c.token_ids for c in engine.generate(prompts, params)], logits
 
     native, native_logits = run()
-    assert len(taken) > 20  # both layers of every decode step
-    assert sum(in_cache) > 20  # the cache update and attention in one C call (prompts of <= 8 tokens: not)
+    assert sum(stacked) > 20  # both layers of every decode step in one C call (prompts of <= 8 tokens: not)
     monkeypatch.setattr(native_decode, "applicable", lambda *args: None)
     operator, operator_logits = run()
     assert native == operator and all(len(ids) == 10 for ids in native)

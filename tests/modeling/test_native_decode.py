@@ -26,7 +26,8 @@ def _model(geometry=NATIVE, seed=0):
 
 
 class _Calls:
-    """Counts the C calls, and the ones that left the routing to the operator path."""
+    """Counts the C calls per layer (those of `run_layers` per layer they run), and the ones that left the
+    routing to the operator path."""
 
     def __init__(self, monkeypatch):
         self.taken = {"in": 0, "out": 0}
@@ -45,8 +46,20 @@ class _Calls:
             self.undecided["out"] += result[2] is None
             return result
 
+        def counted_layers(operands, first, *args):  # all layers of a decoding step in one call
+            status, stopped = run_layers(operands, first, *args)
+            ran = stopped - first + (status == 2)  # layers whose attention_in decided (status 1: it did not)
+            self.stacked += ran
+            self.taken["in"] += ran
+            self.taken["out"] += ran
+            self.undecided["out"] += status == 2
+            return status, stopped
+
+        run_layers = kernels.run_layers
+        self.stacked = 0
         monkeypatch.setattr(kernels, "attention_in", counted_in)
         monkeypatch.setattr(kernels, "attention_out", counted_out)
+        monkeypatch.setattr(kernels, "run_layers", counted_layers)
 
 
 def _greedy(model, ids, attention_mask=None, new_tokens=12):
@@ -77,6 +90,7 @@ def test_greedy_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, geometry
     sequences, logits = _greedy(model, ids)
     if batch * geometry["num_experts_per_tok"] <= native_decode.MAX_SLOTS:  # every layer of the 11 decode steps
         assert calls.taken["in"] == 11 * geometry["num_hidden_layers"]
+        assert calls.stacked > 0  # through run_layers: generate()'s cache (modeling/cache.py) takes the C writes
         assert calls.taken["out"] == calls.taken["in"] - calls.undecided["in"]  # a tie: that layer's operator path
     else:
         assert calls.taken["in"] == 0
@@ -116,17 +130,19 @@ def test_left_padded_batch_is_the_operator_paths_bit_for_bit(monkeypatch):
     assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected_logits)
 
 
+@pytest.mark.parametrize("layer", [0, -1])
 @pytest.mark.parametrize("router", ["self_attention.experts.router", "mlp.router"])
-def test_a_tied_router_leaves_the_choice_to_the_operator_path(monkeypatch, router):
-    """All-zero router weights tie every logit: PyTorch's topk decides, so the C calls hand that part back."""
+def test_a_tied_router_leaves_the_choice_to_the_operator_path(monkeypatch, router, layer):
+    """All-zero router weights tie every logit: PyTorch's topk decides, so the C calls hand that part back (and
+    the one call for all layers stops at that layer, then resumes after it)."""
     model = _model()
     with torch.no_grad():
-        model.model.layers[0].get_submodule(router).layer.weight.zero_()
+        model.model.layers[layer].get_submodule(router).layer.weight.zero_()
     ids = random_ids(1, 9)
     calls = _Calls(monkeypatch)
     sequences, logits = _greedy(model, ids)
     side = "in" if router.startswith("self_attention") else "out"
-    assert calls.undecided[side] == 11  # layer 0 of each decode step
+    assert calls.undecided[side] == 11  # that layer of each decode step
     assert calls.undecided["in" if side == "out" else "out"] == 0
     monkeypatch.undo()
     _operator_path(monkeypatch)
@@ -246,3 +262,106 @@ def test_bad_shapes_are_rejected_with_the_problem_named():
         kernels.attention_out(x.view(1, -1), attended, *out_args[:1], chosen.int(), *out_args[2:])
     with pytest.raises(ValueError, match="outside"):
         kernels.attention_out(x.view(1, -1), attended, *out_args[:1], chosen + NATIVE["num_local_experts"], *out_args[2:])
+
+
+def test_hooks_on_a_layer_run_with_the_layers_called_one_by_one(monkeypatch):
+    """A forward hook on a decoder layer sees every decoding call: the one call for all layers steps aside."""
+    model = _model()
+    ids = random_ids(1, 9)
+    seen = []
+    handle = model.model.layers[1].register_forward_hook(lambda module, args, output: seen.append(output[0].shape))
+    calls = _Calls(monkeypatch)
+    sequences, logits = _greedy(model, ids)
+    handle.remove()
+    assert len(seen) == 12 and calls.stacked == 0  # the prompt and 11 decode steps
+    assert calls.taken["in"] == 11 * NATIVE["num_hidden_layers"]  # still each layer's two C calls
+    expected_sequences, expected_logits = _greedy(model, ids)
+    assert torch.equal(sequences, expected_sequences) and torch.equal(logits, expected_logits)
+
+
+def _stack_inputs(model, batch=1, capacity=16):
+    """run_layers' inputs for `model`'s layers over fresh caches of `capacity` positions, 4 of them filled."""
+    layers = model.model.layers
+    x = torch.zeros(batch, 1, NATIVE["hidden_size"], dtype=torch.bfloat16)
+    attention = layers[0].self_attention
+    shape = (batch, attention.num_key_value_heads, capacity, attention.head_dim)
+    buffers = [(torch.randn(shape).to(torch.bfloat16), torch.randn(shape).to(torch.bfloat16)) for _ in layers]
+    with torch.no_grad():
+        prepared = [native_decode.applicable(layer, x, False) for layer in layers]
+        stack = native_decode._stack(layers, prepared, [(k, v, None, 5) for k, v in buffers])
+    return stack, buffers
+
+
+def test_run_layers_rejects_bad_input_with_the_problem_named():
+    model = _model()
+    stack, _ = _stack_inputs(model)
+    hidden, experts, count = NATIVE["hidden_size"], NATIVE["num_local_experts"], NATIVE["num_hidden_layers"]
+    x, out = torch.randn(1, hidden).to(torch.bfloat16), torch.empty(1, hidden, dtype=torch.bfloat16)
+    cos = torch.ones(1, 1, stack.sizes.head_dim, dtype=torch.bfloat16)
+    logits = torch.empty(count, 1, experts)
+    where = torch.tensor([4])
+
+    def run(**changes):
+        args = dict(x=x, cos=cos, sin=cos, mask=None, positions=5, new_positions=where, moa_logits=logits,
+                    moe_logits=logits.clone(), out=out)  # fmt: skip
+        args.update(changes)
+        return kernels.run_layers(stack.operands, 0, stack.sizes, **args)
+
+    assert run() == (0, count)
+    with pytest.raises(ValueError, match="decode layers"):
+        run(x=x.float())
+    with pytest.raises(ValueError, match="decode layers"):
+        run(moa_logits=logits[:1])
+    with pytest.raises(ValueError, match="decode layers"):
+        run(mask=torch.ones(1, 1, 1, 4, dtype=torch.bool))  # not the positions attended over
+    with pytest.raises(ValueError, match="outside 0..4"):
+        run(new_positions=torch.tensor([5]))
+    with pytest.raises(ValueError, match="decode layers"):
+        run(new_positions=torch.tensor([4], dtype=torch.int32))
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        prepared = native_decode.applicable(layer, x.view(1, 1, -1), False)
+    keys = torch.zeros(1, layer.self_attention.num_key_value_heads, 8, layer.self_attention.head_dim)
+    with pytest.raises(ValueError, match="decode layers"):  # fp32 caches
+        kernels.layer_operands(native_decode._weights(prepared), (1e-6, 1e-6), 1.0, keys, keys, stack.sizes)
+    with pytest.raises(ValueError, match="decode layers"):  # sizes not the layer's
+        kernels.layer_operands(
+            native_decode._weights(prepared), (1e-6, 1e-6), 1.0, keys.bfloat16(), keys.bfloat16(),
+            stack.sizes._replace(inner=2 * stack.sizes.inner),
+        )  # fmt: skip
+
+
+def test_run_layers_writes_each_layers_new_row_and_matches_the_layers():
+    """One call for both layers against calling each layer's forward on the same caches (SlotKVCache-like
+    buffers with room at position 4 of 5): same output, same cache rows, same router logits."""
+    model = _model()
+    stack, buffers = _stack_inputs(model, batch=2)
+    layers = model.model.layers
+    x = torch.randn(2, 1, NATIVE["hidden_size"]).to(torch.bfloat16)
+    cos, sin = torch.randn(2, 1, stack.sizes.head_dim).to(torch.bfloat16), torch.randn(2, 1, stack.sizes.head_dim)
+    sin = sin.to(torch.bfloat16)
+    where = torch.tensor([4, 4])
+    count, experts = len(layers), NATIVE["num_local_experts"]
+    moa, moe, out = torch.empty(count, 2, experts), torch.empty(count, 2, experts), torch.empty(2, x.shape[-1])
+    out = out.to(torch.bfloat16)
+    expected_buffers = [(k.clone(), v.clone()) for k, v in buffers]
+    status, stopped = kernels.run_layers(stack.operands, 0, stack.sizes, x.view(2, -1), cos, sin, None, 5, where,
+                                         moa, moe, out)  # fmt: skip
+    assert (status, stopped) == (0, count)
+
+    class Buffers:  # the cache protocol the layers' own forward uses for these buffers
+        def decode_buffers(self, index):
+            keys, values = expected_buffers[index]
+            return keys, values, where, 5
+
+        def decode_written(self, index):
+            pass
+
+    h = x
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            h, _, (moa_logits, moe_logits) = layer(h, (cos, sin), attention_mask=None, cache=Buffers())
+            assert torch.equal(moa[index], moa_logits) and torch.equal(moe[index], moe_logits)
+    assert torch.equal(out, h.view(2, -1))
+    for (keys, values), (expected_keys, expected_values) in zip(buffers, expected_buffers):
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)

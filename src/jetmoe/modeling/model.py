@@ -325,7 +325,12 @@ class JetMoeModel(JetMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden, all_attentions, all_router_logits = [], [], []
-        for layer in self.layers:
+        decoded = None
+        if not (output_hidden_states or output_attentions):  # a decoding step: every layer in one C call
+            decoded = native_decode.layers_forward(self.layers, hidden_states, position_embeddings, mask, cache)
+        if decoded is not None:
+            hidden_states, all_router_logits = decoded
+        for layer in self.layers if decoded is None else ():
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             hidden_states, attn_probs, router_logits = layer(

@@ -113,6 +113,10 @@ def load() -> ctypes.CDLL | None:
         ptr, ptr, ptr, ptr, i64, i64, i64, ptr, code, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i64,
         ptr, i64, ptr, ctypes.c_int,
     ]
+    library.jetmoe_decode_layers.argtypes = [
+        ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, code, i64, i64, ptr, ptr, ptr, ptr,
+        ptr, ctypes.c_int,
+    ]
     library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     for function in (
@@ -133,6 +137,7 @@ def load() -> ctypes.CDLL | None:
         library.jetmoe_decode_attention_out,
         library.jetmoe_softmax_sorted,
         library.jetmoe_decode_attention,
+        library.jetmoe_decode_layers,
     ):
         function.restype = ctypes.c_int
     return library

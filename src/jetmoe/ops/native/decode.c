@@ -362,3 +362,74 @@ int jetmoe_decode_attention(const uint16_t *query, const int64_t *query_strides,
     free(scores);
     return 0;
 }
+
+/* ---- Decoder layers one after another (decoding, one new position per row) ---------------------------------
+ * For x [B, H] (row b: one new token at cache position new_positions[b]), layers first..end-1 of `layers`:
+ * attention_in, the cache write and attention over positions 0..positions-1 of the layer's cache, then
+ * attention_out, each layer's output the next one's input: the per-layer calls above in one, with no return to
+ * the caller between layers. Writes each layer's MoA and MoE router logits at moa_logits + l * B * E (and
+ * moe_logits alike). Returns 0 with `out` = the last layer's output; or stops at a layer whose routing is the
+ * caller's to decide: 1 (MoA: `out` = that layer's input, nothing of it done) or 2 (MoE: `out` = h, its
+ * attention and cache write done), with *stopped = that layer; or -1 (out of memory), -2 (expert id out of
+ * range), -3 (a new position outside 0..positions-1). */
+typedef struct {
+    const uint16_t *input_norm, *moa_router, *moa_bias, *post_norm, *mlp_router, *mlp_bias;
+    const void *query_w, *kv_w, *output_w, *w1, *w2;
+    const uint16_t *query_scale, *kv_scale, *output_scale, *w1_scale, *w2_scale; /* NULL: bf16 weights */
+    uint16_t *keys, *values;                                                     /* the layer's cache buffers */
+    int64_t cache_sb, cache_sh, cache_ss;                                        /* their strides, alike */
+    float input_eps, post_eps, scale;
+} jetmoe_layer;
+
+int jetmoe_decode_layers(const jetmoe_layer *layers, int64_t first, int64_t end, const uint16_t *x, int64_t batch,
+                         int64_t hidden, int64_t experts, int64_t k, int64_t kv_heads, int64_t head_dim,
+                         int64_t inner, const uint16_t *cos, const uint16_t *sin, int64_t cos_sb, const void *mask,
+                         int mask_kind, int64_t mb, int64_t positions, const int64_t *new_positions,
+                         float *moa_logits, float *moe_logits, uint16_t *out, int64_t *stopped, int threads) {
+    const int64_t width = kv_heads * head_dim, slots = batch * k;
+    for (int64_t b = 0; b < batch; b++)
+        if (new_positions[b] < 0 || new_positions[b] >= positions) return -3;
+    uint16_t *buffer = malloc((size_t)(2 * batch * hidden + 2 * slots * width + 3 * batch * width) * 2);
+    if (!buffer) return -1;
+    uint16_t *input = buffer, *h = input + batch * hidden, *queries = h + batch * hidden;
+    uint16_t *attended = queries + slots * width, *kv = attended + slots * width, *keys = kv + 2 * batch * width;
+    int64_t chosen[MAX_SLOTS], strides[4] = {k * width, head_dim, width, k * width}; /* (b, head, slot, t) */
+    uint16_t gates[MAX_SLOTS];
+    int status = 0;
+    memcpy(input, x, batch * hidden * sizeof *input);
+    for (int64_t l = first; l < end; l++) {
+        const jetmoe_layer *L = layers + l;
+        float *moa = moa_logits + l * batch * experts, *moe = moe_logits + l * batch * experts;
+        status = jetmoe_decode_attention_in(input, batch, 1, hidden, L->input_norm, L->input_eps, L->moa_router,
+                                            experts, k, L->query_w, L->query_scale, L->kv_w, L->kv_scale, kv_heads,
+                                            head_dim, cos, sin, cos_sb, moa, chosen, gates, queries, kv, keys, threads);
+        if (status) {
+            if (status == 1) memcpy(out, input, batch * hidden * sizeof *out);
+            *stopped = l;
+            break;
+        }
+        status = jetmoe_decode_attention(queries, strides, L->keys, L->values, L->cache_sb, L->cache_sh, L->cache_ss,
+                                         mask, mask_kind, mb, 0, attended, strides, batch, kv_heads, k, 1, positions,
+                                         head_dim, L->scale, keys, width, kv + width, 2 * width, new_positions,
+                                         threads);
+        if (status) {
+            *stopped = l;
+            break;
+        }
+        status = jetmoe_decode_attention_out(input, batch, hidden, k, attended, width, L->output_w, L->output_scale,
+                                             chosen, gates, L->moa_bias, L->post_norm, L->post_eps, L->mlp_router,
+                                             experts, L->w1, L->w1_scale, inner, L->w2, L->w2_scale, L->mlp_bias, h,
+                                             moe, out, threads);
+        if (status) {
+            if (status == 1) {
+                memcpy(out, h, batch * hidden * sizeof *out);
+                status = 2;
+            }
+            *stopped = l;
+            break;
+        }
+        if (l + 1 < end) memcpy(input, out, batch * hidden * sizeof *input);
+    }
+    free(buffer);
+    return status;
+}

@@ -1,5 +1,5 @@
 """Python side of decode.c: a JetMoE layer's steps for a few bf16 tokens, in one C call before attention and one
-after it. Bit for bit the operator path (the same kernels on the same inputs); see decode.c. The projections
+after it, the attention while decoding, and a whole stack of layers for one new token a row in one call. Bit for bit the operator path (the same kernels on the same inputs); see decode.c. The projections
 (not the routers) may be int8 with per-row scales, as generation/quantize.py makes them.
 
 The caller (modeling/native_decode.py) decides which layers and calls these take; the functions here check
@@ -7,6 +7,9 @@ the shapes they rely on and raise ValueError naming the problem. No autograd, no
 """
 
 from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
 
 import torch
 
@@ -285,3 +288,149 @@ def run_attention(query, query_strides, key, value, kv_strides, mask, scale, out
         raise ValueError(f"decode attention: new positions {new_rows[4].tolist()} outside 0..{sizes[4] - 1}")
     if status < 0:
         raise MemoryError("decode attention: out of memory")
+
+
+# ---- decoder layers one after another --------------------------------------------------------------------------
+_POINTER_FIELDS = (
+    "input_norm", "moa_router", "moa_bias", "post_norm", "mlp_router", "mlp_bias", "query_w", "kv_w", "output_w", "w1",
+    "w2", "query_scale", "kv_scale", "output_scale", "w1_scale", "w2_scale", "keys", "values",
+)  # fmt: skip
+
+
+class LayerOperands(ctypes.Structure):
+    """decode.c's jetmoe_layer: a decoder layer's weights and its cache's key/value buffers, by address."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in _POINTER_FIELDS),
+        ("cache_sb", ctypes.c_int64), ("cache_sh", ctypes.c_int64), ("cache_ss", ctypes.c_int64),
+        ("input_eps", ctypes.c_float), ("post_eps", ctypes.c_float), ("scale", ctypes.c_float),
+    ]  # fmt: skip
+
+
+class Sizes(NamedTuple):
+    """What every layer of a stack shares: H, E (both routers), k, Nkv, D, I."""
+
+    hidden: int
+    experts: int
+    top_k: int
+    kv_heads: int
+    head_dim: int
+    inner: int
+
+
+def layer_operands(
+    weights: dict[str, torch.Tensor | Projection],
+    eps: tuple[float, float],
+    scale: float,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    sizes: Sizes,
+) -> LayerOperands:
+    """A layer's LayerOperands, its shapes checked against `sizes`. weights: "input_norm", "moa_router",
+    "moa_bias", "post_norm", "mlp_router", "mlp_bias" (bf16 tensors) and "query" [E, A, H], "kv" [2A, H],
+    "output" [E, H, A], "w1" [E, 2I, H], "w2" [E, H, I] (projections); keys and values: the layer's cache
+    buffers [B, Nkv, S, D], bf16 views alike. The caller keeps the tensors alive while the result is used."""
+    hidden, experts, top_k, kv_heads, head_dim, inner = sizes
+    width = kv_heads * head_dim
+    vectors = [weights[name] for name in ("input_norm", "moa_bias", "post_norm", "mlp_bias")]
+    routers = [weights[name] for name in ("moa_router", "mlp_router")]
+    _check(
+        "decode layers",
+        _bf16_contiguous(*vectors, *routers)
+        and all(tuple(v.shape) == (hidden,) for v in vectors)
+        and all(tuple(r.shape) == (experts, hidden) for r in routers)
+        and _projection_ok(weights["query"], (experts, width, hidden))
+        and _projection_ok(weights["kv"], (2 * width, hidden))
+        and _projection_ok(weights["output"], (experts, hidden, width))
+        and _projection_ok(weights["w1"], (experts, 2 * inner, hidden))
+        and _projection_ok(weights["w2"], (experts, hidden, inner))
+        and keys.dtype == values.dtype == _BF16
+        and keys.is_cpu
+        and keys.dim() == 4
+        and tuple(keys.shape) == tuple(values.shape)
+        and keys.shape[1] == kv_heads
+        and keys.shape[3] == head_dim
+        and keys.stride() == values.stride()
+        and keys.stride(3) == 1
+        and hidden % 32 == 0
+        and head_dim % 32 == 0
+        and inner % 32 == 0
+        and 1 <= top_k <= experts <= _MAX_EXPERTS,
+        f"sizes {sizes}: norms, biases [H], routers [E, H], query [E, A, H], kv [2A, H], output [E, H, A], w1 "
+        f"[E, 2I, H], w2 [E, H, I] (bf16, or int8 with bf16 scales), caches [B, Nkv, S, D] bf16 alike; got query "
+        f"{tuple(weights['query'][0].shape)}, w1 {tuple(weights['w1'][0].shape)}, cache {tuple(keys.shape)}",
+    )
+    operands = LayerOperands(input_eps=eps[0], post_eps=eps[1], scale=scale)
+    for name in ("input_norm", "moa_router", "moa_bias", "post_norm", "mlp_router", "mlp_bias"):
+        setattr(operands, name, weights[name].data_ptr())
+    for name in ("query", "kv", "output", "w1", "w2"):
+        weight, row_scale = _pointers(weights[name])
+        setattr(operands, f"{name}_w" if name in ("query", "kv", "output") else name, weight)
+        setattr(operands, f"{name}_scale", row_scale)
+    operands.keys, operands.values = keys.data_ptr(), values.data_ptr()
+    operands.cache_sb, operands.cache_sh, operands.cache_ss = keys.stride()[:3]
+    return operands
+
+
+def run_layers(
+    operands: ctypes.Array,
+    first: int,
+    sizes: Sizes,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: int,
+    new_positions: torch.Tensor,
+    moa_logits: torch.Tensor,
+    moe_logits: torch.Tensor,
+    out: torch.Tensor,
+) -> tuple[int, int]:
+    """Layers first.. of `operands` (LayerOperands whose caches hold `positions` positions or more, each with room
+    at new_positions[b] for row b) on x [B, H], one new token a row: see decode.c `jetmoe_decode_layers`.
+    cos, sin [B or 1, 1, D]; mask None or [B or 1, 1, 1, positions]; moa_logits, moe_logits fp32 [L, B, E]
+    (written per layer); out [B, H]. Returns (status, layer): (0, L) done, `out` the last layer's output;
+    (1, l) layer l's MoA routing is the caller's (`out` = its input); (2, l) its MoE routing is (`out` = h,
+    attention and cache write done)."""
+    batch, hidden = x.shape
+    count = len(operands)
+    _check(
+        "decode layers",
+        _bf16_contiguous(x, cos, sin, out)
+        and hidden == sizes.hidden
+        and tuple(out.shape) == (batch, hidden)
+        and cos.shape == sin.shape
+        and cos.dim() == 3
+        and cos.shape[0] in (1, batch)
+        and tuple(cos.shape[1:]) == (1, sizes.head_dim)
+        and mask_ok(mask)
+        and (mask is None or (mask.shape[0] in (1, batch) and tuple(mask.shape[2:]) == (1, positions)))
+        and new_positions.dtype == torch.int64
+        and tuple(new_positions.shape) == (batch,)
+        and new_positions.is_contiguous()
+        and all(t.dtype == torch.float32 and t.is_contiguous() for t in (moa_logits, moe_logits))
+        and tuple(moa_logits.shape) == tuple(moe_logits.shape) == (count, batch, sizes.experts)
+        and batch * sizes.top_k <= MAX_SLOTS
+        and 0 <= first < count,
+        f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, mask {None if mask is None else tuple(mask.shape)}, "
+        f"positions {positions}, new positions {tuple(new_positions.shape)} {new_positions.dtype}, logits "
+        f"{tuple(moa_logits.shape)}, first layer {first} of {count}: bf16 [B, H], [B or 1, 1, D], "
+        f"[B or 1, 1, 1, positions], int64 [B], fp32 [L, B, E], at most {MAX_SLOTS} slots",
+    )
+    mask_ptr, kind, mb = None, 0, 0
+    if mask is not None:
+        mask_ptr, kind, mb = _ptr(mask), _MASK_KINDS[mask.dtype], (mask.stride(0) if mask.shape[0] > 1 else 0)
+    stopped = ctypes.c_int64(count)
+    status = _kernels.load().jetmoe_decode_layers(
+        ctypes.addressof(operands), first, count, _ptr(x), batch, hidden, sizes.experts, sizes.top_k, sizes.kv_heads,
+        sizes.head_dim, sizes.inner, _ptr(cos), _ptr(sin), sizes.head_dim if cos.shape[0] > 1 else 0, mask_ptr, kind,
+        mb, positions, _ptr(new_positions), _ptr(moa_logits), _ptr(moe_logits), _ptr(out), ctypes.addressof(stopped),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status == -3:
+        raise ValueError(f"decode layers: new positions {new_positions.tolist()} outside 0..{positions - 1}")
+    if status == -2:
+        raise ValueError(f"decode layers: layer {stopped.value}'s chosen experts outside 0..{sizes.experts - 1}")
+    if status < 0:
+        raise MemoryError("decode layers: out of memory")
+    return status, stopped.value
