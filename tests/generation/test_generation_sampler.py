@@ -18,6 +18,7 @@ from jetmoe.generation.sampler import (
     SamplingParams,
     apply_presence_frequency,
     apply_repetition_penalty,
+    draw,
     top_k_mask,
     top_p_mask,
 )
@@ -93,20 +94,44 @@ def test_greedy_rows_take_the_penalised_argmax():
     assert sampler.choose(logits, params, generators) == [8, 7]
 
 
-def test_sampling_follows_the_masked_distribution():
-    """With top-k 3 only the 3 best tokens appear, at frequencies close to their renormalised probabilities."""
-    sampler = BatchSampler(VOCAB, num_slots=1)
-    logits = random_logits(rows=1, seed=5)
-    params = [SamplingParams(temperature=0.8, top_k=3, seed=0)]
-    generator = params[0].make_generator()
-    draws = torch.tensor([sampler.choose(logits, params, [generator])[0] for _ in range(3000)])
-    warped = TopKLogitsWarper(3)(None, TemperatureLogitsWarper(0.8)(None, logits.clone()))
-    probs = warped.softmax(-1)[0]
-    allowed = set(probs.nonzero().flatten().tolist())
-    assert set(draws.tolist()) <= allowed and len(allowed) == 3
-    for token in allowed:
-        frequency = (draws == token).float().mean().item()
-        assert abs(frequency - probs[token].item()) < 4 * math.sqrt(probs[token].item() / 3000) + 0.01
+@pytest.mark.parametrize(
+    "settings",
+    [dict(top_k=3), dict(top_k=0), dict(top_k=5, top_p=0.8), dict(top_p=0.7)],
+    ids=["top-k", "untruncated", "top-k-and-top-p", "top-p"],
+)
+def test_sampling_follows_the_masked_distribution(settings):
+    """Only the tokens transformers' warpers keep appear, at frequencies close to their renormalised
+    probabilities (without top-p the draw skips sorting the vocabulary; with it, it samples the sorted one)."""
+    sampler = BatchSampler(VOCAB, num_slots=2)
+    logits = random_logits(rows=2, seed=5)
+    params = [SamplingParams(temperature=0.8, seed=0, **settings), SamplingParams(temperature=0.8, seed=1)]
+    generators = [p.make_generator() for p in params]  # row 1: untruncated, beside row 0's settings
+    draws = torch.tensor([sampler.choose(logits, params, generators) for _ in range(3000)])
+    for row, setting in enumerate((settings, {})):
+        warped = TemperatureLogitsWarper(0.8)(None, logits[row : row + 1].clone())
+        if setting.get("top_k"):
+            warped = TopKLogitsWarper(setting["top_k"])(None, warped)
+        if setting.get("top_p"):
+            warped = TopPLogitsWarper(setting["top_p"])(None, warped)
+        probs = warped.softmax(-1)[0]
+        allowed = set(probs.nonzero().flatten().tolist())
+        assert set(draws[:, row].tolist()) <= allowed
+        if setting.get("top_k") and not setting.get("top_p"):
+            assert len(allowed) == setting["top_k"]
+        for token in allowed:
+            frequency = (draws[:, row] == token).float().mean().item()
+            assert abs(frequency - probs[token].item()) < 4 * math.sqrt(probs[token].item() / 3000) + 0.01
+
+
+def test_draw_follows_each_rows_distribution_and_skips_impossible_indices():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])
+    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    draws = torch.tensor([draw(probs, generators) for _ in range(4000)])
+    assert set(draws[:, 1].tolist()) == {5}
+    for token in range(6):
+        frequency = (draws[:, 0] == token).float().mean().item()
+        assert abs(frequency - probs[0, token].item()) < 4 * math.sqrt(probs[0, token].item() / 4000) + 0.005
+    assert draw(probs, [torch.Generator().manual_seed(7)] * 2) == draw(probs, [torch.Generator().manual_seed(7)] * 2)
 
 
 def test_same_seed_same_draws_other_seed_other_draws():
