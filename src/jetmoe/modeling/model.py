@@ -107,7 +107,7 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
         prepared = native_decode.applicable(self, hidden_states, output_attentions)
-        if prepared is not None:  # decoding: the same steps in two C calls
+        if prepared is not None:  # decoding: the same steps in C calls
             args = (hidden_states, position_embeddings, attention_mask, cache)
             done = native_decode.layer_forward(self, prepared, *args, **kwargs)
             if done is not None:
