@@ -365,3 +365,23 @@ def test_run_layers_writes_each_layers_new_row_and_matches_the_layers():
     assert torch.equal(out, h.view(2, -1))
     for (keys, values), (expected_keys, expected_values) in zip(buffers, expected_buffers):
         assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+def test_the_layer_stack_follows_weights_that_moved():
+    """`.float()` then `.bfloat16()` keeps the Parameter objects but gives them new storage: the cached structs
+    of the one call for all layers must be rebuilt with the new addresses."""
+    model = _model()
+    stack, buffers = _stack_inputs(model)
+    layers = model.model.layers
+    old_storage = [parameter.data for parameter in model.parameters()]  # kept alive: new storage lands elsewhere
+    model.float().to(torch.bfloat16)
+    x = torch.zeros(1, 1, NATIVE["hidden_size"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        prepared = [native_decode.applicable(layer, x, False) for layer in layers]
+        again = native_decode._stack(layers, prepared, [(k, v, None, 5) for k, v in buffers])
+    assert again is not stack
+    for operands, layer, old in zip(again.operands, layers, old_storage):
+        assert operands.input_norm == layer.input_layernorm.weight.data_ptr() != old.data_ptr()
+        assert operands.w2 == layer.mlp.output_linear.weight.data_ptr()
+    with torch.no_grad():  # and unchanged inputs reuse it
+        assert native_decode._stack(layers, prepared, [(k, v, None, 5) for k, v in buffers]) is again

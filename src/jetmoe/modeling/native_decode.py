@@ -75,6 +75,7 @@ class _Layer(NamedTuple):
     MoE biases, and a few sizes."""
 
     operands: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+    tensors: tuple[torch.Tensor, ...]  # every tensor the C calls read, operands and biases
     moa_bias: torch.Tensor
     mlp_bias: torch.Tensor
     input_eps: float
@@ -123,8 +124,8 @@ def _prepare(layer) -> _Layer | None:
     prepared = None
     if ok:
         prepared = _Layer(
-            tuple(operands), *biases, modules[0].variance_epsilon, modules[5].variance_epsilon, attention.top_k,
-            attention.num_key_value_heads, attention.head_dim,
+            tuple(operands), tuple(tensors), *biases, modules[0].variance_epsilon, modules[5].variance_epsilon,
+            attention.top_k, attention.num_key_value_heads, attention.head_dim,
         )  # fmt: skip
     layer.__dict__["_native_decode"] = (key, prepared)
     return prepared
@@ -137,9 +138,9 @@ MAX_TOKENS = dense._NATIVE_MAX_ROWS
 MAX_SLOTS = min(grouped_matmul._NATIVE_MAX_ROWS, kernels.MAX_SLOTS)
 
 
-def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _Layer | None:
-    """The layer's C-call inputs where `layer_forward` takes this call (CPU inference in bf16, outside
-    torch.compile, at most MAX_TOKENS tokens and MAX_SLOTS slots), else None."""
+def _tokens_taken(hidden_states: torch.Tensor, output_attentions: bool) -> int:
+    """The number of tokens where the C calls may take these hidden states (CPU inference in bf16, outside
+    torch.compile, 1..MAX_TOKENS tokens), else 0."""
     if (
         output_attentions
         or hidden_states.dtype != torch.bfloat16
@@ -147,11 +148,16 @@ def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
     ):
-        return None
+        return 0
     tokens = hidden_states.numel() // max(hidden_states.shape[-1], 1)
-    if not 0 < tokens <= MAX_TOKENS or not native.available():
-        return None
-    prepared = _prepare(layer)
+    return tokens if 0 < tokens <= MAX_TOKENS and native.available() else 0
+
+
+def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _Layer | None:
+    """The layer's C-call inputs where `layer_forward` takes this call (CPU inference in bf16, outside
+    torch.compile, at most MAX_TOKENS tokens and MAX_SLOTS slots), else None."""
+    tokens = _tokens_taken(hidden_states, output_attentions)
+    prepared = _prepare(layer) if tokens else None
     if prepared is None or tokens * prepared.top_k > MAX_SLOTS:
         return None
     return prepared
@@ -239,12 +245,11 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
     its MoE) and the call resumes after it. Returns (output [B, 1, H], router logits: MoA and MoE per layer),
     or None where this does not apply (the caller runs the layers one by one). The values are the layers' own,
     bit for bit."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or hidden_states.dim() != 3:
+    if hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or not _tokens_taken(hidden_states, False):
         return None
-    batch, length, hidden = hidden_states.shape
+    batch, _, hidden = hidden_states.shape
     if (
-        length != 1
-        or len(layers) == 0
+        len(layers) == 0
         or getattr(cache, "decode_buffers", None) is None
         or (layers[0]._modules["self_attention"].config._attn_implementation or "sdpa") != "sdpa"
         or _hooked(layers)
@@ -252,8 +257,10 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
         return None
     prepared, buffers = [], []
     for index, layer in enumerate(layers):
-        operands = applicable(layer, hidden_states, False)
-        layer_buffers = cache.decode_buffers(index) if operands is not None else None
+        operands = _prepare(layer)
+        if operands is None or batch * operands.top_k > MAX_SLOTS:
+            return None
+        layer_buffers = cache.decode_buffers(index)
         if layer_buffers is None:
             return None
         prepared.append(operands)
@@ -316,12 +323,20 @@ class _Stack(NamedTuple):
 def _stack(layers, prepared: list[_Layer], buffers: list[tuple]) -> _Stack | None:
     """The layers' LayerOperands for these prepared inputs and cache buffers, cached on the layer list (rebuilt
     when any of them changes); None where the layers differ in their sizes or the caches are not bf16."""
-    key = (*prepared, *((b[0].data_ptr(), b[1].data_ptr(), b[0].shape, b[0].stride(), b[1].stride()) for b in buffers))
-    cached = layers.__dict__.get("_native_decode_stack")
-    if cached is not None and len(cached[0]) == len(key) and all(
-        a is b if isinstance(a, _Layer) else a == b for a, b in zip(cached[0], key)
+    # The structs hold addresses: of the weights (a module's `.to()` there and back keeps its Parameter objects,
+    # so `_prepare` hands back the same object, but gives them new storage) and of the cache buffers.
+    addresses = tuple(t.data_ptr() for p in prepared for t in p.tensors)
+    buffer_key = tuple((b[0].data_ptr(), b[1].data_ptr(), b[0].shape, b[0].stride(), b[1].stride()) for b in buffers)
+    cached = layers.__dict__.get("_native_decode_stack")  # ((prepared, addresses, buffer_key), stack)
+    if (
+        cached is not None
+        and len(cached[0][0]) == len(prepared)
+        and all(a is b for a, b in zip(cached[0][0], prepared))
+        and cached[0][1] == addresses
+        and cached[0][2] == buffer_key
     ):
         return cached[1]
+    key = (tuple(prepared), addresses, buffer_key)
     stack = None
     sizes = {_sizes(p) for p in prepared}
     scales = {layer._modules["self_attention"].scaling for layer in layers}
