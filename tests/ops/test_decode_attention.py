@@ -111,3 +111,20 @@ def test_bad_inputs_are_rejected():
             decode.attention(query, key, value, torch.ones(2, 1, 1, 5, dtype=torch.bool), 0.125)
         with pytest.raises(ValueError, match="decode attention"):
             decode.attention(query, key, value, None, 0.125, new=(key[:, :, 0], value[:, :, 0], torch.tensor([1])))
+
+
+def test_threads_split_the_work_without_changing_a_value():
+    """(row, kv head) pairs go to the threads; each output is computed whole by one of them."""
+    query, key, value = _inputs(batch=2, heads=3, groups=2, length=3, positions=300, seed=4)
+    mask = torch.rand(2, 1, 3, 300, generator=torch.Generator().manual_seed(5)) > 0.2
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(decode.attention(query, key, value, mask, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    torch.testing.assert_close(results[0].double(), _reference(query, key, value, mask, 0.125), rtol=1.6e-2, atol=1e-2)

@@ -22,6 +22,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,7 @@
 enum { BF16 = 1 };
 #define MAX_EXPERTS 64
 #define MAX_SLOTS 16
+#define PARALLEL_MIN_PRODUCTS 4096 /* attention: query-key products below which one thread does them all */
 
 int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, const int64_t *groups,
                      int64_t n_groups, uint16_t *y, int threads);
@@ -308,7 +310,6 @@ int jetmoe_decode_attention(const uint16_t *query, const int64_t *query_strides,
                             int64_t groups, int64_t length, int64_t positions, int64_t dim, float scale,
                             const uint16_t *new_keys, int64_t new_keys_sb, const uint16_t *new_values,
                             int64_t new_values_sb, const int64_t *new_positions, int threads) {
-    (void)threads;
     if (new_keys) {
         for (int64_t b = 0; b < batch; b++)
             if (new_positions[b] < 0 || new_positions[b] >= positions) return -2;
@@ -320,46 +321,50 @@ int jetmoe_decode_attention(const uint16_t *query, const int64_t *query_strides,
             }
         }
     }
-    float *scores = malloc((size_t)(positions + dim) * sizeof(float));
-    if (!scores) return -1;
-    float *acc = scores + positions;
-    for (int64_t b = 0; b < batch; b++) {
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const uint16_t *keys = key + b * sb + h * sh, *values = value + b * sb + h * sh;
-            for (int64_t g = 0; g < groups; g++) {
-                for (int64_t t = 0; t < length; t++) {
-                    const uint16_t *q = query + b * query_strides[0] + h * query_strides[1] + g * query_strides[2] +
-                                        t * query_strides[3];
-                    uint16_t *o =
-                        out + b * out_strides[0] + h * out_strides[1] + g * out_strides[2] + t * out_strides[3];
-                    float peak = -INFINITY;
-                    for (int64_t p = 0; p < positions; p++) {
-                        float extra = mask_kind ? mask_value(mask, mask_kind, b * mb + t * mt + p) : 0.0f;
-                        scores[p] = extra == -INFINITY ? -INFINITY : dot_bf16(q, keys + p * ss, dim) * scale + extra;
-                        if (scores[p] > peak) peak = scores[p];
-                    }
-                    if (peak == -INFINITY) { /* sees nothing */
-                        memset(o, 0, dim * sizeof *o);
-                        continue;
-                    }
-                    float sum = jetmoe_exp_shifted(scores, positions, peak);
-                    for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
-                    for (int64_t p = 0; p < positions; p++) {
-                        if (scores[p] == 0.0f) continue;
-                        __m512 weight = _mm512_set1_ps(bf16_to_float(float_to_bf16(scores[p])));
-                        for (int64_t d = 0; d < dim; d += 16)
-                            _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, load_bf16x16(values + p * ss + d),
-                                                                      _mm512_loadu_ps(acc + d)));
-                    }
-                    __m512 inverse = _mm512_set1_ps(1.0f / sum);
-                    for (int64_t d = 0; d < dim; d += 16)
-                        _mm256_storeu_si256((__m256i *)(o + d), (__m256i)_mm512_cvtneps_pbh(
-                                                                    _mm512_mul_ps(_mm512_loadu_ps(acc + d), inverse)));
+    /* (row, kv head) pairs split over the threads: each output is computed by one thread in the same order
+     * whatever the split, so the thread count never changes a value. */
+    const int64_t pairs = batch * kv_heads;
+    if (threads < 1 || pairs * groups * length * positions < PARALLEL_MIN_PRODUCTS) threads = 1;
+    if (threads > pairs) threads = (int)pairs;
+    float *scratch = malloc((size_t)threads * (positions + dim) * sizeof(float));
+    if (!scratch) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t b = pair / kv_heads, h = pair % kv_heads;
+        float *scores = scratch + (int64_t)omp_get_thread_num() * (positions + dim), *acc = scores + positions;
+        const uint16_t *keys = key + b * sb + h * sh, *values = value + b * sb + h * sh;
+        for (int64_t g = 0; g < groups; g++) {
+            for (int64_t t = 0; t < length; t++) {
+                const uint16_t *q = query + b * query_strides[0] + h * query_strides[1] + g * query_strides[2] +
+                                    t * query_strides[3];
+                uint16_t *o = out + b * out_strides[0] + h * out_strides[1] + g * out_strides[2] + t * out_strides[3];
+                float peak = -INFINITY;
+                for (int64_t p = 0; p < positions; p++) {
+                    float extra = mask_kind ? mask_value(mask, mask_kind, b * mb + t * mt + p) : 0.0f;
+                    scores[p] = extra == -INFINITY ? -INFINITY : dot_bf16(q, keys + p * ss, dim) * scale + extra;
+                    if (scores[p] > peak) peak = scores[p];
                 }
+                if (peak == -INFINITY) { /* sees nothing */
+                    memset(o, 0, dim * sizeof *o);
+                    continue;
+                }
+                float sum = jetmoe_exp_shifted(scores, positions, peak);
+                for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
+                for (int64_t p = 0; p < positions; p++) {
+                    if (scores[p] == 0.0f) continue;
+                    __m512 weight = _mm512_set1_ps(bf16_to_float(float_to_bf16(scores[p])));
+                    for (int64_t d = 0; d < dim; d += 16)
+                        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(weight, load_bf16x16(values + p * ss + d),
+                                                                  _mm512_loadu_ps(acc + d)));
+                }
+                __m512 inverse = _mm512_set1_ps(1.0f / sum);
+                for (int64_t d = 0; d < dim; d += 16)
+                    _mm256_storeu_si256((__m256i *)(o + d),
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + d), inverse)));
             }
         }
     }
-    free(scores);
+    free(scratch);
     return 0;
 }
 

@@ -1,6 +1,7 @@
 """Python side of decode.c: a JetMoE layer's steps for a few bf16 tokens, in one C call before attention and one
-after it, the attention while decoding, and a whole stack of layers for one new token a row in one call. Bit for bit the operator path (the same kernels on the same inputs); see decode.c. The projections
-(not the routers) may be int8 with per-row scales, as generation/quantize.py makes them.
+after it; the attention while decoding; and a whole stack of layers for one new token a row in one call. Bit
+for bit the operator path (the same kernels on the same inputs); see decode.c. The projections (not the
+routers) may be int8 with per-row scales, as generation/quantize.py makes them.
 
 The caller (modeling/native_decode.py) decides which layers and calls these take; the functions here check
 the shapes they rely on and raise ValueError naming the problem. No autograd, no torch.compile.
@@ -181,12 +182,13 @@ def attention_out(
 
 _MASK_KINDS = {torch.bool: 1, torch.bfloat16: 2, torch.float32: 3}
 # Up to this many query-key products per call (batch x kv heads x query groups x queries x positions) the C
-# kernel runs, beyond it SDPA: SDPA's flash kernel blocks its products through oneDNN and wins on long rows
-# (warm, 16 queries: 19 vs 21 us over 20 positions, 34 vs 27 over 100, 280 vs 100 over 1000), but while decoding
-# it ran just after the projections had evicted the caches and cost ~250 us a layer in place; the C kernel,
-# with the cache update in the same call and no operators around it, made a batch-1 engine step of "small"
-# faster: 14.2 vs 15.6 ms (alternating, over 40-330 positions).
-MAX_ATTENTION_PRODUCTS = 8192
+# kernel runs, beyond it SDPA. Warm and alone, SDPA's flash kernel (oneDNN blocks) wins on long rows (16
+# queries: 19 vs 21 us over 20 positions, 34 vs 27 over 100, 280 vs 100 over 1000, the C kernel then on one
+# thread); while decoding it runs just after the projections have evicted the caches, and with the cache
+# update in the same call and no operators around it the C kernel (its (row, kv head) pairs over the threads)
+# won throughout: engine steps of "small", alternating, batch 1 at 576-870 positions 12.1 vs 16.1 ms, batch 8
+# at 32-330 positions 44.0 vs 48.7 ms and at 576-870 positions (115k products) 47.0 vs 51.8 ms.
+MAX_ATTENTION_PRODUCTS = 1 << 18
 
 
 def mask_ok(mask: torch.Tensor | None) -> bool:
