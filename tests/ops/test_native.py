@@ -266,3 +266,22 @@ def test_dense_layers_decode_through_the_kernel_up_to_8_rows(monkeypatch):
     x = torch.randn(1, 64).bfloat16().requires_grad_()
     layer(x).sum().backward()  # autograd: F.linear
     assert calls == [1, 8, 8]
+
+
+@requires_native
+def test_int8_gemv_puts_bf16_rows_on_the_same_grid_as_fp32_ones():
+    """bf16 activations are quantised 16 lanes at a time, fp32 ones one by one: the same grid, so the same
+    products (rounded once to bf16), including rows holding inf or nan and all-zero rows."""
+    torch.manual_seed(3)
+    q = torch.randint(-127, 128, (40, 1024), dtype=torch.int8)
+    scale = (torch.rand(40) * 0.02 + 1e-3).to(torch.bfloat16)
+    x = (torch.randn(7, 1024) * torch.logspace(-3, 3, 7)[:, None]).to(torch.bfloat16)
+    x[1, 5] = x[1].abs().max() * -4  # the largest magnitude negative
+    x[2] = 0
+    x[3, 700] = float("inf")
+    x[4, 3] = float("nan")
+    x[5, ::2] = 0.5  # ties at the grid's half steps
+    got = native.int8_gemv(x, q, scale)
+    want = native.int8_gemv(x.float(), q, scale.float()).to(torch.bfloat16)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
