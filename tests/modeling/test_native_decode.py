@@ -10,6 +10,7 @@ from oracle_pair import TINY, build_pair, padding_mask, random_ids
 
 from jetmoe.generation.quantize import quantize_model
 from jetmoe.modeling import native_decode
+from jetmoe.modeling.cache import JetMoeCache
 from jetmoe.ops import native
 from jetmoe.ops.native import decode as kernels
 
@@ -385,3 +386,25 @@ def test_the_layer_stack_follows_weights_that_moved():
         assert operands.w2 == layer.mlp.output_linear.weight.data_ptr()
     with torch.no_grad():  # and unchanged inputs reuse it
         assert native_decode._stack(layers, prepared, [(k, v, None, 5) for k, v in buffers]) is again
+
+
+def test_a_decoding_forward_returns_the_layers_router_logits(monkeypatch):
+    """A decoding step through the one call for all layers, asked for router logits: the layers' own, in order
+    (MoA then MoE per layer), and the same logits."""
+    model = _model()
+    ids = random_ids(2, 7)
+    calls = _Calls(monkeypatch)
+
+    def step():
+        cache = JetMoeCache(config=model.config)
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+            return model(random_ids(2, 1, seed=9), past_key_values=cache, output_router_logits=True)
+
+    stacked = step()
+    assert calls.stacked == NATIVE["num_hidden_layers"]
+    monkeypatch.setattr(native_decode, "layers_forward", lambda *args: None)
+    one_by_one = step()
+    assert torch.equal(stacked.logits, one_by_one.logits)
+    assert len(stacked.router_logits) == len(one_by_one.router_logits) == 2 * NATIVE["num_hidden_layers"]
+    assert all(torch.equal(a, b) for a, b in zip(stacked.router_logits, one_by_one.router_logits))

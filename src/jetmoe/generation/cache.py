@@ -52,11 +52,7 @@ class SlotKVCache(Cache):
         Sizes come from these tensors rather than Python ints, so a compiled decode step sees them as
         dynamic shapes instead of recompiling for every batch size and length."""
         self._mode, self._positions, self._mask = "decode", positions, mask
-        # Where row r's new K/V go in each layer's buffer seen as [slots * heads * max_len, D]: one
-        # `index_copy_` per buffer and layer (an indexed assignment with two index tensors cost 3x as much).
-        rows, heads = positions.shape[0], self.keys[0].shape[1]
-        head_starts = torch.arange(rows * heads, device=positions.device) * self.max_len
-        self._decode_rows = head_starts + positions.repeat_interleave(heads)
+        self._decode_rows = None  # made by the first `update` of the step (the C decoder layers write rows themselves)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -67,6 +63,12 @@ class SlotKVCache(Cache):
             return keys[slot : slot + 1, :, :length], values[slot : slot + 1, :, :length]
         if self._mode == "decode":
             rows, view_len, width = self._positions.shape[0], self._mask.shape[-1], keys.shape[-1]
+            if self._decode_rows is None:
+                # Where row r's new K/V go in each layer's buffer seen as [slots * heads * max_len, D]: one
+                # `index_copy_` per buffer and layer (an indexed assignment with two index tensors cost 3x as much).
+                heads = keys.shape[1]
+                head_starts = torch.arange(rows * heads, device=keys.device) * self.max_len
+                self._decode_rows = head_starts + self._positions.repeat_interleave(heads)
             keys.view(-1, width).index_copy_(0, self._decode_rows, key_states[:, :, 0].reshape(-1, width))
             values.view(-1, width).index_copy_(0, self._decode_rows, value_states[:, :, 0].reshape(-1, width))
             return keys[:rows, :, :view_len], values[:rows, :, :view_len]

@@ -319,17 +319,19 @@ class JetMoeModel(JetMoePreTrainedModel):
             position_ids = cache_position.unsqueeze(0)
 
         mask = causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cache_position)
-        if (config._attn_implementation or "sdpa") == "sdpa" and not output_attentions:
-            mask = additive_inference_mask(mask, inputs_embeds.dtype)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states = inputs_embeds
         all_hidden, all_attentions, all_router_logits = [], [], []
         decoded = None
         if not (output_hidden_states or output_attentions):  # a decoding step: every layer in one C call
-            decoded = native_decode.layers_forward(self.layers, hidden_states, position_embeddings, mask, cache)
+            decoded = native_decode.layers_forward(
+                self.layers, hidden_states, position_embeddings, mask, cache, output_router_logits
+            )
         if decoded is not None:
             hidden_states, all_router_logits = decoded
+        elif (config._attn_implementation or "sdpa") == "sdpa" and not output_attentions:
+            mask = additive_inference_mask(mask, inputs_embeds.dtype)  # made once for the layers' SDPA calls
         for layer in self.layers if decoded is None else ():
             if output_hidden_states:
                 all_hidden.append(hidden_states)

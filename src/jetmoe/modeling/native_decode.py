@@ -237,14 +237,15 @@ def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> to
     return attended
 
 
-def layers_forward(layers, hidden_states, position_embeddings, attention_mask, cache):
+def layers_forward(layers, hidden_states, position_embeddings, attention_mask, cache, router_logits: bool = True):
     """JetMoeModel's loop over its layers for a decoding step of one new token a row, as one C call for all the
     layers (ops/native/decode.py `run_layers`): the per-layer calls above, without returning to Python between
     layers. For a cache with `decode_buffers` (the engine's, the model's own) where every layer takes
     `layer_forward`'s one-call attention. A layer whose routing is not decided in C runs its own forward (or
-    its MoE) and the call resumes after it. Returns (output [B, 1, H], router logits: MoA and MoE per layer),
-    or None where this does not apply (the caller runs the layers one by one). The values are the layers' own,
-    bit for bit."""
+    its MoE) and the call resumes after it. Returns (output [B, 1, H], router logits: MoA and MoE per layer, or
+    [] unless `router_logits`), or None where this does not apply (the caller runs the layers one by one). The
+    values are the layers' own, bit for bit. A boolean mask is read as is (the C kernel takes it as SDPA's
+    additive form, with the same scores)."""
     if hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or not _tokens_taken(hidden_states, False):
         return None
     batch, _, hidden = hidden_states.shape
@@ -280,7 +281,7 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
     count, experts = len(layers), stack.sizes.experts
     moa_logits = torch.empty(count, batch, experts, dtype=torch.float32)
     moe_logits = torch.empty(count, batch, experts, dtype=torch.float32)
-    router_logits: list[torch.Tensor] = []
+    logits_out: list[torch.Tensor] = []
     x, out = hidden_states.reshape(batch, hidden).contiguous(), torch.empty(batch, hidden, dtype=torch.bfloat16)
     first = 0
     while first < count:
@@ -290,8 +291,8 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
         )  # fmt: skip
         for index in range(first, stopped + (status == 2)):  # the layers whose new K/V rows are written
             cache.decode_written(index)
-        for index in range(first, stopped):
-            router_logits += [moa_logits[index], moe_logits[index]]
+        for index in range(first, stopped) if router_logits else ():
+            logits_out += [moa_logits[index], moe_logits[index]]
         if status == 0:
             x = out
             break
@@ -301,9 +302,9 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
         else:  # the MoE's routing: the operator path's MoE on h
             mlp_out, moe = layer.mlp(layer.post_attention_layernorm(h))
             h, logits = h + mlp_out, (moa_logits[stopped], moe)
-        router_logits += list(logits)
+        logits_out += list(logits) if router_logits else []
         x, first = h.reshape(batch, hidden).contiguous(), stopped + 1
-    return x.view(batch, 1, hidden), router_logits
+    return x.view(batch, 1, hidden), logits_out
 
 
 def _hooked(layers) -> bool:
