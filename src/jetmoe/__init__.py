@@ -2,6 +2,7 @@
 
 from .configuration import JetMoeConfig
 from .modeling import JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel, JetMoePreTrainedModel
+from .modeling.cache import JetMoeCache
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ def register_with_transformers() -> None:
 
 
 __all__ = [
+    "JetMoeCache",
     "JetMoeConfig",
     "JetMoeForCausalLM",
     "JetMoeForSequenceClassification",

@@ -120,3 +120,15 @@ def test_beam_search_matches_a_dynamic_cache():
         ours = model.generate(ids, **settings)
         theirs = model.generate(ids, past_key_values=DynamicCache(config=model.config), **settings)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("capacity", [-1, 2.5, "8", True])
+def test_a_bad_capacity_is_rejected_with_the_problem_named(capacity):
+    with pytest.raises(ValueError, match="capacity must be an integer >= 0"):
+        JetMoeCache(capacity=capacity)
+
+
+def test_it_is_part_of_the_public_api():
+    import jetmoe
+
+    assert jetmoe.JetMoeCache is JetMoeCache and "JetMoeCache" in jetmoe.__all__

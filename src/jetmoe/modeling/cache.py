@@ -94,6 +94,8 @@ class JetMoeCache(DynamicCache):
     allocates at its first update (at least the prompt's length; more are added by doubling)."""
 
     def __init__(self, config=None, capacity: int = 0, **kwargs):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an integer >= 0 (positions per layer), got {capacity!r}")
         super().__init__(config=config, **kwargs)
         if config is not None:
             self.layers = [AppendingLayer(capacity) for _ in self.layers]
