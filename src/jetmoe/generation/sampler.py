@@ -5,7 +5,8 @@ logits, then temperature, then top-k, then top-p), so a row's distribution is th
 sample from with the same settings. Greedy rows take the argmax after the penalties.
 
 Each sequence draws from its own `torch.Generator`, so a seeded request gives the same tokens whatever else
-shares its batch.
+shares its batch: one uniform number per row and token, mapped through the row's cumulative distribution (all
+rows in one search). The vocabulary is sorted only for rows that use top-p.
 """
 
 from __future__ import annotations
