@@ -132,3 +132,21 @@ def test_it_is_part_of_the_public_api():
     import jetmoe
 
     assert jetmoe.JetMoeCache is JetMoeCache and "JetMoeCache" in jetmoe.__all__
+
+
+def test_a_large_capacity_hint_is_allocated_as_it_is_used(monkeypatch):
+    """generate()'s max_length can be far beyond what a run uses: at most PREALLOCATE positions beyond the first
+    update's come up front, then doubling up to the hint, then doubling beyond it."""
+    from jetmoe.modeling import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "PREALLOCATE", 8)
+    cache, theirs = JetMoeCache(capacity=40), DynamicCache()
+    generator = torch.Generator().manual_seed(0)
+    capacities = []
+    for length in (5, *[1] * 60):
+        keys, values = (torch.randn(2, 3, length, 4, generator=generator) for _ in range(2))
+        cache.update(keys, values, 0)
+        theirs.update(keys, values, 0)
+        capacities.append(cache.layers[0]._key_buffer.shape[2])
+    assert sorted(set(capacities)) == [13, 26, 40, 80]  # 5 + 8; doubled; capped at the hint; past it, doubled
+    _same_contents(cache, theirs)
