@@ -2,8 +2,9 @@
 
 transformers' DynamicLayer grows by `torch.cat` at every token, copying the whole cache each time. Here each
 layer keeps key and value buffers [B, Nkv, capacity, D] and its `keys` / `values` are views of their first
-`length` positions, so a token costs one row write. `generate()` sizes the buffers to its `max_length` up front
-(JetMoeForCausalLM._prepare_cache_for_generation); a plain forward grows them by doubling.
+`length` positions, so a token costs one row write. `generate()` hints its `max_length`
+(JetMoeForCausalLM._prepare_cache_for_generation): up to PREALLOCATE positions beyond the prompt come up front,
+then the buffers grow by doubling, as they do for a plain forward.
 
 It is a DynamicCache in every other respect (same class hierarchy, same `keys` / `values` attributes, same
 crop / reorder / select behaviour): anything that replaces a layer's `keys` or `values` (beam search, assisted

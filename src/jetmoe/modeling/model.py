@@ -385,7 +385,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate()'s cache: where transformers creates a plain DynamicCache, a JetMoeCache (a DynamicCache
-        that appends into buffers) sized to generate()'s max_length instead. A cache the caller passes is kept."""
+        that appends into buffers) hinted with generate()'s max_length instead. A cache the caller passes is kept."""
         result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         name = "cache" if "cache" in model_kwargs else "past_key_values"
         cache = model_kwargs.get(name)
