@@ -132,6 +132,8 @@ def test_draw_follows_each_rows_distribution_and_skips_impossible_indices():
         frequency = (draws[:, 0] == token).float().mean().item()
         assert abs(frequency - probs[0, token].item()) < 4 * math.sqrt(probs[0, token].item() / 4000) + 0.005
     assert draw(probs, [torch.Generator().manual_seed(7)] * 2) == draw(probs, [torch.Generator().manual_seed(7)] * 2)
+    with pytest.raises(ValueError, match="not finite"):
+        draw(torch.tensor([[0.5, float("nan")]]), [torch.Generator()])
 
 
 def test_same_seed_same_draws_other_seed_other_draws():

@@ -189,6 +189,8 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
     each row's cumulative distribution at a uniform draw (one batched cumsum and search instead of a
     `torch.multinomial` over the vocabulary per row). Never an index of probability 0."""
     cdf = probs.double().cumsum(dim=-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise ValueError("sampling: a row's probabilities are not finite (nan or inf in the logits)")
     uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators])
     result = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True)[:, 0].tolist()
     for row, pick in enumerate(result):
