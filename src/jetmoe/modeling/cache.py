@@ -129,7 +129,8 @@ class JetMoeCache(DynamicCache):
         batch = layer.keys.shape[0]
         cached = self._positions
         if cached is None or cached[0] != length or cached[1] != batch:
-            cached = self._positions = (length, batch, torch.full((batch,), length, dtype=torch.int64))
+            positions = torch.full((batch,), length, dtype=torch.int64, device=layer.keys.device)
+            cached = self._positions = (length, batch, positions)
         return layer._key_buffer, layer._value_buffer, cached[2], length + 1
 
     def decode_written(self, layer_idx: int) -> None:
