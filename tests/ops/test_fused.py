@@ -171,6 +171,32 @@ def test_bad_inputs_raise_value_errors():
         elementwise.silu_mul(torch.randn(4, 64, dtype=torch.float64))
 
 
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transposed_is_f_pad_of_the_transpose_bit_for_bit(monkeypatch, dtype, threads):
+    """Blocks of 32 x 32 in registers plus the edges: row counts and widths on and off 32, strided rows, zero
+    padding, special values (a bit copy: nan payloads, -0.0, inf survive)."""
+    monkeypatch.setattr(elementwise, "_threads", lambda: threads)
+    torch.manual_seed(0)
+    source = torch.randn(300, 2900).to(dtype)
+    source[5, 7], source[40, 33], source[64, 100] = float("nan"), float("-inf"), -0.0
+    for rows, cols, padded in [(283, 2816, 320), (64, 1024, 64), (31, 77, 40), (1, 40, 64), (96, 2890, 96), (0, 32, 8)]:
+        x = source[3 : 3 + rows, 5 : 5 + cols]  # strided rows
+        got = elementwise.transposed(x, padded)
+        want = F.pad(x.T, (0, padded - rows))
+        assert got.is_contiguous() and got.shape == (cols, padded)
+        assert torch.equal(got.view(torch.int16), want.contiguous().view(torch.int16)), (rows, cols, padded)
+    whole = elementwise.transposed(source[:40, :64])  # padded defaults to the row count
+    assert torch.equal(whole.view(torch.int16), source[:40, :64].T.contiguous().view(torch.int16))
+    with pytest.raises(ValueError, match="transposed"):
+        elementwise.transposed(source[:40, :64], 39)  # padded below the row count
+    with pytest.raises(ValueError, match="transposed"):
+        elementwise.transposed(torch.randn(4, 64))  # fp32
+    with pytest.raises(ValueError, match="transposed"):
+        elementwise.transposed(source[:4, :64].T)  # rows not contiguous
+
+
 def test_other_dtypes_and_kernels_off_take_the_chain(monkeypatch):
     """In fp64, mixed dtypes, or with the kernels off, the results are the chains' own."""
     calls = []

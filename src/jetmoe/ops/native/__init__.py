@@ -119,6 +119,7 @@ def load() -> ctypes.CDLL | None:
     ]
     library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
+    library.jetmoe_transpose16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
     for function in (
         library.jetmoe_bf16_gemv,
         library.jetmoe_bf16_gemv_silu_mul,
@@ -133,6 +134,7 @@ def load() -> ctypes.CDLL | None:
         library.jetmoe_combine_backward,
         library.jetmoe_logsumexp_rows,
         library.jetmoe_cross_entropy_backward,
+        library.jetmoe_transpose16,
         library.jetmoe_decode_attention_in,
         library.jetmoe_decode_attention_out,
         library.jetmoe_softmax_sorted,

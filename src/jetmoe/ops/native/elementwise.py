@@ -222,3 +222,18 @@ def cross_entropy_backward(
         rows, vocab, code, _threads(),
     )  # fmt: skip
     return grad
+
+
+def transposed(x: torch.Tensor, padded: int | None = None) -> torch.Tensor:
+    """x [rows, cols] of 2-byte elements (rows may be strided, each row contiguous) -> [cols, padded] contiguous:
+    x.T with zero columns after the first `rows` (padded defaults to rows): F.pad(x.T, (0, padded - rows))."""
+    rows, cols = (x.shape[0], x.shape[1]) if x.dim() == 2 else (-1, -1)
+    padded = rows if padded is None else padded
+    if x.dim() != 2 or not x.is_cpu or x.element_size() != 2 or (cols > 1 and x.stride(1) != 1) or padded < rows:
+        _reject("transposed", x, note=f"a 2-d CPU tensor of 2-byte elements, contiguous rows, padded {padded} >= rows")
+    out = torch.empty(cols, padded, dtype=x.dtype)
+    if out.numel():
+        _kernels.load().jetmoe_transpose16(
+            x.data_ptr(), x.stride(0), rows, cols, out.data_ptr(), padded, padded, _threads()
+        )
+    return out
