@@ -103,7 +103,11 @@ def _bucketed(rows: int) -> int:
 
 
 def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return F.pad(t, (0, 0, 0, rows - t.shape[0]))
+    """t [n, d] followed by zero rows up to `rows` (F.pad would first fill all of it, then copy t in)."""
+    padded = t.new_empty(rows, t.shape[1])
+    padded[: t.shape[0]].copy_(t)
+    padded[t.shape[0] :].zero_()
+    return padded
 
 
 def _cpu_lowp_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
