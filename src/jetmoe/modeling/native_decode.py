@@ -23,6 +23,7 @@ groups them, so each expert's weights are read once.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import torch
@@ -91,11 +92,13 @@ def _prepare(layer) -> _Layer | None:
     `_buffers`), and the tensors' dtypes and addresses (`.to()` there and back keeps the Parameter objects but
     moves their storage); rebuilt, as a new object, when any guard fails. The guards cost ~5 us a layer and
     step, half of walking the modules again."""
-    cached = layer.__dict__.get("_native_decode")  # (guards, tensors, dtypes, addresses, prepared)
+    cached = layer.__dict__.get("_native_decode")  # (stores, names, held, tensors, dtypes, addresses, prepared)
     if cached is not None:
-        guards, tensors, dtypes, addresses, prepared = cached
-        if all(where.get(name) is held for where, name, held in guards) and all(
-            t.dtype is dtype and t.data_ptr() == address for t, dtype, address in zip(tensors, dtypes, addresses)
+        stores, names, held, tensors, dtypes, addresses, prepared = cached
+        if (  # map() over C functions: ~3x faster than generator expressions here
+            all(map(operator.is_, map(dict.get, stores, names), held))
+            and all(map(operator.is_, map(_dtype_of, tensors), dtypes))
+            and list(map(_data_ptr, tensors)) == addresses
         ):
             return prepared
     modules, operands, guards = [], [], {}
@@ -138,9 +141,14 @@ def _prepare(layer) -> _Layer | None:
             tuple(operands), tuple(tensors), *biases, modules[0].variance_epsilon, modules[5].variance_epsilon,
             attention.top_k, attention.num_key_value_heads, attention.head_dim,
         )  # fmt: skip
-    dtypes, addresses = tuple(t.dtype for t in tensors), tuple(t.data_ptr() for t in tensors)
-    layer.__dict__["_native_decode"] = (tuple(guards.values()), tuple(tensors), dtypes, addresses, prepared)
+    stores, names, held = zip(*guards.values())
+    dtypes, addresses = tuple(t.dtype for t in tensors), [t.data_ptr() for t in tensors]
+    layer.__dict__["_native_decode"] = (stores, names, held, tuple(tensors), dtypes, addresses, prepared)
     return prepared
+
+
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
 
 
 def _stored(module, operand) -> list[tuple[dict, str]]:
