@@ -59,7 +59,7 @@ def test_int8_gemv_is_exact_where_the_activations_sit_on_the_grid():
 
 
 @requires_native
-@pytest.mark.parametrize("m_rows", [1, 5, 16])
+@pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 6, 16])
 @pytest.mark.parametrize("shape", [(7, 32), (1030, 1024), (64, 4160)])
 def test_bf16_gemv_is_the_exact_sum_rounded_once(m_rows, shape):
     """Small integers: every product and fp32 partial sum is exact, so the kernel must give the exact sum
@@ -80,6 +80,17 @@ def test_bf16_gemv_on_random_values_is_within_one_rounding():
     exact = x.double() @ weight.double().T
     bound = exact.abs() * 2**-8 + 1e-6 * (x.double().abs() @ weight.double().abs().T)
     assert ((native.bf16_gemv(x, weight).double() - exact).abs() <= bound).all()
+
+
+@requires_native
+def test_bf16_gemv_rows_batched_equal_rows_alone():
+    """Rows go through a weight block in fours, pairs and singly: a row's value never depends on which."""
+    torch.manual_seed(8)
+    weight = torch.randn(1030, 1024).bfloat16()  # 257 whole blocks of 4 weight rows and a last one of 2
+    x = torch.randn(11, 1024).bfloat16()
+    alone = torch.cat([native.bf16_gemv(x[i : i + 1], weight) for i in range(11)])
+    for rows in range(1, 12):
+        assert torch.equal(native.bf16_gemv(x[:rows], weight), alone[:rows]), rows
 
 
 @requires_native
