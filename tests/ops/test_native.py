@@ -83,14 +83,20 @@ def test_bf16_gemv_on_random_values_is_within_one_rounding():
 
 
 @requires_native
-def test_bf16_gemv_rows_batched_equal_rows_alone():
-    """Rows go through a weight block in fours, pairs and singly: a row's value never depends on which."""
+def test_gemv_rows_batched_equal_rows_alone():
+    """Rows go through a weight block in fours, pairs and singly (bf16 and int8 kernels): a row's value never
+    depends on which."""
     torch.manual_seed(8)
     weight = torch.randn(1030, 1024).bfloat16()  # 257 whole blocks of 4 weight rows and a last one of 2
     x = torch.randn(11, 1024).bfloat16()
     alone = torch.cat([native.bf16_gemv(x[i : i + 1], weight) for i in range(11)])
     for rows in range(1, 12):
         assert torch.equal(native.bf16_gemv(x[:rows], weight), alone[:rows]), rows
+    q = torch.randint(-127, 128, (1030, 4160), dtype=torch.int8)  # two column chunks of the int8 kernel's sums
+    scale, x = torch.rand(1030).bfloat16(), torch.randn(11, 4160).bfloat16()
+    alone = torch.cat([native.int8_gemv(x[i : i + 1], q, scale) for i in range(11)])
+    for rows in range(1, 12):
+        assert torch.equal(native.int8_gemv(x[:rows], q, scale), alone[:rows]), rows
 
 
 @requires_native

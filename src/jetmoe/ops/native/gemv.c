@@ -179,6 +179,44 @@ static inline __m512i widen(const int8_t *p) { /* 32 int8 -> 32 int16 */
     return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
 }
 
+/* R activation rows (m ..) against a whole block of int8 weight rows, each weight widened once for all R rows:
+ * the same chains, partial sums and roundings per (row, weight row) as one row alone (the loop below). */
+#define DEFINE_INT8_BLOCK_ROWS(R)                                                                                  \
+    static inline void int8_block_rows##R(const int8_t *block, int64_t cols, const int16_t *xq,                  \
+                                          const float *steps, int64_t m, int prefetch, const void *scale,         \
+                                          int scale_dtype, int64_t scale_offset, void *y, int y_dtype,            \
+                                          int64_t rows, int64_t first) {                                          \
+        __m512 total[R][BLOCK_ROWS];                                                                               \
+        for (int r = 0; r < R; r++)                                                                                \
+            for (int i = 0; i < BLOCK_ROWS; i++) total[r][i] = _mm512_setzero_ps();                                \
+        for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {                                                             \
+            int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;                                                    \
+            __m512i part[R][BLOCK_ROWS];                                                                           \
+            for (int r = 0; r < R; r++)                                                                            \
+                for (int i = 0; i < BLOCK_ROWS; i++) part[r][i] = _mm512_setzero_si512();                          \
+            for (int64_t k = c0; k < c1; k += 32) {                                                                \
+                __m512i v[R];                                                                                      \
+                for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512(xq + (m + r) * cols + k);                   \
+                if (prefetch) prefetch_next_block(block, cols, k);                                                 \
+                for (int i = 0; i < BLOCK_ROWS; i++) {                                                             \
+                    __m512i weights = widen(block + i * cols + k);                                                 \
+                    for (int r = 0; r < R; r++) part[r][i] = _mm512_dpwssd_epi32(part[r][i], v[r], weights);       \
+                }                                                                                                  \
+            }                                                                                                      \
+            for (int r = 0; r < R; r++)                                                                            \
+                for (int i = 0; i < BLOCK_ROWS; i++)                                                               \
+                    total[r][i] = _mm512_add_ps(total[r][i], _mm512_cvtepi32_ps(part[r][i]));                      \
+        }                                                                                                          \
+        for (int r = 0; r < R; r++)                                                                                \
+            for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
+                float dot = _mm512_reduce_add_ps(total[r][i]) * steps[m + r];                                      \
+                store_float(y, y_dtype, (m + r) * rows + first + i,                                                \
+                            dot * load_float(scale, scale_dtype, scale_offset + i));                               \
+            }                                                                                                      \
+    }
+DEFINE_INT8_BLOCK_ROWS(4)
+DEFINE_INT8_BLOCK_ROWS(2)
+
 /* q: int8 [E, rows, cols], scale [E, rows]. Returns 0, or -1 when out of memory. */
 int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_t rows, int64_t cols,
                      const void *x, int x_dtype, int64_t m_rows, const int64_t *groups, int64_t n_groups, void *y,
@@ -199,7 +237,17 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
             int64_t expert = groups[3 * g], first = b * BLOCK_ROWS;
             int64_t count = rows - first < BLOCK_ROWS ? rows - first : BLOCK_ROWS;
             const int8_t *block = q + (expert * rows + first) * cols;
-            for (int64_t m = groups[3 * g + 1]; m < groups[3 * g + 2]; m++) {
+            const int64_t m0 = groups[3 * g + 1], m_end = groups[3 * g + 2];
+            int64_t m = m0;
+            if (count == BLOCK_ROWS) { /* a whole block: rows in fours, then a pair */
+                for (; m + 4 <= m_end; m += 4)
+                    int8_block_rows4(block, cols, xq, steps, m, m == m0, scale, scale_dtype, expert * rows + first, y,
+                                     y_dtype, rows, first);
+                for (; m + 2 <= m_end; m += 2)
+                    int8_block_rows2(block, cols, xq, steps, m, m == m0, scale, scale_dtype, expert * rows + first, y,
+                                     y_dtype, rows, first);
+            }
+            for (; m < m_end; m++) {
                 const int16_t *a = xq + m * cols;
                 __m512 total[BLOCK_ROWS];
                 for (int i = 0; i < BLOCK_ROWS; i++) total[i] = _mm512_setzero_ps();
@@ -209,7 +257,7 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
                     for (int i = 0; i < BLOCK_ROWS; i++) part[i] = _mm512_setzero_si512();
                     for (int64_t k = c0; k < c1; k += 32) {
                         __m512i av = _mm512_loadu_si512(a + k);
-                        if (m == groups[3 * g + 1]) prefetch_next_block(block, cols, k);
+                        if (m == m0) prefetch_next_block(block, cols, k);
                         for (int i = 0; i < count; i++)
                             part[i] = _mm512_dpwssd_epi32(part[i], av, widen(block + i * cols + k));
                     }
