@@ -50,7 +50,7 @@ def main() -> None:
     measure("bf16 F.linear, one row", [lambda w=w: F.linear(vector[None], w) for w in bf16], 2)
     row = vector[None]
     if native.available():
-        measure("bf16 jetmoe.ops.native", [lambda w=w: native.bf16_gemv(row, w) for w in bf16], 2)
+        measure("bf16 jetmoe.ops.native", [lambda w=w: native.gemv(row, w) for w in bf16], 2)
     else:
         print("(jetmoe's native kernels do not build here: no C compiler or no AVX-512 BF16/VNNI)")
     quantized = [(torch.randint(-127, 128, (ROWS, COLS), dtype=torch.int8), torch.rand(ROWS, dtype=torch.bfloat16)) for _ in range(MATRICES)]

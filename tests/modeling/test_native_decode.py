@@ -1,4 +1,4 @@
-"""A decoder layer for a few bf16 tokens in two C calls (modeling/native_decode.py, ops/native/decode.c): the
+"""A decoder layer for a few bf16 or fp32 tokens in two C calls (modeling/native_decode.py, ops/native/decode.c): the
 operator path's values bit for bit, the operator path wherever a router's choice hangs on a tie, and only
 where the operator path would take its few-token plan."""
 
@@ -21,9 +21,9 @@ NATIVE = dict(TINY, hidden_size=64, kv_channels=32, intermediate_size=64)
 NATIVE_K3 = dict(NATIVE, num_local_experts=6, num_experts_per_tok=3)
 
 
-def _model(geometry=NATIVE, seed=0):
+def _model(geometry=NATIVE, seed=0, dtype=torch.bfloat16):
     model, _ = build_pair(geometry, seed=seed)
-    return model.to(torch.bfloat16)
+    return model.to(dtype)
 
 
 class _Calls:
@@ -81,11 +81,12 @@ def _operator_path(monkeypatch):
     monkeypatch.setattr(native_decode, "applicable", lambda *args: None)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("geometry", [NATIVE, NATIVE_K3], ids=["top2", "top3"])
 @pytest.mark.parametrize("batch", [1, 2, 5, 8])
-def test_greedy_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, geometry, batch):
+def test_greedy_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, geometry, batch, dtype):
     """Few-token plans (batch 1, 2) and sorted plans (up to 16 slots) on the operator path."""
-    model = _model(geometry)
+    model = _model(geometry, dtype=dtype)
     ids = random_ids(batch, 9)
     calls = _Calls(monkeypatch)
     sequences, logits = _greedy(model, ids)
@@ -102,10 +103,11 @@ def test_greedy_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, geometry
     assert torch.equal(logits, expected_logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_int8_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, batch):
+def test_int8_decoding_is_the_operator_paths_bit_for_bit(monkeypatch, batch, dtype):
     """int8 projections (generation/quantize.py) go through the same int8 kernel on both paths."""
-    model = _model()
+    model = _model(dtype=dtype)
     quantize_model(model)
     ids = random_ids(batch, 9)
     calls = _Calls(monkeypatch)
@@ -204,7 +206,7 @@ def test_the_routers_softmax_is_pytorchs_bit_for_bit(k):
     assert torch.equal(kernels.softmax_sorted(top), torch.softmax(top, dim=-1))
 
 
-def test_applicable_only_where_the_operator_path_takes_a_few_token_plan_in_bf16():
+def test_applicable_only_where_the_operator_path_takes_a_few_token_plan_in_the_layers_dtype():
     model = _model()
     layer = model.model.layers[0]
     one = torch.randn(1, 1, NATIVE["hidden_size"], dtype=torch.bfloat16)
@@ -219,7 +221,9 @@ def test_applicable_only_where_the_operator_path_takes_a_few_token_plan_in_bf16(
         assert not native_decode.applicable(layer, one[:, :0], output_attentions=False)  # no tokens
     assert not native_decode.applicable(layer, one, output_attentions=False)  # autograd on
     with torch.no_grad():
-        assert not native_decode.applicable(_model().float().model.layers[0], one.float(), output_attentions=False)
+        assert native_decode.applicable(_model().float().model.layers[0], one.float(), output_attentions=False)
+        assert not native_decode.applicable(_model().float().model.layers[0], one, output_attentions=False)
+        assert not native_decode.applicable(_model().half().model.layers[0], one.half(), output_attentions=False)
         # what a layer was prepared with is rebuilt when its modules are replaced or change dtype
         changed = _model()
         assert native_decode.applicable(changed.model.layers[0], one, output_attentions=False)

@@ -205,8 +205,9 @@ def test_hidden_states_are_embeddings_layers_and_final_norm():
         out = ours(ids, output_hidden_states=True)
     assert len(out.hidden_states) == TINY["num_hidden_layers"] + 1
     assert torch.equal(out.hidden_states[0], ours.model.embed_tokens(ids))
-    # The last entry is the final normed state, the one the head reads.
-    assert torch.equal(ours.lm_head(out.hidden_states[-1]), out.logits)
+    # The last entry is the final normed state, the one the head reads (the same product: no autograd).
+    with torch.no_grad():
+        assert torch.equal(ours.lm_head(out.hidden_states[-1]), out.logits)
 
 
 @pytest.mark.parametrize("padding", ["none", "left"])

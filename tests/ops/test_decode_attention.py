@@ -27,11 +27,11 @@ def _reference(query, key, value, mask, scale):
     return torch.einsum("bhgts,bhsd->bhgtd", probs, value.double())
 
 
-def _inputs(batch=2, heads=3, groups=2, length=1, positions=37, dim=64, seed=0):
+def _inputs(batch=2, heads=3, groups=2, length=1, positions=37, dim=64, seed=0, dtype=BF16):
     g = torch.Generator().manual_seed(seed)
-    query = torch.randn(batch, heads, groups, length, dim, generator=g).to(BF16)
-    key = torch.randn(batch, heads, positions, dim, generator=g).to(BF16)
-    value = torch.randn(batch, heads, positions, dim, generator=g).to(BF16)
+    query = torch.randn(batch, heads, groups, length, dim, generator=g).to(dtype)
+    key = torch.randn(batch, heads, positions, dim, generator=g).to(dtype)
+    value = torch.randn(batch, heads, positions, dim, generator=g).to(dtype)
     return query, key, value
 
 
@@ -50,6 +50,22 @@ def test_matches_softmax_attention(mask_kind, length):
     want = _reference(query, key, value, mask, 0.125)
     assert got.dtype == BF16 and got.shape == query.shape
     torch.testing.assert_close(got.double(), want, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "fp32"])
+@pytest.mark.parametrize("length", [1, 3])
+def test_fp32_matches_softmax_attention_to_fp32_rounding(mask_kind, length):
+    """fp32 throughout (no bf16 rounding of the probabilities): within fp32 roundings of the float64 result."""
+    query, key, value = _inputs(length=length, dtype=torch.float32)
+    mask = None
+    if mask_kind != "none":
+        allowed = torch.rand(2, 1, length, 37, generator=torch.Generator().manual_seed(1)) > 0.3
+        allowed[..., 0] = True
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    with torch.no_grad():
+        got = decode.attention(query, key, value, mask, 0.125)
+    assert got.dtype == torch.float32 and got.shape == query.shape
+    torch.testing.assert_close(got.double(), _reference(query, key, value, mask, 0.125), rtol=1e-5, atol=1e-6)
 
 
 def test_agrees_with_sdpa_to_within_bf16_rounding():
@@ -90,7 +106,7 @@ def test_writes_the_new_rows_first_then_attends_over_them():
         decode.attention(query, buffer_k, buffer_v, None, 0.125, new=(new_k, new_v, torch.tensor([4, 10])))
 
 
-def test_shared_kv_attention_takes_the_kernel_only_for_few_products_in_bf16_inference():
+def test_shared_kv_attention_takes_the_kernel_only_for_few_products_in_bf16_or_fp32_inference():
     query, key, value = _inputs(batch=1, heads=2, groups=2, positions=30)
     with torch.no_grad():
         assert decode.attention_takes(query, key, value, None)
@@ -98,7 +114,9 @@ def test_shared_kv_attention_takes_the_kernel_only_for_few_products_in_bf16_infe
         assert torch.equal(shared_kv_attention(query, key, value, None, 0.125), expected)
         long_key = torch.zeros(1, 2, decode.MAX_ATTENTION_PRODUCTS, 64, dtype=BF16)
         assert not decode.attention_takes(query, long_key, long_key, None)  # SDPA's blocked kernel wins there
-        assert not decode.attention_takes(query.float(), key.float(), value.float(), None)
+        assert decode.attention_takes(query.float(), key.float(), value.float(), None)
+        assert not decode.attention_takes(query.half(), key.half(), value.half(), None)
+        assert not decode.attention_takes(query.float(), key, value, None)  # mixed dtypes
     assert not decode.attention_takes(query, key, value, None)  # autograd on
 
 
@@ -111,6 +129,10 @@ def test_bad_inputs_are_rejected():
             decode.attention(query, key, value, torch.ones(2, 1, 1, 5, dtype=torch.bool), 0.125)
         with pytest.raises(ValueError, match="decode attention"):
             decode.attention(query, key, value, None, 0.125, new=(key[:, :, 0], value[:, :, 0], torch.tensor([1])))
+        with pytest.raises(ValueError, match="bf16 or fp32 alike"):
+            decode.attention(query.float(), key, value, None, 0.125)  # mixed dtypes
+        with pytest.raises(ValueError, match="bf16 or fp32 alike"):
+            decode.attention(query, key, value, None, 0.125, out=torch.empty(query.shape))  # an fp32 out for bf16
 
 
 def test_threads_split_the_work_without_changing_a_value():

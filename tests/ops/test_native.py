@@ -68,9 +68,32 @@ def test_bf16_gemv_is_the_exact_sum_rounded_once(m_rows, shape):
     rows, cols = shape
     weight = torch.randint(-8, 9, (rows, cols)).bfloat16()
     x = torch.randint(-8, 9, (m_rows, cols)).bfloat16()
-    got = native.bf16_gemv(x, weight)
+    got = native.gemv(x, weight)
     assert got.dtype == torch.bfloat16 and got.shape == (m_rows, rows)
     assert torch.equal(got, (x.double() @ weight.double().T).to(torch.bfloat16))
+
+
+@requires_native
+@pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 6, 16])
+@pytest.mark.parametrize("shape", [(7, 32), (1030, 1024), (64, 4160)])
+def test_fp32_gemv_is_the_exact_sum(m_rows, shape):
+    """Small integers in fp32: every product and partial sum is exact (below 2^24), so any indexing slip shows."""
+    torch.manual_seed(5)
+    rows, cols = shape
+    weight = torch.randint(-8, 9, (rows, cols)).float()
+    x = torch.randint(-8, 9, (m_rows, cols)).float()
+    got = native.gemv(x, weight)
+    assert got.dtype == torch.float32 and got.shape == (m_rows, rows)
+    assert torch.equal(got, (x.double() @ weight.double().T).float())
+
+
+@requires_native
+def test_fp32_gemv_on_random_values_is_close_to_the_exact_sum():
+    torch.manual_seed(6)
+    weight, x = torch.randn(300, 1024), torch.randn(3, 1024)
+    exact = x.double() @ weight.double().T
+    bound = 1e-6 * (x.double().abs() @ weight.double().abs().T)
+    assert ((native.gemv(x, weight).double() - exact).abs() <= bound).all()
 
 
 @requires_native
@@ -79,19 +102,20 @@ def test_bf16_gemv_on_random_values_is_within_one_rounding():
     weight, x = torch.randn(300, 1024).bfloat16(), torch.randn(3, 1024).bfloat16()
     exact = x.double() @ weight.double().T
     bound = exact.abs() * 2**-8 + 1e-6 * (x.double().abs() @ weight.double().abs().T)
-    assert ((native.bf16_gemv(x, weight).double() - exact).abs() <= bound).all()
+    assert ((native.gemv(x, weight).double() - exact).abs() <= bound).all()
 
 
 @requires_native
 def test_gemv_rows_batched_equal_rows_alone():
-    """Rows go through a weight block in fours, pairs and singly (bf16 and int8 kernels): a row's value never
-    depends on which."""
+    """Rows go through a weight block in fours, pairs and singly (bf16, fp32 and int8 kernels): a row's value
+    never depends on which."""
     torch.manual_seed(8)
-    weight = torch.randn(1030, 1024).bfloat16()  # 257 whole blocks of 4 weight rows and a last one of 2
-    x = torch.randn(11, 1024).bfloat16()
-    alone = torch.cat([native.bf16_gemv(x[i : i + 1], weight) for i in range(11)])
-    for rows in range(1, 12):
-        assert torch.equal(native.bf16_gemv(x[:rows], weight), alone[:rows]), rows
+    for dtype in (torch.bfloat16, torch.float32):
+        weight = torch.randn(1030, 1024, dtype=dtype)  # 257 whole blocks of 4 weight rows and a last one of 2
+        x = torch.randn(11, 1024, dtype=dtype)
+        alone = torch.cat([native.gemv(x[i : i + 1], weight) for i in range(11)])
+        for rows in range(1, 12):
+            assert torch.equal(native.gemv(x[:rows], weight), alone[:rows]), (dtype, rows)
     q = torch.randint(-127, 128, (1030, 4160), dtype=torch.int8)  # two column chunks of the int8 kernel's sums
     scale, x = torch.rand(1030).bfloat16(), torch.randn(11, 4160).bfloat16()
     alone = torch.cat([native.int8_gemv(x[i : i + 1], q, scale) for i in range(11)])
@@ -108,57 +132,69 @@ def test_groups_give_each_row_its_experts_product_bit_for_bit():
     scale = torch.rand(5, 96).bfloat16()
     x = torch.randn(6, 64).bfloat16()
     slot_experts = (3, 0, 3, 4, 1, 1)
-    per_row_bf16 = torch.cat([native.bf16_gemv(x[i : i + 1], experts[e]) for i, e in enumerate(slot_experts)])
+    per_row_bf16 = torch.cat([native.gemv(x[i : i + 1], experts[e]) for i, e in enumerate(slot_experts)])
+    per_row_fp32 = torch.cat(
+        [native.gemv(x[i : i + 1].float(), experts[e].float()) for i, e in enumerate(slot_experts)]
+    )
     per_row_int8 = torch.cat([native.int8_gemv(x[i : i + 1], q[e], scale[e]) for i, e in enumerate(slot_experts)])
     groups = native.slot_groups(slot_experts)
     assert groups[:6] == [3, 0, 1, 0, 1, 2]
-    assert torch.equal(native.bf16_gemv(x, experts, groups), per_row_bf16)
+    assert torch.equal(native.gemv(x, experts, groups), per_row_bf16)
+    assert torch.equal(native.gemv(x.float(), experts.float(), groups), per_row_fp32)
     assert torch.equal(native.int8_gemv(x, q, scale, groups), per_row_int8)
     # rows grouped by expert: 0 -> rows 0-1, 1 -> none, 2 -> rows 2-4, 3 -> none, 4 -> row 5
     ends = [2, 2, 5, 5, 6]
     assert native.ends_groups(ends) == [0, 0, 2, 2, 2, 5, 4, 5, 6]
     grouped_experts = (0, 0, 2, 2, 2, 4)
-    by_row = torch.cat([native.bf16_gemv(x[i : i + 1], experts[e]) for i, e in enumerate(grouped_experts)])
-    assert torch.equal(native.bf16_gemv(x, experts, native.ends_groups(ends)), by_row)
+    by_row = torch.cat([native.gemv(x[i : i + 1], experts[e]) for i, e in enumerate(grouped_experts)])
+    assert torch.equal(native.gemv(x, experts, native.ends_groups(ends)), by_row)
 
 
 @requires_native
 def test_bad_groups_and_dtypes_are_rejected():
     x, experts = torch.randn(2, 64).bfloat16(), torch.randn(3, 8, 64).bfloat16()
-    with pytest.raises(ValueError, match="bf16_gemv"):
-        native.bf16_gemv(x, experts, [3, 0, 1])  # no expert 3
-    with pytest.raises(ValueError, match="bf16_gemv"):
-        native.bf16_gemv(x, experts, [0, 1, 3])  # past the last row
-    with pytest.raises(ValueError, match="bfloat16"):
-        native.bf16_gemv(x.float(), experts.float())
+    with pytest.raises(ValueError, match="gemv"):
+        native.gemv(x, experts, [3, 0, 1])  # no expert 3
+    with pytest.raises(ValueError, match="gemv"):
+        native.gemv(x, experts, [0, 1, 3])  # past the last row
+    with pytest.raises(ValueError, match="all bfloat16 or all float32"):
+        native.gemv(x.half(), experts.half())
+    with pytest.raises(ValueError, match="all bfloat16 or all float32"):
+        native.gemv(x, experts.float())  # mixed
+    assert not native.gemv_ok(x, experts.float()) and not native.gemv_ok(x.half(), experts.half())
     with pytest.raises(ValueError, match="int8"):
         native.int8_gemv(x, experts, torch.ones(3, 8))  # bf16 weights given as int8
-    with pytest.raises(ValueError, match="bf16_gemv"):
-        native.bf16_gemv(x, experts.to("meta"))  # never a pointer from another device
+    with pytest.raises(ValueError, match="gemv"):
+        native.gemv(x, experts.to("meta"))  # never a pointer from another device
 
 
 @requires_native
 @pytest.mark.parametrize("slot_experts", [(3,), (3, 5), (2, 2, 7, 0)])
 def test_product_and_next_step_in_one_call_equal_the_two_steps(slot_experts):
-    """bf16_gemv_silu_mul and bf16_gemv_combine (decoding: the step after a product in the same C call) give
-    the values of the product and the element-wise kernel run one after the other, bit for bit."""
+    """gemv_silu_mul and gemv_combine (decoding: the step after a product in the same C call) give the values
+    of the product and the element-wise kernel run one after the other, bit for bit, in bf16 and fp32."""
+    for dtype in (torch.bfloat16, torch.float32):
+        _check_product_and_next_step(slot_experts, dtype)
+
+
+def _check_product_and_next_step(slot_experts, dtype):
     from jetmoe.ops.native import elementwise
 
     torch.manual_seed(0)
     rows = len(slot_experts)
     groups = native.slot_groups(slot_experts)
-    up = torch.randn(8, 2 * 192, 256).bfloat16()
-    x = torch.randn(rows, 256).bfloat16()
-    expected = elementwise.silu_mul(native.bf16_gemv(x, up, groups))
-    assert torch.equal(native.bf16_gemv_silu_mul(x, up, groups), expected)
+    up = torch.randn(8, 2 * 192, 256, dtype=dtype)
+    x = torch.randn(rows, 256, dtype=dtype)
+    expected = elementwise.silu_mul(native.gemv(x, up, groups))
+    assert torch.equal(native.gemv_silu_mul(x, up, groups), expected)
 
-    down = torch.randn(8, 80, 192).bfloat16()
-    h = torch.randn(rows, 192).bfloat16()
+    down = torch.randn(8, 80, 192, dtype=dtype)
+    h = torch.randn(rows, 192, dtype=dtype)
     k = 1 if rows == 1 else 2 if rows == 2 else 4
-    gates = torch.rand(rows // k, k).bfloat16()
-    bias = torch.randn(80).bfloat16()
-    expected = elementwise.combine(native.bf16_gemv(h, down, groups), None, gates, bias)
-    assert torch.equal(native.bf16_gemv_combine(h, down, groups, gates, bias), expected)
+    gates = torch.rand(rows // k, k, dtype=dtype)
+    bias = torch.randn(80, dtype=dtype)
+    expected = elementwise.combine(native.gemv(h, down, groups), None, gates, bias)
+    assert torch.equal(native.gemv_combine(h, down, groups, gates, bias), expected)
 
 
 @requires_native
@@ -167,17 +203,19 @@ def test_product_and_next_step_reject_what_they_cannot_do():
     gates, bias = torch.rand(1, 2).bfloat16(), torch.randn(48).bfloat16()
     groups = native.slot_groups((1, 2))
     with pytest.raises(ValueError, match="every row in a group"):
-        native.bf16_gemv_silu_mul(x, up, [1, 0, 1])  # row 1 in no group: its activation would read garbage
+        native.gemv_silu_mul(x, up, [1, 0, 1])  # row 1 in no group: its activation would read garbage
     with pytest.raises(ValueError, match="2I % 64"):
-        native.bf16_gemv_silu_mul(x, torch.randn(4, 96, 64).bfloat16(), groups)
-    with pytest.raises(ValueError, match="bf16"):
-        native.bf16_gemv_silu_mul(x.float(), up, groups)
+        native.gemv_silu_mul(x, torch.randn(4, 96, 64).bfloat16(), groups)
+    with pytest.raises(ValueError, match="all bfloat16 or all float32"):
+        native.gemv_silu_mul(x.float(), up, groups)
+    with pytest.raises(ValueError, match="all bfloat16 or all float32"):
+        native.gemv_combine(x, down, groups, gates.float(), bias)
     with pytest.raises(ValueError, match="gates"):
-        native.bf16_gemv_combine(x, down, groups, torch.rand(2, 2).bfloat16(), bias)  # 4 slots for 2 rows
+        native.gemv_combine(x, down, groups, torch.rand(2, 2).bfloat16(), bias)  # 4 slots for 2 rows
     with pytest.raises(ValueError, match="bias"):
-        native.bf16_gemv_combine(x, down, groups, gates, torch.randn(40).bfloat16())
+        native.gemv_combine(x, down, groups, gates, torch.randn(40).bfloat16())
     with pytest.raises(ValueError, match="groups"):
-        native.bf16_gemv_combine(x, down, [9, 0, 2], gates, bias)  # no expert 9
+        native.gemv_combine(x, down, [9, 0, 2], gates, bias)  # no expert 9
 
 
 @requires_native
@@ -258,10 +296,10 @@ def test_int8_layers_compile_to_one_graph_through_the_kernel():
 @requires_native
 def test_which_products_the_kernels_take():
     x, weight = torch.randn(1, 64).bfloat16(), torch.randn(8, 64).bfloat16()
-    assert native.bf16_ok(x, weight)
-    assert not native.bf16_ok(x, torch.randn(64, 8).bfloat16().t())  # a transposed view would be copied
-    assert not native.bf16_ok(x.half(), weight.half()) and not native.bf16_ok(x.float(), weight.float())
-    assert not native.bf16_ok(torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16())  # 48 % 32
+    assert native.gemv_ok(x, weight)
+    assert not native.gemv_ok(x, torch.randn(64, 8).bfloat16().t())  # a transposed view would be copied
+    assert not native.gemv_ok(x.half(), weight.half()) and native.gemv_ok(x.float(), weight.float())
+    assert not native.gemv_ok(torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16())  # 48 % 32
     q = torch.zeros(8, 64, dtype=torch.int8)
     assert native.int8_ok(x, q, torch.ones(8)) and native.int8_ok(x.half(), q, torch.ones(8).half())
     assert not native.int8_ok(x, torch.zeros(8, 48, dtype=torch.int8), torch.ones(8))
@@ -272,17 +310,20 @@ def test_dense_layers_decode_through_the_kernel_up_to_8_rows(monkeypatch):
     from jetmoe.ops import dense
 
     calls = []
-    kernel = native.bf16_gemv
-    monkeypatch.setattr(native, "bf16_gemv", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
-    layer = dense.Linear(64, 40, bias=False).bfloat16()
-    with torch.no_grad():
-        for rows in (1, 8, 9):
-            x = torch.randn(rows, 64).bfloat16()
-            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-2, atol=1e-2)
-        layer(torch.randn(2, 4, 64).bfloat16())  # [batch, seq, in]: 8 rows
-    x = torch.randn(1, 64).bfloat16().requires_grad_()
-    layer(x).sum().backward()  # autograd: F.linear
-    assert calls == [1, 8, 8]
+    kernel = native.gemv
+    monkeypatch.setattr(native, "gemv", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    for dtype, tolerance in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        calls.clear()
+        layer = dense.Linear(64, 40, bias=False).to(dtype)
+        with torch.no_grad():
+            for rows in (1, 8, 9):
+                x = torch.randn(rows, 64, dtype=dtype)
+                expected = torch.nn.functional.linear(x, layer.weight)
+                torch.testing.assert_close(layer(x), expected, rtol=tolerance, atol=tolerance)
+            layer(torch.randn(2, 4, 64, dtype=dtype))  # [batch, seq, in]: 8 rows
+        x = torch.randn(1, 64, dtype=dtype).requires_grad_()
+        layer(x).sum().backward()  # autograd: F.linear
+        assert calls == [1, 8, 8], dtype
 
 
 @requires_native

@@ -62,7 +62,7 @@ def combine(grouped_outputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor
 # call of jetmoe's C kernels, with the same values as the two steps apart: run apart, the second step began
 # right after the product had streamed its weights through the caches and paid ~80 us to reload its own code
 # and data (ops/native/gemv.c). Under torch.compile (the engine's compiled decode step) the call is one operator.
-# Elsewhere (training, sorted plans, fp32, other devices) the two steps run as they are.
+# Elsewhere (training, sorted plans, fp16, other devices) the two steps run as they are.
 
 
 def _fused_decode(rows: torch.Tensor, experts: nn.Module, plan: RoutingPlan) -> bool:
@@ -70,14 +70,14 @@ def _fused_decode(rows: torch.Tensor, experts: nn.Module, plan: RoutingPlan) -> 
         plan.in_slot_order
         and type(experts) is ParallelExperts  # not a replacement such as the int8 experts
         and not torch.is_grad_enabled()
-        and native.bf16_ok(rows, experts.weight)
+        and native.gemv_ok(rows, experts.weight)
     )
 
 
 def experts_silu_glu(experts: ParallelExperts, grouped_inputs: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """silu_glu(experts(grouped_inputs, plan)): [N*k, in] -> [N*k, out / 2]."""
     if experts.output_size % 64 == 0 and _fused_decode(grouped_inputs, experts, plan):
-        return native.bf16_gemv_silu_mul(grouped_inputs, experts.weight, native.slot_groups(plan.slot_experts))
+        return native.gemv_silu_mul(grouped_inputs, experts.weight, native.slot_groups(plan.slot_experts))
     return fused.silu_glu(experts(grouped_inputs, plan))
 
 
@@ -87,9 +87,9 @@ def experts_combine(
     """combine(experts(grouped_inputs, plan), plan, bias): [N*k, in] -> [N, out]."""
     if (
         experts.output_size % 16 == 0
-        and plan.gates.dtype == bias.dtype == torch.bfloat16
+        and plan.gates.dtype == bias.dtype == grouped_inputs.dtype
         and _fused_decode(grouped_inputs, experts, plan)
     ):
         groups = native.slot_groups(plan.slot_experts)
-        return native.bf16_gemv_combine(grouped_inputs, experts.weight, groups, plan.gates, bias)
+        return native.gemv_combine(grouped_inputs, experts.weight, groups, plan.gates, bias)
     return combine(experts(grouped_inputs, plan), plan, bias)

@@ -1,4 +1,4 @@
-"""A decoder layer while decoding on the CPU (bf16 activations, bf16 or int8 weights) in C: two calls around attention.
+"""A decoder layer while decoding on the CPU (bf16 or fp32, weights alike or int8) in C: two calls around attention.
 
 The operator path of a decoding layer is ~45 PyTorch calls around its 7 weight products; on the 2-core CPU
 their overhead cost about as much as the products themselves. `layer_forward` runs the same steps through
@@ -13,11 +13,11 @@ For a decoding step with one new token a row and a cache the C calls can write i
 engine's, and the model's own JetMoeCache), `layers_forward` runs all the layers in one C call: the same steps,
 without returning to Python between layers (batch-1 engine step of "small": 11.6 vs 14.4 ms).
 
-It runs for CPU inference in bf16 outside torch.compile, up to 8 tokens (a decoding batch) and 16 slots,
-where the operator path runs all of a layer's products through the same C kernels, for layers whose modules
-are the model's own with bf16 weights, or int8 projections from generation/quantize.py (not other
-replacements), SiLU experts and widths the kernels take. The slots are grouped by expert as the sorted plan
-groups them, so each expert's weights are read once.
+It runs for CPU inference in bf16 or fp32 outside torch.compile, up to 8 tokens (a decoding batch) and 16
+slots, where the operator path runs all of a layer's products through the same C kernels, for layers whose
+modules are the model's own with weights in the activations' dtype, or int8 projections from
+generation/quantize.py (not other replacements), SiLU experts and widths the kernels take. The slots are
+grouped by expert as the sorted plan groups them, so each expert's weights are read once.
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class _Layer(NamedTuple):
 
     operands: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
     tensors: tuple[torch.Tensor, ...]  # every tensor the C calls read, operands and biases
+    dtype: torch.dtype  # of the activations, the norms, routers and biases (bf16 or fp32)
     moa_bias: torch.Tensor
     mlp_bias: torch.Tensor
     input_eps: float
@@ -120,14 +121,15 @@ def _prepare(layer) -> _Layer | None:
     biases = (attention._modules["experts"]._parameters["bias"], mlp._parameters["bias"])
     tensors = [t for operand in operands for t in operand if t is not None] + list(biases)
     moa = attention.experts
+    dtype = operands[0][0].dtype  # the input norm's
     ok = (
-        all(t.is_cpu and t.is_contiguous() for t in tensors)
+        dtype in _DTYPES
+        and all(t.is_cpu and t.is_contiguous() for t in tensors)
         and all(
-            weight.dtype == (torch.bfloat16 if scale is None else torch.int8)
-            and (scale is None or scale.dtype == torch.bfloat16)
+            weight.dtype == (dtype if scale is None else torch.int8) and (scale is None or scale.dtype == dtype)
             for weight, scale in operands
         )
-        and all(b.dtype == torch.bfloat16 for b in biases)
+        and all(b.dtype == dtype for b in biases)
         and mlp.silu
         and moa.router.top_k == mlp.router.top_k
         and attention.config.hidden_size % 32 == 0
@@ -138,7 +140,7 @@ def _prepare(layer) -> _Layer | None:
     prepared = None
     if ok:
         prepared = _Layer(
-            tuple(operands), tuple(tensors), *biases, modules[0].variance_epsilon, modules[5].variance_epsilon,
+            tuple(operands), tuple(tensors), dtype, *biases, modules[0].variance_epsilon, modules[5].variance_epsilon,
             attention.top_k, attention.num_key_value_heads, attention.head_dim,
         )  # fmt: skip
     stores, names, held = zip(*guards.values())
@@ -148,6 +150,7 @@ def _prepare(layer) -> _Layer | None:
 
 
 _dtype_of = operator.attrgetter("dtype")
+_DTYPES = (torch.bfloat16, torch.float32)
 _data_ptr = torch.Tensor.data_ptr
 
 
@@ -169,11 +172,11 @@ MAX_SLOTS = min(grouped_matmul._NATIVE_MAX_ROWS, kernels.MAX_SLOTS)
 
 
 def _tokens_taken(hidden_states: torch.Tensor, output_attentions: bool) -> int:
-    """The number of tokens where the C calls may take these hidden states (CPU inference in bf16, outside
-    torch.compile, 1..MAX_TOKENS tokens), else 0."""
+    """The number of tokens where the C calls may take these hidden states (CPU inference in bf16 or fp32,
+    outside torch.compile, 1..MAX_TOKENS tokens), else 0."""
     if (
         output_attentions
-        or hidden_states.dtype != torch.bfloat16
+        or hidden_states.dtype not in _DTYPES
         or not hidden_states.is_cpu
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
@@ -184,11 +187,11 @@ def _tokens_taken(hidden_states: torch.Tensor, output_attentions: bool) -> int:
 
 
 def applicable(layer, hidden_states: torch.Tensor, output_attentions: bool) -> _Layer | None:
-    """The layer's C-call inputs where `layer_forward` takes this call (CPU inference in bf16, outside
-    torch.compile, at most MAX_TOKENS tokens and MAX_SLOTS slots), else None."""
+    """The layer's C-call inputs where `layer_forward` takes this call (CPU inference in bf16 or fp32 with
+    weights alike, outside torch.compile, at most MAX_TOKENS tokens and MAX_SLOTS slots), else None."""
     tokens = _tokens_taken(hidden_states, output_attentions)
     prepared = _prepare(layer) if tokens else None
-    if prepared is None or tokens * prepared.top_k > MAX_SLOTS:
+    if prepared is None or tokens * prepared.top_k > MAX_SLOTS or prepared.dtype != hidden_states.dtype:
         return None
     return prepared
 
@@ -247,14 +250,15 @@ def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> to
     kv_heads = keys.shape[2]
     k, width = heads_k // kv_heads, kv_heads * head_dim
     if (
-        key_buffer.dtype != torch.bfloat16
+        key_buffer.dtype != queries.dtype
+        or value_buffer.dtype != queries.dtype
         or value_buffer.stride() != key_buffer.stride()
         or batch * heads_k * view > kernels.MAX_ATTENTION_PRODUCTS
         or not kernels.mask_ok(mask)
         or (mask is not None and (mask.shape[0] not in (1, batch) or tuple(mask.shape[2:]) != (1, view)))
     ):
         return None  # the operator path takes SDPA for these too
-    attended = torch.empty(batch * k, width, dtype=torch.bfloat16)
+    attended = torch.empty(batch * k, width, dtype=queries.dtype)
     # query (b, h, j) is queries[b, 0, j * Nkv + h]; its output goes to attended[b * k + j, h * D:]
     slot_strides = (heads_k * head_dim, head_dim, width, heads_k * head_dim)
     values = projected_kv.data_ptr() + width * projected_kv.element_size()  # the second half of each row
@@ -262,6 +266,7 @@ def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> to
     kernels.run_attention(
         queries.data_ptr(), slot_strides, key_buffer.data_ptr(), value_buffer.data_ptr(), key_buffer.stride()[:3],
         mask, attention.scaling, attended.data_ptr(), slot_strides, (batch, kv_heads, k, 1, view, head_dim), new_rows,
+        queries.dtype,
     )  # fmt: skip
     cache.decode_written(attention.layer_idx)
     return attended
@@ -289,7 +294,7 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
     prepared, buffers = [], []
     for index, layer in enumerate(layers):
         operands = _prepare(layer)
-        if operands is None or batch * operands.top_k > MAX_SLOTS:
+        if operands is None or batch * operands.top_k > MAX_SLOTS or operands.dtype != hidden_states.dtype:
             return None
         layer_buffers = cache.decode_buffers(index)
         if layer_buffers is None:
@@ -312,7 +317,7 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
     moa_logits = torch.empty(count, batch, experts, dtype=torch.float32)
     moe_logits = torch.empty(count, batch, experts, dtype=torch.float32)
     logits_out: list[torch.Tensor] = []
-    x, out = hidden_states.reshape(batch, hidden).contiguous(), torch.empty(batch, hidden, dtype=torch.bfloat16)
+    x, out = hidden_states.reshape(batch, hidden).contiguous(), torch.empty(batch, hidden, dtype=hidden_states.dtype)
     first = 0
     while first < count:
         status, stopped = kernels.run_layers(
@@ -353,7 +358,7 @@ class _Stack(NamedTuple):
 
 def _stack(layers, prepared: list[_Layer], buffers: list[tuple]) -> _Stack | None:
     """The layers' LayerOperands for these prepared inputs and cache buffers, cached on the layer list (rebuilt
-    when any of them changes); None where the layers differ in their sizes or the caches are not bf16."""
+    when any of them changes); None where the layers differ in their sizes or the caches' dtype is not theirs."""
     # The structs hold addresses: of the weights (`_prepare` returns a new object when any of them moved) and of
     # the cache buffers.
     buffer_key = tuple((b[0].data_ptr(), b[1].data_ptr(), b[0].shape, b[0].stride(), b[1].stride()) for b in buffers)
@@ -369,7 +374,8 @@ def _stack(layers, prepared: list[_Layer], buffers: list[tuple]) -> _Stack | Non
     stack = None
     sizes = {_sizes(p) for p in prepared}
     scales = {layer._modules["self_attention"].scaling for layer in layers}
-    if len(sizes) == 1 and len(scales) == 1 and all(b[0].dtype == b[1].dtype == torch.bfloat16 for b in buffers):
+    dtype = prepared[0].dtype
+    if len(sizes) == 1 and len(scales) == 1 and all(b[0].dtype == b[1].dtype == dtype for b in buffers):
         (sizes,), (scale,) = sizes, scales
         structs = [
             kernels.layer_operands(_weights(p), (p.input_eps, p.post_eps), scale, b[0], b[1], sizes)

@@ -71,8 +71,9 @@ def additive_inference_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> to
     return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
 
 
-# Decoding on the CPU in bf16 (a few queries over a short cache) runs jetmoe's C kernel (ops/native/decode.c)
-# in place of SDPA; the C decoder layers (modeling/native_decode.py) call the same kernel, so the two paths agree.
+# Decoding on the CPU in bf16 or fp32 (a few queries over a short cache) runs jetmoe's C kernel
+# (ops/native/decode.c) in place of SDPA; the C decoder layers (modeling/native_decode.py) call the same kernel,
+# so the two paths agree.
 DECODE_MAX_QUERIES = 8
 
 
@@ -87,7 +88,7 @@ def shared_kv_attention(
     """SDPA over shared K/V. Same shapes as `shared_kv_attention_reference`, output only.
 
     With no mask the attention is causal (queries are the last T positions); SDPA then runs `is_causal`
-    without building a mask when T equals S, and T == 1 needs no mask at all. Decoding in bf16 on the CPU
+    without building a mask when T equals S, and T == 1 needs no mask at all. Decoding in bf16 or fp32 on the CPU
     (`decode.attention_takes`: few queries and products, no autograd) runs jetmoe's C kernel instead.
     """
     batch, kv_heads, groups, q_len, head_dim = query.shape

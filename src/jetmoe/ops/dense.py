@@ -1,10 +1,10 @@
 """A dense projection that decodes faster on CPU: a few rows go through a matrix-vector kernel.
 
-bf16, up to 8 rows (a decoding batch): jetmoe's C kernel (ops/native), which reads the weights once for all
-rows at memory speed. Otherwise one bf16/fp16 row goes through `torch.mv`: on the 2-core Sapphire Rapids CPU
+bf16 or fp32, up to 8 rows (a decoding batch): jetmoe's C kernel (ops/native), which reads the weights once for
+all rows at memory speed. Otherwise one bf16/fp16 row goes through `torch.mv`: on the 2-core Sapphire Rapids CPU
 it read bf16 weights at 19-26 GB/s where a one-row `F.linear` managed 14-17 GB/s (the [32000, 1024] output
-head of the "small" config: 2.5 ms instead of 3.8 ms per decoded token). Everything else (more rows, fp32,
-autograd) is `F.linear` itself. Under torch.compile the kernel is an operator, and `mv` stays an aten call
+head of the "small" config: 2.5 ms instead of 3.8 ms per decoded token). Everything else (more rows, autograd)
+is `F.linear` itself. Under torch.compile the kernel is an operator, and `mv` stays an aten call
 (the engine's compile backend keeps it).
 """
 
@@ -16,11 +16,13 @@ from torch import nn
 
 from . import native
 
-# Up to this many rows (a decoding batch of up to 8), bf16 products go through jetmoe's C kernel where it
-# builds. Its cost grows with each row, where oneDNN's (AMX) hardly does, so larger batches take F.linear
-# (the [32000, 1024] head alone on the 2-core CPU, kernel vs F.linear: 1 row 1.4 vs 2.4 ms, 4 rows 1.6 vs 2.5,
-# 8 rows 2.9 vs 2.5; [32000, 2048]: 1 row 2.7 vs 5.0, 8 rows 6.3 vs 5.1. The engine's batch-8 step runs every
-# product through the kernel all the same: the C decoder layers use it, and the two paths agree bit for bit).
+# Up to this many rows (a decoding batch of up to 8), bf16 and fp32 products go through jetmoe's C kernel where
+# it builds. In bf16 its cost grows with each row, where oneDNN's (AMX) hardly does, so larger batches take
+# F.linear (the [32000, 1024] head alone on the 2-core CPU, kernel vs F.linear: 1 row 1.4 vs 2.4 ms, 4 rows
+# 1.6 vs 2.5, 8 rows 2.9 vs 2.5; [32000, 2048]: 1 row 2.7 vs 5.0, 8 rows 6.3 vs 5.1. The engine's batch-8 step
+# runs every product through the kernel all the same: the C decoder layers use it, and the two paths agree bit
+# for bit).
+# fp32 [32000, 1024]: 1 row 5.3 vs 5.5 ms through torch.mv, 8 rows 6.5 vs 15.8 ms through F.linear.
 _NATIVE_MAX_ROWS = 8
 
 
@@ -38,8 +40,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`. The matrix-vector paths (no bias: F.linear adds it before rounding) also
     accumulate each output in fp32 and round once, so they differ by the order of the additions only."""
     inference = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    if bias is None and inference and x.numel() <= _NATIVE_MAX_ROWS * x.shape[-1] and native.bf16_ok(x, weight):
-        out = native.bf16_gemv(x.reshape(-1, x.shape[-1]), weight)
+    if bias is None and inference and x.numel() <= _NATIVE_MAX_ROWS * x.shape[-1] and native.gemv_ok(x, weight):
+        out = native.gemv(x.reshape(-1, x.shape[-1]), weight)
         return out.view(*x.shape[:-1], weight.shape[0])
     if bias is None and _one_row_inference(x, weight):
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])

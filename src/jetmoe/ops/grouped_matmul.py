@@ -132,9 +132,10 @@ def _cpu_lowp_padded_bmm(
     return products.transpose(1, 2).reshape(num_experts * rows, -1).index_select(0, index)
 
 
-# Up to this many rows in all (a decoding batch of up to 8 with top-2), the bf16 products go through jetmoe's
-# C kernel (ops/native) in one call. Its cost grows with each row (AVX-512 dot products) where oneDNN's bmm
-# (AMX) hardly notices a few more, so larger batches keep the padded bmm. Engine decode step of the "small"
+# Up to this many rows in all (a decoding batch of up to 8 with top-2), bf16 and fp32 products go through
+# jetmoe's C kernel (ops/native) in one call (fp32: MKL's products of a few rows read the weights slower). In
+# bf16 its cost grows with each row (AVX-512 dot products) where oneDNN's bmm (AMX) hardly notices a few more,
+# so larger batches keep the padded bmm. Engine decode step of the "small"
 # config on the 2-core CPU, kernel vs padded bmm for the experts: batch 8 (16 rows) 104-129 vs 140-167 ms,
 # batch 16 (32 rows) 155-203 vs 136-179 ms (a noisy hour; alternating in one process).
 _NATIVE_MAX_ROWS = 16
@@ -150,8 +151,6 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
     total = x.shape[0]
     bounds = _group_bounds(offsets)
     counts = [end - start for start, end in bounds]
-    if total <= _NATIVE_MAX_ROWS and native.bf16_ok(x, weight):
-        return native.bf16_gemv(x, weight, native.ends_groups([end for _, end in bounds]))  # decoding: one call
     if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
         return _cpu_lowp_padded_bmm(x, weight, bounds, max(counts))
     out = x.new_empty(total, weight.shape[1])
@@ -213,6 +212,8 @@ def _use_cpu_lowp(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _grouped_linear_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out_features, in_features = weight.shape[1], weight.shape[2]
+    if x.shape[0] <= _NATIVE_MAX_ROWS and native.gemv_ok(x, weight):  # decoding: one call
+        return native.gemv(x, weight, native.ends_groups([end for _, end in _group_bounds(offsets)]))
     if _use_cpu_lowp(x, weight):
         return _cpu_lowp_grouped_linear(x, weight, offsets)
     if _grouped_mm_ok(x, weight) and _row_bytes_aligned(in_features, out_features, x):
@@ -314,12 +315,13 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, slot_experts: tuple[int, 
     """Row s of x [S, in] times weight[slot_experts[s]].T -> [S, out], for few rows in inference (no autograd).
 
     Each expert's rows go through the product grouped_linear would use for a group of that many rows, so the
-    two agree bit for bit in bf16/fp16 on CPU (elsewhere, F.linear per expert)."""
+    two agree bit for bit on CPU in bf16, fp16, and fp32 where jetmoe's kernel runs (elsewhere, F.linear per
+    expert)."""
     if len(slot_experts) != x.shape[0]:
         raise ValueError(f"slot_linear: {x.shape[0]} rows but {len(slot_experts)} slot experts")
+    if x.shape[0] <= _NATIVE_MAX_ROWS and native.gemv_ok(x, weight):
+        return native.gemv(x, weight, native.slot_groups(slot_experts))
     if _use_cpu_lowp(x, weight) and x.shape[0] <= _WEIGHT_FIRST_MAX_ROWS:
-        if native.bf16_ok(x, weight):
-            return native.bf16_gemv(x, weight, native.slot_groups(slot_experts))
         return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: _cpu_lowp_few_rows(rows, weight[e]))
     return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: F.linear(rows, weight[e]))
 

@@ -88,9 +88,9 @@ def load() -> ctypes.CDLL | None:
         warnings.warn(f"jetmoe: native CPU kernels unavailable, using PyTorch's ({error})", stacklevel=2)
         return None
     i64, ptr, code = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    library.jetmoe_bf16_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
-    library.jetmoe_bf16_gemv_silu_mul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
-    library.jetmoe_bf16_gemv_combine.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr, code]
+    library.jetmoe_gemv.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, code, ctypes.c_int]
+    library.jetmoe_gemv_silu_mul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, code, ctypes.c_int]
+    library.jetmoe_gemv_combine.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64, ptr, code, code]
     library.jetmoe_int8_gemv.argtypes = [ptr, ptr, code, i64, i64, ptr, code, i64, ptr, i64, ptr, code, ctypes.c_int]
     f32 = ctypes.c_float
     library.jetmoe_rms_norm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, f32, code, ctypes.c_int]
@@ -102,28 +102,28 @@ def load() -> ctypes.CDLL | None:
     library.jetmoe_combine_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, code, ctypes.c_int]
     library.jetmoe_decode_attention_in.argtypes = [
         ptr, i64, i64, i64, ptr, f32, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr,
-        ptr, ptr, ctypes.c_int,
+        ptr, ptr, code, ctypes.c_int,
     ]
     library.jetmoe_decode_attention_out.argtypes = [
         ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr,
-        ptr, ptr, ctypes.c_int,
+        ptr, ptr, code, ctypes.c_int,
     ]
     library.jetmoe_softmax_sorted.argtypes = [ptr, i64, i64, ptr]
     library.jetmoe_decode_attention.argtypes = [
         ptr, ptr, ptr, ptr, i64, i64, i64, ptr, code, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, f32, ptr, i64,
-        ptr, i64, ptr, ctypes.c_int,
+        ptr, i64, ptr, code, ctypes.c_int,
     ]
     library.jetmoe_decode_layers.argtypes = [
         ptr, i64, i64, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, code, i64, i64, ptr, ptr, ptr, ptr,
-        ptr, ctypes.c_int,
+        ptr, code, ctypes.c_int,
     ]
     library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_transpose16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
     for function in (
-        library.jetmoe_bf16_gemv,
-        library.jetmoe_bf16_gemv_silu_mul,
-        library.jetmoe_bf16_gemv_combine,
+        library.jetmoe_gemv,
+        library.jetmoe_gemv_silu_mul,
+        library.jetmoe_gemv_combine,
         library.jetmoe_int8_gemv,
         library.jetmoe_rms_norm,
         library.jetmoe_rms_norm_backward,
@@ -202,12 +202,16 @@ def _checked(x: torch.Tensor, weight: torch.Tensor, groups: Groups, name: str) -
     return weight.contiguous(), _int64_array(len(flat))(*flat)
 
 
-def bf16_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the bf16 kernel takes this product: CPU, both bf16, the weight as stored (not a transposed
-    view, which would be copied), `in` a multiple of 32, and the kernels built."""
+_GEMV_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the matrix-vector kernel takes this product: CPU, both bf16 or both fp32, the weight as stored
+    (not a transposed view, which would be copied), `in` a multiple of 32, and the kernels built."""
     return (
         x.is_cpu
-        and x.dtype == weight.dtype == torch.bfloat16
+        and x.dtype == weight.dtype
+        and x.dtype in _GEMV_DTYPES
         and weight.is_contiguous()
         and weight.shape[-1] % 32 == 0
         and available()
@@ -225,14 +229,14 @@ def int8_ok(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
     )
 
 
-def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
-    """x [M, in] bf16 times bf16 weight [out, in] (or expert weights [E, out, in] with `groups`) -> [M, out].
+def gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
+    """x [M, in] times weight [out, in] (or expert weights [E, out, in] with `groups`) -> [M, out], bf16 or fp32.
 
-    For few rows (decoding). Needs `bf16_ok(x, weight)`. Rows no group names come back uninitialised.
-    Under torch.compile this is the operator `jetmoe::bf16_gemv`."""
+    For few rows (decoding). Needs `gemv_ok(x, weight)`. Rows no group names come back uninitialised.
+    Under torch.compile this is the operator `jetmoe::gemv`."""
     if torch.compiler.is_compiling():
-        return bf16_gemv_op(x, weight, list(groups))
-    return _bf16_gemv(x, weight, groups)
+        return gemv_op(x, weight, list(groups))
+    return _gemv(x, weight, groups)
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
@@ -247,16 +251,22 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Gro
     return _int8_gemv(x, q, scale, groups)
 
 
-def _bf16_gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
-    weight, table = _checked(x, weight, groups, "bf16_gemv")
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-        raise ValueError(f"bf16_gemv: x is {x.dtype} and weight {weight.dtype}, both must be bfloat16")
+def _dtype_code(name: str, *tensors: torch.Tensor) -> int:
+    dtype = tensors[0].dtype
+    if dtype not in _GEMV_DTYPES or any(t.dtype != dtype for t in tensors):
+        raise ValueError(f"{name}: {', '.join(str(t.dtype) for t in tensors)}: all bfloat16 or all float32")
+    return DTYPE_CODES[dtype]
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, groups: Groups = ()) -> torch.Tensor:
+    weight, table = _checked(x, weight, groups, "gemv")
+    code = _dtype_code("gemv", x, weight)
     x = x.contiguous()
     out = torch.empty(x.shape[0], weight.shape[1], dtype=x.dtype)
-    load().jetmoe_bf16_gemv(
+    load().jetmoe_gemv(
         weight.data_ptr(), weight.shape[1], weight.shape[2], x.data_ptr(), table, len(table) // 3, out.data_ptr(),
-        torch.get_num_threads(),
-    )
+        code, torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 
@@ -269,70 +279,67 @@ def _covers_every_row(table: ctypes.Array, rows: int) -> bool:
     )
 
 
-def bf16_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
-    """`silu(h[:, :I]) * h[:, I:]` of h = bf16_gemv(x, weight, groups) [M, 2I], in one call: bit for bit
-    elementwise.silu_mul(bf16_gemv(...)). For decoding (see gemv.c); 2I a multiple of 64, every row of x in
-    a group. Under torch.compile this is the operator `jetmoe::bf16_gemv_silu_mul`."""
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """`silu(h[:, :I]) * h[:, I:]` of h = gemv(x, weight, groups) [M, 2I], in one call: bit for bit
+    elementwise.silu_mul(gemv(...)). For decoding (see gemv.c); 2I a multiple of 64, every row of x in a group.
+    Under torch.compile this is the operator `jetmoe::gemv_silu_mul`."""
     if torch.compiler.is_compiling():
-        return bf16_gemv_silu_mul_op(x, weight, list(groups))
-    return _bf16_gemv_silu_mul(x, weight, groups)
+        return gemv_silu_mul_op(x, weight, list(groups))
+    return _gemv_silu_mul(x, weight, groups)
 
 
-def _bf16_gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
-    weight, table = _checked(x, weight, groups, "bf16_gemv_silu_mul")
+def _gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, groups: Groups) -> torch.Tensor:
+    weight, table = _checked(x, weight, groups, "gemv_silu_mul")
+    code = _dtype_code("gemv_silu_mul", x, weight)
     inner2 = weight.shape[1]
-    bf16 = x.dtype == weight.dtype == torch.bfloat16
-    if not bf16 or inner2 % 64 or not _covers_every_row(table, x.shape[0]):
-        raise ValueError(f"bf16_gemv_silu_mul: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} "
-                         f"{weight.dtype}, groups {list(table)}: bf16, 2I % 64 == 0, every row in a group")  # fmt: skip
+    if inner2 % 64 or not _covers_every_row(table, x.shape[0]):
+        raise ValueError(f"gemv_silu_mul: x {tuple(x.shape)}, weight {tuple(weight.shape)}, groups {list(table)}: "
+                         "2I % 64 == 0, every row in a group")  # fmt: skip
     x = x.contiguous()
     h = torch.empty(x.shape[0], inner2, dtype=x.dtype)
     out = torch.empty(x.shape[0], inner2 // 2, dtype=x.dtype)
-    load().jetmoe_bf16_gemv_silu_mul(
+    load().jetmoe_gemv_silu_mul(
         weight.data_ptr(), inner2, weight.shape[2], x.data_ptr(), table, len(table) // 3, h.data_ptr(), x.shape[0],
-        out.data_ptr(), torch.get_num_threads(),
+        out.data_ptr(), code, torch.get_num_threads(),
     )  # fmt: skip
     return out
 
 
-def bf16_gemv_combine(
+def gemv_combine(
     x: torch.Tensor, weight: torch.Tensor, groups: Groups, gates: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """Slot-order expert outputs y = bf16_gemv(x, weight, groups) [N*k, H] gate-weighted, summed per token, plus
-    bias -> [N, H], in one call: bit for bit elementwise.combine(y, None, gates, bias). For decoding (see
-    gemv.c); gates [N, k] and bias [H] bf16, H a multiple of 16, every row of x in a group. Under
-    torch.compile this is the operator `jetmoe::bf16_gemv_combine`."""
+    """Slot-order expert outputs y = gemv(x, weight, groups) [N*k, H] gate-weighted, summed per token, plus bias
+    -> [N, H], in one call: bit for bit elementwise.combine(y, None, gates, bias). For decoding (see gemv.c);
+    gates [N, k] and bias [H] in x's dtype (bf16 or fp32), H a multiple of 16, every row of x in a group.
+    Under torch.compile this is the operator `jetmoe::gemv_combine`."""
     if torch.compiler.is_compiling():
-        return bf16_gemv_combine_op(x, weight, list(groups), gates, bias)
-    return _bf16_gemv_combine(x, weight, groups, gates, bias)
+        return gemv_combine_op(x, weight, list(groups), gates, bias)
+    return _gemv_combine(x, weight, groups, gates, bias)
 
 
-def _bf16_gemv_combine(
+def _gemv_combine(
     x: torch.Tensor, weight: torch.Tensor, groups: Groups, gates: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    weight, table = _checked(x, weight, groups, "bf16_gemv_combine")
+    weight, table = _checked(x, weight, groups, "gemv_combine")
+    code = _dtype_code("gemv_combine", x, weight, gates, bias)
     hidden = weight.shape[1]
     tokens, k = gates.shape if gates.dim() == 2 else (0, 0)
     if (
-        x.dtype != torch.bfloat16
-        or weight.dtype != torch.bfloat16
-        or gates.dtype != torch.bfloat16
-        or bias.dtype != torch.bfloat16
-        or not (gates.is_cpu and bias.is_cpu)
+        not (gates.is_cpu and bias.is_cpu)
         or tokens * k != x.shape[0]
         or tuple(bias.shape) != (hidden,)
         or hidden % 16
         or not _covers_every_row(table, x.shape[0])
     ):
-        raise ValueError(f"bf16_gemv_combine: x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)}, gates "
-                         f"{tuple(gates.shape)} {gates.dtype}, bias {tuple(bias.shape)} {bias.dtype}, groups "
-                         f"{list(table)}: all bf16, gates [N, k] for N*k rows, bias [H], H % 16 == 0")  # fmt: skip
+        raise ValueError(f"gemv_combine: x {tuple(x.shape)}, weight {tuple(weight.shape)}, gates "
+                         f"{tuple(gates.shape)}, bias {tuple(bias.shape)}, groups {list(table)}: gates [N, k] for "
+                         "N*k rows, bias [H], H % 16 == 0")  # fmt: skip
     x, gates, bias = x.contiguous(), gates.contiguous(), bias.contiguous()
     y = torch.empty(x.shape[0], hidden, dtype=x.dtype)
     out = torch.empty(tokens, hidden, dtype=x.dtype)
-    load().jetmoe_bf16_gemv_combine(
+    load().jetmoe_gemv_combine(
         weight.data_ptr(), hidden, weight.shape[2], x.data_ptr(), table, len(table) // 3, y.data_ptr(),
-        gates.data_ptr(), bias.data_ptr(), tokens, k, out.data_ptr(), torch.get_num_threads(),
+        gates.data_ptr(), bias.data_ptr(), tokens, k, out.data_ptr(), code, torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -360,17 +367,17 @@ def _int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, groups: Gr
 # low-level torch.library API, CPU kernel only (inference: no autograd formula): a call costs ~20 us of
 # dispatch where `torch.library.custom_op` cost ~43 us, and a compiled decode step makes ~60 of them.
 _LIBRARY = torch.library.Library("jetmoe", "FRAGMENT")
-_LIBRARY.define("bf16_gemv(Tensor x, Tensor weight, SymInt[] groups) -> Tensor")
+_LIBRARY.define("gemv(Tensor x, Tensor weight, SymInt[] groups) -> Tensor")
 _LIBRARY.define("int8_gemv(Tensor x, Tensor q, Tensor scale, SymInt[] groups) -> Tensor")
-_LIBRARY.define("bf16_gemv_silu_mul(Tensor x, Tensor weight, SymInt[] groups) -> Tensor")
-_LIBRARY.define("bf16_gemv_combine(Tensor x, Tensor weight, SymInt[] groups, Tensor gates, Tensor bias) -> Tensor")
-_LIBRARY.impl("bf16_gemv", _bf16_gemv, "CPU")
-_LIBRARY.impl("bf16_gemv_silu_mul", _bf16_gemv_silu_mul, "CPU")
-_LIBRARY.impl("bf16_gemv_combine", _bf16_gemv_combine, "CPU")
+_LIBRARY.define("gemv_silu_mul(Tensor x, Tensor weight, SymInt[] groups) -> Tensor")
+_LIBRARY.define("gemv_combine(Tensor x, Tensor weight, SymInt[] groups, Tensor gates, Tensor bias) -> Tensor")
+_LIBRARY.impl("gemv", _gemv, "CPU")
+_LIBRARY.impl("gemv_silu_mul", _gemv_silu_mul, "CPU")
+_LIBRARY.impl("gemv_combine", _gemv_combine, "CPU")
 _LIBRARY.impl("int8_gemv", _int8_gemv, "CPU")
 
 
-@torch.library.register_fake("jetmoe::bf16_gemv")
+@torch.library.register_fake("jetmoe::gemv")
 def _(x, weight, groups):
     return x.new_empty((x.shape[0], weight.shape[-2]))
 
@@ -380,17 +387,17 @@ def _(x, q, scale, groups):
     return x.new_empty((x.shape[0], q.shape[-2]))
 
 
-@torch.library.register_fake("jetmoe::bf16_gemv_silu_mul")
+@torch.library.register_fake("jetmoe::gemv_silu_mul")
 def _(x, weight, groups):
     return x.new_empty((x.shape[0], weight.shape[-2] // 2))
 
 
-@torch.library.register_fake("jetmoe::bf16_gemv_combine")
+@torch.library.register_fake("jetmoe::gemv_combine")
 def _(x, weight, groups, gates, bias):
     return x.new_empty((gates.shape[0], weight.shape[-2]))
 
 
-bf16_gemv_op = torch.ops.jetmoe.bf16_gemv.default
-bf16_gemv_silu_mul_op = torch.ops.jetmoe.bf16_gemv_silu_mul.default
-bf16_gemv_combine_op = torch.ops.jetmoe.bf16_gemv_combine.default
+gemv_op = torch.ops.jetmoe.gemv.default
+gemv_silu_mul_op = torch.ops.jetmoe.gemv_silu_mul.default
+gemv_combine_op = torch.ops.jetmoe.gemv_combine.default
 int8_gemv_op = torch.ops.jetmoe.int8_gemv.default

@@ -1,7 +1,7 @@
-"""Python side of decode.c: a JetMoE layer's steps for a few bf16 tokens, in one C call before attention and one
-after it; the attention while decoding; and a whole stack of layers for one new token a row in one call. Bit
-for bit the operator path (the same kernels on the same inputs); see decode.c. The projections (not the
-routers) may be int8 with per-row scales, as generation/quantize.py makes them.
+"""Python side of decode.c: a JetMoE layer's steps for a few tokens (bf16 or fp32), in one C call before attention
+and one after it; the attention while decoding; and a whole stack of layers for one new token a row in one
+call. Bit for bit the operator path (the same kernels on the same inputs); see decode.c. The projections (not
+the routers) may be int8 with per-row scales, as generation/quantize.py makes them.
 
 The caller (modeling/native_decode.py) decides which layers and calls these take; the functions here check
 the shapes they rely on and raise ValueError naming the problem. No autograd, no torch.compile.
@@ -16,7 +16,7 @@ import torch
 
 from .. import native as _kernels
 
-_BF16 = torch.bfloat16
+_CODES = {torch.float32: 0, torch.bfloat16: 1}  # the activations' dtypes decode.c takes
 _MAX_EXPERTS = 64
 MAX_SLOTS = 16  # tokens x top-k per call (decode.c's stack buffers)
 
@@ -30,20 +30,22 @@ def _check(name: str, ok: bool, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
-def _bf16_contiguous(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == _BF16 and t.is_cpu and t.is_contiguous() for t in tensors)
+def _contiguous(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether every tensor is of `dtype` (one decode.c takes), on the CPU, contiguous."""
+    return dtype in _CODES and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
 
 
-Projection = tuple[torch.Tensor, torch.Tensor | None]  # (bf16 weight, None) or (int8 weight, bf16 scale per row)
+# (weight, None) with the weight in the activations' dtype, or (int8 weight, scale per row in that dtype)
+Projection = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def _projection_ok(projection: Projection, shape: tuple[int, ...]) -> bool:
+def _projection_ok(projection: Projection, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
     weight, scale = projection
     if tuple(weight.shape) != shape or not (weight.is_cpu and weight.is_contiguous()):
         return False
     if scale is None:
-        return weight.dtype == _BF16
-    return weight.dtype == torch.int8 and _bf16_contiguous(scale) and tuple(scale.shape) == shape[:-1]
+        return weight.dtype == dtype
+    return weight.dtype == torch.int8 and _contiguous(dtype, scale) and tuple(scale.shape) == shape[:-1]
 
 
 def _pointers(projection: Projection) -> tuple[int, int | None]:
@@ -72,21 +74,21 @@ def attention_in(
     cos: torch.Tensor,
     sin: torch.Tensor,
 ) -> tuple[torch.Tensor, ...] | None:
-    """x [B, T, H] -> (router logits fp32 [N, E], experts int64 [N, k], gates bf16 [N, k], rotated queries
-    [B, T, k * Nkv, D], kv [B, T, 2 * Nkv * D], rotated keys [B, T, Nkv, D]); None where the routing is not
-    decided by distinct finite logits (run the operator path). query: the MoA experts' input projections
-    [E, A, H], kv: [2A, H]."""
+    """x [B, T, H] (bf16 or fp32, and every other tensor alike) -> (router logits fp32 [N, E], experts int64
+    [N, k], gates [N, k], rotated queries [B, T, k * Nkv, D], kv [B, T, 2 * Nkv * D], rotated keys [B, T, Nkv,
+    D]); None where the routing is not decided by distinct finite logits (run the operator path). query: the MoA
+    experts' input projections [E, A, H], kv: [2A, H]."""
     batch, length, hidden = x.shape
     experts, width = query[0].shape[0], query[0].shape[1]
     head_dim = cos.shape[-1]
-    tokens = batch * length
+    tokens, dtype = batch * length, x.dtype
     _check(
         "decode attention_in",
-        _bf16_contiguous(x, norm_w, router_w, cos, sin)
+        _contiguous(dtype, x, norm_w, router_w, cos, sin)
         and tuple(norm_w.shape) == (hidden,)
         and tuple(router_w.shape) == (experts, hidden)
-        and _projection_ok(query, (experts, width, hidden))
-        and _projection_ok(kv, (2 * width, hidden))
+        and _projection_ok(query, (experts, width, hidden), dtype)
+        and _projection_ok(kv, (2 * width, hidden), dtype)
         and cos.shape == sin.shape
         and cos.dim() == 3
         and cos.shape[0] in (1, batch)
@@ -99,20 +101,21 @@ def attention_in(
         and tokens * top_k <= MAX_SLOTS,
         f"x {tuple(x.shape)}, norm {tuple(norm_w.shape)}, router {tuple(router_w.shape)}, query "
         f"{tuple(query[0].shape)} {query[0].dtype}, kv {tuple(kv[0].shape)} {kv[0].dtype}, cos {tuple(cos.shape)}, "
-        f"top_k {top_k}: contiguous on the CPU, bf16 (projections int8 with bf16 scales [..., out] also), H and D "
-        f"multiples of 32, at most {MAX_SLOTS} slots",
+        f"top_k {top_k}: contiguous on the CPU, all bf16 or all fp32 (projections int8 with scales [..., out] also), "
+        f"H and D multiples of 32, at most {MAX_SLOTS} slots",
     )
     kv_heads = width // head_dim
     logits = torch.empty(tokens, experts, dtype=torch.float32)
     chosen = torch.empty(tokens, top_k, dtype=torch.int64)
-    gates = torch.empty(tokens, top_k, dtype=_BF16)
-    queries = torch.empty(batch, length, top_k * kv_heads, head_dim, dtype=_BF16)
-    kv_out = torch.empty(batch, length, 2 * width, dtype=_BF16)
-    keys = torch.empty(batch, length, kv_heads, head_dim, dtype=_BF16)
+    gates = torch.empty(tokens, top_k, dtype=dtype)
+    queries = torch.empty(batch, length, top_k * kv_heads, head_dim, dtype=dtype)
+    kv_out = torch.empty(batch, length, 2 * width, dtype=dtype)
+    keys = torch.empty(batch, length, kv_heads, head_dim, dtype=dtype)
     status = _kernels.load().jetmoe_decode_attention_in(
         _ptr(x), batch, length, hidden, _ptr(norm_w), eps, _ptr(router_w), experts, top_k, *_pointers(query),
         *_pointers(kv), kv_heads, head_dim, _ptr(cos), _ptr(sin), length * head_dim if cos.shape[0] > 1 else 0,
-        _ptr(logits), _ptr(chosen), _ptr(gates), _ptr(queries), _ptr(kv_out), _ptr(keys), torch.get_num_threads(),
+        _ptr(logits), _ptr(chosen), _ptr(gates), _ptr(queries), _ptr(kv_out), _ptr(keys), _CODES[dtype],
+        torch.get_num_threads(),
     )  # fmt: skip
     if status < 0:
         raise MemoryError("decode attention_in: out of memory")
@@ -140,27 +143,27 @@ def attention_out(
     tokens, hidden = x.shape
     top_k = gates.shape[-1]
     experts, inner2 = w1[0].shape[0], w1[0].shape[1]
-    width = output[0].shape[-1]
+    width, dtype = output[0].shape[-1], x.dtype
     _check(
         "decode attention_out",
-        _bf16_contiguous(x, attended, gates, attn_bias, norm_w, router_w, mlp_bias)
+        _contiguous(dtype, x, attended, gates, attn_bias, norm_w, router_w, mlp_bias)
         and chosen.dtype == torch.int64
         and chosen.is_contiguous()
         and tuple(chosen.shape) == tuple(gates.shape) == (tokens, top_k)
         and tuple(attended.shape) == (tokens * top_k, width)
-        and _projection_ok(output, (experts, hidden, width))
+        and _projection_ok(output, (experts, hidden, width), dtype)
         and tuple(attn_bias.shape) == tuple(mlp_bias.shape) == tuple(norm_w.shape) == (hidden,)
         and tuple(router_w.shape) == (experts, hidden)
-        and _projection_ok(w1, (experts, inner2, hidden))
-        and _projection_ok(w2, (experts, hidden, inner2 // 2))
+        and _projection_ok(w1, (experts, inner2, hidden), dtype)
+        and _projection_ok(w2, (experts, hidden, inner2 // 2), dtype)
         and hidden % 32 == 0
         and width % 32 == 0
         and inner2 % 64 == 0
         and experts <= _MAX_EXPERTS
         and tokens * top_k <= MAX_SLOTS,
         f"x {tuple(x.shape)}, attended {tuple(attended.shape)}, output {tuple(output[0].shape)}, gates "
-        f"{tuple(gates.shape)}, w1 {tuple(w1[0].shape)}, w2 {tuple(w2[0].shape)}: contiguous on the CPU, bf16 "
-        f"(projections int8 with bf16 scales [..., out] also), H and A multiples of 32, 2I of 64, at most "
+        f"{tuple(gates.shape)}, w1 {tuple(w1[0].shape)}, w2 {tuple(w2[0].shape)}: contiguous on the CPU, all bf16 "
+        f"or all fp32 (projections int8 with scales [..., out] also), H and A multiples of 32, 2I of 64, at most "
         f"{MAX_SLOTS} slots",
     )
     h = torch.empty_like(x)
@@ -169,7 +172,7 @@ def attention_out(
     status = _kernels.load().jetmoe_decode_attention_out(
         _ptr(x), tokens, hidden, top_k, _ptr(attended), width, *_pointers(output), _ptr(chosen), _ptr(gates),
         _ptr(attn_bias), _ptr(norm_w), eps, _ptr(router_w), experts, *_pointers(w1), inner2 // 2, *_pointers(w2),
-        _ptr(mlp_bias), _ptr(h), _ptr(logits), _ptr(out), torch.get_num_threads(),
+        _ptr(mlp_bias), _ptr(h), _ptr(logits), _ptr(out), _CODES[dtype], torch.get_num_threads(),
     )  # fmt: skip
     if status == -2:
         raise ValueError(f"decode attention_out: chosen experts {chosen.tolist()} outside 0..{experts - 1}")
@@ -199,10 +202,12 @@ def mask_ok(mask: torch.Tensor | None) -> bool:
 
 
 def attention_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether `attention` takes these (bf16 on the CPU, no autograd, outside torch.compile, a few products)."""
+    """Whether `attention` takes these (bf16 or fp32 on the CPU, no autograd, outside torch.compile, a few
+    products)."""
     batch, kv_heads, groups, length, dim = query.shape
     return (
-        query.dtype == key.dtype == value.dtype == _BF16
+        query.dtype == key.dtype == value.dtype
+        and query.dtype in _CODES
         and query.is_cpu
         and batch * kv_heads * groups * length * key.shape[2] <= MAX_ATTENTION_PRODUCTS
         and dim % 32 == 0
@@ -238,13 +243,13 @@ def attention(
         and tuple(key.shape) == tuple(value.shape) == (batch, kv_heads, positions, dim)
         and positions > 0
         and (mask is None or (mask.shape[0] in (1, batch) and tuple(mask.shape[2:]) == (length, positions)))
-        and (out is None or (tuple(out.shape) == tuple(query.shape) and out.dtype == _BF16 and out.stride(-1) == 1)),
-        f"query {tuple(query.shape)}, key {tuple(key.shape)} {key.dtype}, value {tuple(value.shape)}, mask "
-        f"{None if mask is None else (tuple(mask.shape), mask.dtype)}: bf16 on the CPU, key and value [B, Nkv, S, D] "
-        "alike, D a multiple of 32, mask [B or 1, 1, T, S], few enough products, no autograd",
+        and (out is None or (out.shape == query.shape and out.dtype == query.dtype and out.stride(-1) == 1)),
+        f"query {tuple(query.shape)} {query.dtype}, key {tuple(key.shape)} {key.dtype}, value {tuple(value.shape)}, "
+        f"mask {None if mask is None else (tuple(mask.shape), mask.dtype)}: bf16 or fp32 alike on the CPU, key and "
+        "value [B, Nkv, S, D] alike, D a multiple of 32, mask [B or 1, 1, T, S], few enough products, no autograd",
     )
     if out is None:
-        out = torch.empty(query.shape, dtype=_BF16)
+        out = torch.empty(query.shape, dtype=query.dtype)
     new_rows = None
     if new is not None:
         keys, values, where = new
@@ -252,7 +257,7 @@ def attention(
             "decode attention",
             length == 1
             and tuple(keys.shape) == tuple(values.shape) == (batch, kv_heads, dim)
-            and keys.dtype == values.dtype == _BF16
+            and keys.dtype == values.dtype == query.dtype
             and keys.stride()[1:] == values.stride()[1:] == (dim, 1)
             and where.dtype == torch.int64
             and tuple(where.shape) == (batch,)
@@ -263,15 +268,16 @@ def attention(
         new_rows = (_ptr(keys), keys.stride(0), _ptr(values), values.stride(0), where)
     run_attention(
         _ptr(query), query.stride()[:4], _ptr(key), _ptr(value), key.stride()[:3], mask, scale, _ptr(out),
-        out.stride()[:4], (batch, kv_heads, groups, length, positions, dim), new_rows,
+        out.stride()[:4], (batch, kv_heads, groups, length, positions, dim), new_rows, query.dtype,
     )  # fmt: skip
     return out
 
 
-def run_attention(query, query_strides, key, value, kv_strides, mask, scale, out, out_strides, sizes, new_rows):
+def run_attention(query, query_strides, key, value, kv_strides, mask, scale, out, out_strides, sizes, new_rows, dtype):
     """The kernel call behind `attention`, on data pointers and element strides, for callers that checked their
     arguments (the C decoder layers: the engine's cache and their own buffers). sizes: (B, Nkv, G, T, S, D);
-    new_rows: None or (keys pointer, its batch stride, values pointer, its batch stride, positions int64 [B])."""
+    new_rows: None or (keys pointer, its batch stride, values pointer, its batch stride, positions int64 [B]);
+    dtype: the tensors' (bf16 or fp32)."""
     new_keys = new_values = new_positions = None
     new_keys_sb = new_values_sb = 0
     if new_rows is not None:
@@ -284,7 +290,8 @@ def run_attention(query, query_strides, key, value, kv_strides, mask, scale, out
     strides = _kernels._int64_array(4)
     status = _kernels.load().jetmoe_decode_attention(
         query, strides(*query_strides), key, value, *kv_strides, mask_ptr, kind, mb, mt, out, strides(*out_strides),
-        *sizes, scale, new_keys, new_keys_sb, new_values, new_values_sb, new_positions, torch.get_num_threads(),
+        *sizes, scale, new_keys, new_keys_sb, new_values, new_values_sb, new_positions, _CODES[dtype],
+        torch.get_num_threads(),
     )  # fmt: skip
     if status == -2:
         raise ValueError(f"decode attention: new positions {new_rows[4].tolist()} outside 0..{sizes[4] - 1}")
@@ -329,24 +336,26 @@ def layer_operands(
     sizes: Sizes,
 ) -> LayerOperands:
     """A layer's LayerOperands, its shapes checked against `sizes`. weights: "input_norm", "moa_router",
-    "moa_bias", "post_norm", "mlp_router", "mlp_bias" (bf16 tensors) and "query" [E, A, H], "kv" [2A, H],
-    "output" [E, H, A], "w1" [E, 2I, H], "w2" [E, H, I] (projections); keys and values: the layer's cache
-    buffers [B, Nkv, S, D], bf16 views alike. The caller keeps the tensors alive while the result is used."""
+    "moa_bias", "post_norm", "mlp_router", "mlp_bias" (bf16 or fp32 tensors, all alike) and "query" [E, A, H],
+    "kv" [2A, H], "output" [E, H, A], "w1" [E, 2I, H], "w2" [E, H, I] (projections); keys and values: the
+    layer's cache buffers [B, Nkv, S, D], views alike in that dtype. The caller keeps the tensors alive while
+    the result is used."""
     hidden, experts, top_k, kv_heads, head_dim, inner = sizes
     width = kv_heads * head_dim
     vectors = [weights[name] for name in ("input_norm", "moa_bias", "post_norm", "mlp_bias")]
     routers = [weights[name] for name in ("moa_router", "mlp_router")]
+    dtype = vectors[0].dtype
     _check(
         "decode layers",
-        _bf16_contiguous(*vectors, *routers)
+        _contiguous(dtype, *vectors, *routers)
         and all(tuple(v.shape) == (hidden,) for v in vectors)
         and all(tuple(r.shape) == (experts, hidden) for r in routers)
-        and _projection_ok(weights["query"], (experts, width, hidden))
-        and _projection_ok(weights["kv"], (2 * width, hidden))
-        and _projection_ok(weights["output"], (experts, hidden, width))
-        and _projection_ok(weights["w1"], (experts, 2 * inner, hidden))
-        and _projection_ok(weights["w2"], (experts, hidden, inner))
-        and keys.dtype == values.dtype == _BF16
+        and _projection_ok(weights["query"], (experts, width, hidden), dtype)
+        and _projection_ok(weights["kv"], (2 * width, hidden), dtype)
+        and _projection_ok(weights["output"], (experts, hidden, width), dtype)
+        and _projection_ok(weights["w1"], (experts, 2 * inner, hidden), dtype)
+        and _projection_ok(weights["w2"], (experts, hidden, inner), dtype)
+        and keys.dtype == values.dtype == dtype
         and keys.is_cpu
         and keys.dim() == 4
         and tuple(keys.shape) == tuple(values.shape)
@@ -359,7 +368,8 @@ def layer_operands(
         and inner % 32 == 0
         and 1 <= top_k <= experts <= _MAX_EXPERTS,
         f"sizes {sizes}: norms, biases [H], routers [E, H], query [E, A, H], kv [2A, H], output [E, H, A], w1 "
-        f"[E, 2I, H], w2 [E, H, I] (bf16, or int8 with bf16 scales), caches [B, Nkv, S, D] bf16 alike; got query "
+        f"[E, 2I, H], w2 [E, H, I] (all bf16 or all fp32, projections also int8 with scales), caches [B, Nkv, S, D] "
+        f"alike; got {dtype}, query "
         f"{tuple(weights['query'][0].shape)}, w1 {tuple(weights['w1'][0].shape)}, cache {tuple(keys.shape)}",
     )
     operands = LayerOperands(input_eps=eps[0], post_eps=eps[1], scale=scale)
@@ -391,14 +401,14 @@ def run_layers(
     """Layers first.. of `operands` (LayerOperands whose caches hold `positions` positions or more, each with room
     at new_positions[b] for row b) on x [B, H], one new token a row: see decode.c `jetmoe_decode_layers`.
     cos, sin [B or 1, 1, D]; mask None or [B or 1, 1, 1, positions]; moa_logits, moe_logits fp32 [L, B, E]
-    (written per layer); out [B, H]. Returns (status, layer): (0, L) done, `out` the last layer's output;
-    (1, l) layer l's MoA routing is the caller's (`out` = its input); (2, l) its MoE routing is (`out` = h,
-    attention and cache write done)."""
+    (written per layer); out [B, H]; x, cos, sin, out in the layers' dtype. Returns (status, layer): (0, L) done,
+    `out` the last layer's output; (1, l) layer l's MoA routing is the caller's (`out` = its input); (2, l) its
+    MoE routing is (`out` = h, attention and cache write done)."""
     batch, hidden = x.shape
-    count = len(operands)
+    count, dtype = len(operands), x.dtype
     _check(
         "decode layers",
-        _bf16_contiguous(x, cos, sin, out)
+        _contiguous(dtype, x, cos, sin, out)
         and hidden == sizes.hidden
         and tuple(out.shape) == (batch, hidden)
         and cos.shape == sin.shape
@@ -416,7 +426,7 @@ def run_layers(
         and 0 <= first < count,
         f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, mask {None if mask is None else tuple(mask.shape)}, "
         f"positions {positions}, new positions {tuple(new_positions.shape)} {new_positions.dtype}, logits "
-        f"{tuple(moa_logits.shape)}, first layer {first} of {count}: bf16 [B, H], [B or 1, 1, D], "
+        f"{tuple(moa_logits.shape)}, first layer {first} of {count}: bf16 or fp32 [B, H], [B or 1, 1, D], "
         f"[B or 1, 1, 1, positions], int64 [B], fp32 [L, B, E], at most {MAX_SLOTS} slots",
     )
     mask_ptr, kind, mb = None, 0, 0
@@ -427,7 +437,7 @@ def run_layers(
         ctypes.addressof(operands), first, count, _ptr(x), batch, hidden, sizes.experts, sizes.top_k, sizes.kv_heads,
         sizes.head_dim, sizes.inner, _ptr(cos), _ptr(sin), sizes.head_dim if cos.shape[0] > 1 else 0, mask_ptr, kind,
         mb, positions, _ptr(new_positions), _ptr(moa_logits), _ptr(moe_logits), _ptr(out), ctypes.addressof(stopped),
-        torch.get_num_threads(),
+        _CODES[dtype], torch.get_num_threads(),
     )  # fmt: skip
     if status == -3:
         raise ValueError(f"decode layers: new positions {new_positions.tolist()} outside 0..{positions - 1}")
