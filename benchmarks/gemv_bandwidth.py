@@ -1,19 +1,21 @@
 """How fast can one token's weights be read on this CPU? Matrix-vector products over weights far beyond the caches.
 
-    python benchmarks/gemv_bandwidth.py
+    python benchmarks/gemv_bandwidth.py [--rows 32000 --cols 1024 --matrices 8]
 
 Decoding at batch 1 multiplies each weight matrix the token touches by one vector, so its ceiling is the rate
-at which a matrix-vector product streams weights. This times, on 64 distinct [2816, 1024] matrices (an expert's
-input projection of the "small" config; 369 MB in bf16, so every call reads from memory):
+at which a matrix-vector product streams weights. This times, on 64 distinct [2816, 1024] matrices by default
+(an expert's input projection of the "small" config; 369 MB in bf16, so every call reads from memory):
 - torch.mv and a one-row F.linear in bf16 (what decoding can call), the same in fp32;
 - aten's int8 weight kernels (`_weight_int8pack_mm`, `_int_mm`);
 - jetmoe's own C kernels (jetmoe.ops.native: AVX-512 BF16 and VNNI, what the library decodes with where they
-  build), bf16 and int8.
+  build), bf16, fp32 and int8;
+- fp32 with 8 activation rows (a decoding batch): F.linear (MKL) against jetmoe's kernel.
 Reports microseconds per product and GB/s of weights read. Prints a markdown table.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from jetmoe.ops import native
 
 ROWS, COLS, MATRICES, REPEATS = 2816, 1024, 64, 5
+
 
 def per_call_seconds(calls) -> float:
     for call in calls:  # warm-up: every matrix once, every kernel built
@@ -37,6 +40,15 @@ def per_call_seconds(calls) -> float:
 
 
 def main() -> None:
+    global ROWS, COLS, MATRICES
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--cols", type=int, default=COLS, help="a multiple of 32")
+    parser.add_argument("--matrices", type=int, default=MATRICES, help="distinct weights cycled through")
+    args = parser.parse_args()
+    if args.cols % 32 or min(args.rows, args.cols, args.matrices) < 1:
+        parser.error("--rows, --cols and --matrices must be positive, --cols a multiple of 32")
+    ROWS, COLS, MATRICES = args.rows, args.cols, args.matrices
     torch.manual_seed(0)
     bf16 = [torch.randn(ROWS, COLS, dtype=torch.bfloat16) for _ in range(MATRICES)]
     vector = torch.randn(COLS, dtype=torch.bfloat16)
@@ -60,8 +72,14 @@ def main() -> None:
     vector_int8 = torch.randint(-127, 128, (1, COLS), dtype=torch.int8)
     measure("int8 torch._int_mm (int8 activations)", [lambda q=q: torch._int_mm(vector_int8, q.t()) for q, _ in quantized], 1)
     del bf16, quantized
-    fp32 = [torch.randn(ROWS, COLS) for _ in range(MATRICES // 2)]
-    measure("fp32 torch.mv", [lambda w=w: torch.mv(w, vector.float()) for w in fp32], 4)
+    fp32 = [torch.randn(ROWS, COLS) for _ in range(max(MATRICES // 2, 1))]
+    vector32, batch32 = vector.float(), torch.randn(8, COLS)
+    measure("fp32 torch.mv", [lambda w=w: torch.mv(w, vector32) for w in fp32], 4)
+    measure("fp32 F.linear, one row", [lambda w=w: F.linear(vector32[None], w) for w in fp32], 4)
+    measure("fp32 F.linear, 8 rows", [lambda w=w: F.linear(batch32, w) for w in fp32], 4)
+    if native.available():
+        measure("fp32 jetmoe.ops.native", [lambda w=w: native.gemv(vector32[None], w) for w in fp32], 4)
+        measure("fp32 jetmoe.ops.native, 8 rows", [lambda w=w: native.gemv(batch32, w) for w in fp32], 4)
 
     print(f"\n{torch.get_num_threads()} threads, [{ROWS}, {COLS}] weights, median of {REPEATS} passes\n")
     print("| product | us per call | GB/s of weights |\n|---|---|---|")

@@ -22,9 +22,10 @@ from . import native
 # 1.6 vs 2.5, 8 rows 2.9 vs 2.5; [32000, 2048]: 1 row 2.7 vs 5.0, 8 rows 6.3 vs 5.1. The engine's batch-8 step
 # runs every product through the kernel all the same: the C decoder layers use it, and the two paths agree bit
 # for bit).
-# fp32 [32000, 1024]: 1 row 5.3 vs 5.5 ms through torch.mv, 8 rows 6.5 vs 15.8 ms through F.linear. More fp32
-# rows stay on F.linear although the kernel is faster there too (32 rows 12.6 vs 17.3 ms, 64 rows 20.7 vs 23.6):
-# MKL's products are the reference's, so fp32 prompts give transformers' logits bit for bit.
+# fp32 [32000, 1024] (benchmarks/gemv_bandwidth.py --rows 32000 --matrices 8): 1 row 4.3 vs 4.5 ms through
+# F.linear (4.7 through torch.mv), 8 rows 5.6 vs 14.8 ms. More fp32 rows stay on F.linear although the kernel
+# is faster there too (32 rows 12.6 vs 17.3 ms, 64 rows 20.7 vs 23.6): MKL's products are the reference's, so
+# fp32 prompts give transformers' logits bit for bit.
 _NATIVE_MAX_ROWS = 8
 
 

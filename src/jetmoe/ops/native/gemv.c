@@ -13,9 +13,9 @@
  *
  * - jetmoe_bf16_gemv: bf16 weights and activations, products summed in fp32 (vdpbf16ps: pairs of exact
  *   products added into fp32 lanes; denormal inputs count as zero), rounded once to bf16 (nearest even).
- * - jetmoe_f32_gemv: fp32 weights and activations, fused multiply-adds in fp32 lanes. Faster than MKL's one-row
- *   fp32 product here ([32000, 1024]: 5.3 vs 5.5 ms a row; 8 rows 6.5 vs 15.8 ms through F.linear), and the
- *   same value for a row whatever else shares the call.
+ * - jetmoe_f32_gemv: fp32 weights and activations, fused multiply-adds in fp32 lanes. As fast as MKL's one-row
+ *   fp32 product here or faster ([32000, 1024]: 4.3 vs 4.5 ms a row, 8 rows 5.6 vs 14.8 ms through F.linear;
+ *   benchmarks/gemv_bandwidth.py), and the same value for a row whatever else shares the call.
  * - jetmoe_int8_gemv: int8 weights with one scale per output row. Each activation row is first put on a 16-bit
  *   integer grid, xq = round(x / s) with s a power of two such that max|xq| <= 32767: elements within 2^8 of
  *   the row's largest are exact in bf16, the others are off by at most s / 2 (1/65536 of the largest). The
