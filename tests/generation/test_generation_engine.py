@@ -210,16 +210,18 @@ def test_compiled_decode_backend_keeps_aten_matrix_vector_products():
     assert torch.equal(compiled(weight, vector), torch.mv(weight, vector) * 2)
 
 
-def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_tokenizer, monkeypatch):
-    """bf16 on the CPU, a geometry jetmoe's C decoder layers take: rows of different lengths joining and leaving
-    a running batch of 3 (the cache's masks, slot moves) decode the tokens and logits of the operator path."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_tokenizer, monkeypatch, dtype):
+    """bf16 or fp32 on the CPU, a geometry jetmoe's C decoder layers take: rows of different lengths joining and
+    leaving a running batch of 3 (the cache's masks, slot moves) decode the tokens and logits of the operator
+    path."""
     from oracle_pair import TINY, build_pair
 
     from jetmoe.modeling import native_decode
     from jetmoe.ops.native import decode as kernels
 
     model, _ = build_pair(dict(TINY, hidden_size=64, kv_channels=32, intermediate_size=64))
-    model = model.to(torch.bfloat16)
+    model = model.to(dtype)
     prompts = [[5 + i for i in range(n)] for n in (3, 11, 6, 17, 8)]
     params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     stacked, run_layers = [], kernels.run_layers

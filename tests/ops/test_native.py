@@ -59,32 +59,19 @@ def test_int8_gemv_is_exact_where_the_activations_sit_on_the_grid():
 
 
 @requires_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 6, 16])
 @pytest.mark.parametrize("shape", [(7, 32), (1030, 1024), (64, 4160)])
-def test_bf16_gemv_is_the_exact_sum_rounded_once(m_rows, shape):
-    """Small integers: every product and fp32 partial sum is exact, so the kernel must give the exact sum
-    rounded once to bf16 (any indexing slip or double rounding shows)."""
+def test_gemv_is_the_exact_sum_rounded_once(m_rows, shape, dtype):
+    """Small integers: every product and fp32 partial sum is exact (below 2^24), so the kernel must give the
+    exact sum rounded once to the dtype (any indexing slip or double rounding shows)."""
     torch.manual_seed(5)
     rows, cols = shape
-    weight = torch.randint(-8, 9, (rows, cols)).bfloat16()
-    x = torch.randint(-8, 9, (m_rows, cols)).bfloat16()
+    weight = torch.randint(-8, 9, (rows, cols)).to(dtype)
+    x = torch.randint(-8, 9, (m_rows, cols)).to(dtype)
     got = native.gemv(x, weight)
-    assert got.dtype == torch.bfloat16 and got.shape == (m_rows, rows)
-    assert torch.equal(got, (x.double() @ weight.double().T).to(torch.bfloat16))
-
-
-@requires_native
-@pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 6, 16])
-@pytest.mark.parametrize("shape", [(7, 32), (1030, 1024), (64, 4160)])
-def test_fp32_gemv_is_the_exact_sum(m_rows, shape):
-    """Small integers in fp32: every product and partial sum is exact (below 2^24), so any indexing slip shows."""
-    torch.manual_seed(5)
-    rows, cols = shape
-    weight = torch.randint(-8, 9, (rows, cols)).float()
-    x = torch.randint(-8, 9, (m_rows, cols)).float()
-    got = native.gemv(x, weight)
-    assert got.dtype == torch.float32 and got.shape == (m_rows, rows)
-    assert torch.equal(got, (x.double() @ weight.double().T).float())
+    assert got.dtype == dtype and got.shape == (m_rows, rows)
+    assert torch.equal(got, (x.double() @ weight.double().T).to(dtype))
 
 
 @requires_native
