@@ -135,10 +135,11 @@ def test_left_padded_batch_is_the_operator_paths_bit_for_bit(monkeypatch):
 
 @pytest.mark.parametrize("layer", [0, -1])
 @pytest.mark.parametrize("router", ["self_attention.experts.router", "mlp.router"])
-def test_a_tied_router_leaves_the_choice_to_the_operator_path(monkeypatch, router, layer):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_a_tied_router_leaves_the_choice_to_the_operator_path(monkeypatch, router, layer, dtype):
     """All-zero router weights tie every logit: PyTorch's topk decides, so the C calls hand that part back (and
     the one call for all layers stops at that layer, then resumes after it)."""
-    model = _model()
+    model = _model(dtype=dtype)
     with torch.no_grad():
         model.model.layers[layer].get_submodule(router).layer.weight.zero_()
     ids = random_ids(1, 9)
@@ -173,15 +174,17 @@ def test_tied_choices_after_the_first_two_go_to_the_operator_path(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_router_gates_are_pytorchs_softmax(seed):
-    """Many random tokens through the attention router: logits, choices and gates as TopKRouter gives them."""
-    model = _model(NATIVE_K3, seed=seed)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_router_gates_are_pytorchs_softmax(seed, dtype):
+    """Many random tokens through the attention router: logits, choices and gates as TopKRouter gives them
+    (rounded to bf16, or fp32 as computed)."""
+    model = _model(NATIVE_K3, seed=seed, dtype=dtype)
     layer = model.model.layers[0]
     attention = layer.self_attention
     generator = torch.Generator().manual_seed(seed)
-    cos = torch.ones(1, 1, attention.head_dim, dtype=torch.bfloat16)
+    cos = torch.ones(1, 1, attention.head_dim, dtype=dtype)
     for _ in range(64):
-        x = (3 * torch.randn(1, 1, NATIVE_K3["hidden_size"], generator=generator)).to(torch.bfloat16)
+        x = (3 * torch.randn(1, 1, NATIVE_K3["hidden_size"], generator=generator)).to(dtype)
         with torch.no_grad():
             plan = attention.experts.router(layer.input_layernorm(x).view(1, -1))
         routed = kernels.attention_in(
@@ -198,10 +201,14 @@ def test_router_gates_are_pytorchs_softmax(seed):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8])
-def test_the_routers_softmax_is_pytorchs_bit_for_bit(k):
-    """The gates before their rounding to bf16 (after it, an ulp of fp32 almost never shows): 2^18 rows of
-    bf16-valued logits, top k of them in descending order, as the routers see them."""
-    logits = torch.randn(1 << 18, 8, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16).float()
+@pytest.mark.parametrize("values", ["bf16", "fp32"])
+def test_the_routers_softmax_is_pytorchs_bit_for_bit(k, values):
+    """The gates before their rounding to bf16 (after it, an ulp of fp32 almost never shows; an fp32 model keeps
+    them as they are): 2^18 rows of bf16-valued or fp32 logits, top k of them in descending order, as the
+    routers see them."""
+    logits = torch.randn(1 << 18, 8, generator=torch.Generator().manual_seed(k))
+    if values == "bf16":
+        logits = logits.to(torch.bfloat16).float()
     top = logits.topk(k, dim=-1).values
     assert torch.equal(kernels.softmax_sorted(top), torch.softmax(top, dim=-1))
 
