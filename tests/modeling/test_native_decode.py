@@ -255,8 +255,11 @@ def test_bad_shapes_are_rejected_with_the_problem_named():
         layer.input_layernorm.weight, 1e-6, attention.experts.router.layer.weight, attention.top_k,
         (attention.experts.input_linear.weight, None), (attention.kv_proj.weight, None),
     )  # fmt: skip
-    with pytest.raises(ValueError, match="attention_in"):
-        kernels.attention_in(x.float(), *args, cos, cos)
+    with pytest.raises(ValueError, match="all bf16 or all fp32"):
+        kernels.attention_in(x.float(), *args, cos, cos)  # fp32 activations, bf16 weights
+    with pytest.raises(ValueError, match="all bf16 or all fp32"):
+        kernels.attention_in(x.half(), *(a.half() if isinstance(a, torch.Tensor) else a for a in args[:3]),
+                             *args[3:], cos.half(), cos.half())  # fmt: skip
     with pytest.raises(ValueError, match="attention_in"):
         kernels.attention_in(x, *args, cos[..., :16], cos[..., :16])
     with pytest.raises(ValueError, match="slots"):
@@ -274,6 +277,8 @@ def test_bad_shapes_are_rejected_with_the_problem_named():
         kernels.attention_out(x.view(1, -1), attended, *out_args[:1], chosen.int(), *out_args[2:])
     with pytest.raises(ValueError, match="outside"):
         kernels.attention_out(x.view(1, -1), attended, *out_args[:1], chosen + NATIVE["num_local_experts"], *out_args[2:])
+    with pytest.raises(ValueError, match="all bf16 or all fp32"):
+        kernels.attention_out(x.view(1, -1).float(), attended.float(), *out_args[:2], gates.float(), *out_args[3:])
 
 
 def test_hooks_on_a_layer_run_with_the_layers_called_one_by_one(monkeypatch):
@@ -334,7 +339,7 @@ def test_run_layers_rejects_bad_input_with_the_problem_named():
     with torch.no_grad():
         prepared = native_decode.applicable(layer, x.view(1, 1, -1), False)
     keys = torch.zeros(1, layer.self_attention.num_key_value_heads, 8, layer.self_attention.head_dim)
-    with pytest.raises(ValueError, match="decode layers"):  # fp32 caches
+    with pytest.raises(ValueError, match="decode layers"):  # fp32 caches for bf16 weights
         kernels.layer_operands(native_decode._weights(prepared), (1e-6, 1e-6), 1.0, keys, keys, stack.sizes)
     with pytest.raises(ValueError, match="decode layers"):  # sizes not the layer's
         kernels.layer_operands(
