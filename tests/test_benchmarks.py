@@ -1,5 +1,5 @@
-"""The benchmark script's cost model (the denominators of its MFU and roofline figures) and an end-to-end
-run of `benchmarks/bench_model.py --quick`. No timing is asserted: timings are the benchmark's business."""
+"""The benchmark script's cost model (the denominators of its MFU and roofline figures), an end-to-end run of
+`benchmarks/bench_model.py --quick`, and `benchmarks/gemv_bandwidth.py` on small shapes. No timing is asserted: timings are the benchmark's business."""
 
 from __future__ import annotations
 
@@ -99,3 +99,22 @@ def test_quick_run_end_to_end(tmp_path):
         reference, ours, ratio = float(cells[3]), float(cells[4]), float(cells[5].rstrip("x"))
         assert reference > 0 and ours > 0
         assert ratio == pytest.approx(ours / reference, rel=0.05)  # the table rounds to 3 digits
+
+
+def _gemv_bandwidth(*args: str) -> subprocess.CompletedProcess:
+    script = os.path.join(BENCHMARKS, "gemv_bandwidth.py")
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_gemv_bandwidth_runs_on_small_shapes_and_refuses_bad_ones():
+    done = _gemv_bandwidth("--rows", "64", "--cols", "64", "--matrices", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert {"bf16 torch.mv", "fp32 torch.mv", "fp32 F.linear, 8 rows"} <= set(names), names
+    from jetmoe.ops import native
+
+    if native.available():
+        assert {"fp32 jetmoe.ops.native", "fp32 jetmoe.ops.native, 8 rows", "int8 jetmoe.ops.native"} <= set(names)
+    refused = _gemv_bandwidth("--cols", "48")
+    assert refused.returncode == 2 and "multiple of 32" in refused.stderr
