@@ -1,5 +1,6 @@
 """The benchmark script's cost model (the denominators of its MFU and roofline figures), an end-to-end run of
-`benchmarks/bench_model.py --quick`, and `benchmarks/gemv_bandwidth.py` on small shapes. No timing is asserted: timings are the benchmark's business."""
+`benchmarks/bench_model.py --quick`, and `benchmarks/gemv_bandwidth.py` on small shapes. No timing is asserted:
+timings are the benchmark's business."""
 
 from __future__ import annotations
 
