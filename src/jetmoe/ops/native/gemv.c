@@ -1,6 +1,6 @@
 /* Matrix-vector products for a few rows (decoding), on x86-64 CPUs with AVX-512 (VNNI and BF16).
  *
- * Both kernels compute y[m, r] = sum_k x[m, k] * W_e[r, k] for the rows m of groups: a group (e, first, end)
+ * The kernels compute y[m, r] = sum_k x[m, k] * W_e[r, k] for the rows m of groups: a group (e, first, end)
  * multiplies rows first..end-1 of x by expert e's weight W_e (W is [E, rows, cols], one expert for a dense
  * layer). Each output element is one row of x against one weight row, whatever the grouping: a token gets the
  * same value bit for bit whether its rows go through a dense layer, a group or a slot of its own.
@@ -16,6 +16,7 @@
  * - jetmoe_f32_gemv: fp32 weights and activations, fused multiply-adds in fp32 lanes. As fast as MKL's one-row
  *   fp32 product here or faster ([32000, 1024]: 4.3 vs 4.5 ms a row, 8 rows 5.6 vs 14.8 ms through F.linear;
  *   benchmarks/gemv_bandwidth.py), and the same value for a row whatever else shares the call.
+ * - jetmoe_gemv: either of the two above, by the activations' dtype (the weights alike).
  * - jetmoe_int8_gemv: int8 weights with one scale per output row. Each activation row is first put on a 16-bit
  *   integer grid, xq = round(x / s) with s a power of two such that max|xq| <= 32767: elements within 2^8 of
  *   the row's largest are exact in bf16, the others are off by at most s / 2 (1/65536 of the largest). The
