@@ -120,6 +120,10 @@ def load() -> ctypes.CDLL | None:
     library.jetmoe_logsumexp_rows.argtypes = [ptr, i64, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_cross_entropy_backward.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64, code, ctypes.c_int]
     library.jetmoe_transpose16.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ctypes.c_int]
+    library.jetmoe_causal_attention_probs.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, f32, code, ctypes.c_int]
+    library.jetmoe_causal_attention_score_grad.argtypes = [
+        ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, f32, code, ctypes.c_int,
+    ]
     for function in (
         library.jetmoe_gemv,
         library.jetmoe_gemv_silu_mul,
@@ -135,6 +139,8 @@ def load() -> ctypes.CDLL | None:
         library.jetmoe_logsumexp_rows,
         library.jetmoe_cross_entropy_backward,
         library.jetmoe_transpose16,
+        library.jetmoe_causal_attention_probs,
+        library.jetmoe_causal_attention_score_grad,
         library.jetmoe_decode_attention_in,
         library.jetmoe_decode_attention_out,
         library.jetmoe_softmax_sorted,

@@ -446,6 +446,74 @@ int jetmoe_cross_entropy_backward(const void *x, int64_t row_stride, const float
     return 0;
 }
 
+/* ---- Causal attention backward: probabilities and score gradients recomputed from the scores --------------
+ * scores: `blocks` blocks of `rows` rows of `keys` scores (q . k, unscaled), fp32 or bf16, contiguous; row r of a
+ * block is query position r % q_len, the last q_len of `keys` positions, so it sees keys 0 .. r % q_len + keys -
+ * q_len. lse: the forward's log-sum-exp of the scaled scores per row (fp32). A key a row cannot see gets 0.
+ *   probs[r, j]       = exp(scale * scores[r, j] - lse[r])
+ *   grad_scores[r, j] = probs[r, j] * (grad_probs[r, j] - delta[r]) * scale,  delta[r] = sum(grad_out * out)[r]
+ * grad_scores may be grad_probs (in place). The tail of a row (keys mod 16) is handled with masked loads. */
+static inline __m512 load16_masked(const void *base, int dtype, int64_t i, __mmask16 lanes) {
+    if (dtype == F32) return _mm512_maskz_loadu_ps(lanes, (const float *)base + i);
+    __m256i half = _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)base + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+static inline void store16_masked(void *base, int dtype, int64_t i, __m512 v, __mmask16 lanes) {
+    if (dtype == F32) {
+        _mm512_mask_storeu_ps((float *)base + i, lanes, v);
+    } else {
+        __m256bh b = _mm512_cvtneps_pbh(v);
+        _mm256_mask_storeu_epi16((uint16_t *)base + i, lanes, (__m256i)b);
+    }
+}
+
+static inline __mmask16 first_lanes(int64_t n) {
+    return n >= 16 ? (__mmask16)0xFFFF : (n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1));
+}
+
+static void causal_attention_rows(const void *scores, const void *grad_probs, const float *lse, const float *delta,
+                                  void *out, int64_t blocks, int64_t rows, int64_t q_len, int64_t keys, float scale,
+                                  int dtype, int threads) {
+    const int64_t size = element_size(dtype), total = blocks * rows;
+#pragma omp parallel for num_threads(threads) schedule(static) if (total * keys >= PARALLEL_MIN_ELEMENTS)
+    for (int64_t r = 0; r < total; r++) {
+        const int64_t visible = (r % rows) % q_len + keys - q_len + 1, offset = r * keys * size;
+        const char *s_row = (const char *)scores + offset;
+        const char *g_row = grad_probs ? (const char *)grad_probs + offset : NULL;
+        char *o_row = (char *)out + offset;
+        const __m512 shift = _mm512_set1_ps(lse[r]), k = _mm512_set1_ps(scale);
+        const __m512 d = _mm512_set1_ps(delta ? delta[r] : 0.0f);
+        for (int64_t c = 0; c < keys; c += 16) {
+            const __mmask16 lanes = first_lanes(keys - c), seen = first_lanes(visible - c);
+            __m512 v = _mm512_setzero_ps();
+            if (seen) {
+                __m512 p = exp16(_mm512_fmsub_ps(load16_masked(s_row, dtype, c, seen), k, shift));
+                if (g_row) {
+                    __m512 centred = _mm512_sub_ps(load16_masked(g_row, dtype, c, seen), d);
+                    p = _mm512_mul_ps(_mm512_mul_ps(p, centred), k);
+                }
+                v = _mm512_maskz_mov_ps(seen, p);
+            }
+            store16_masked(o_row, dtype, c, v, lanes);
+        }
+    }
+}
+
+int jetmoe_causal_attention_probs(const void *scores, const float *lse, void *probs, int64_t blocks, int64_t rows,
+                                  int64_t q_len, int64_t keys, float scale, int dtype, int threads) {
+    causal_attention_rows(scores, NULL, lse, NULL, probs, blocks, rows, q_len, keys, scale, dtype, threads);
+    return 0;
+}
+
+int jetmoe_causal_attention_score_grad(const void *scores, const void *grad_probs, const float *lse,
+                                       const float *delta, void *grad_scores, int64_t blocks, int64_t rows,
+                                       int64_t q_len, int64_t keys, float scale, int dtype, int threads) {
+    causal_attention_rows(scores, grad_probs, lse, delta, grad_scores, blocks, rows, q_len, keys, scale, dtype,
+                          threads);
+    return 0;
+}
+
 /* ---- Transpose of 16-bit rows with zero padding: dst[c, r] = src[r, c] for r < rows, 0 for rows <= r < padded --
  * src: `rows` rows of `cols` elements, `src_stride` elements apart; dst: `cols` rows of `padded` elements,
  * `dst_stride` apart. A bit copy (bf16 or fp16 alike). PyTorch's strided copy moved bf16 at ~1.5 GB/s here;

@@ -237,3 +237,46 @@ def transposed(x: torch.Tensor, padded: int | None = None) -> torch.Tensor:
             x.data_ptr(), x.stride(0), rows, cols, out.data_ptr(), padded, padded, _threads()
         )
     return out
+
+
+def _causal_scores(name: str, scores: torch.Tensor, lse: torch.Tensor, q_len: int, *others: torch.Tensor) -> int:
+    code = _code(name, scores, *others)
+    if (
+        scores.dim() != 3 or not scores.is_contiguous() or any(o.shape != scores.shape or not o.is_contiguous()
+                                                                for o in others)
+        or lse.shape != scores.shape[:2] or lse.dtype != torch.float32 or not lse.is_cpu or not lse.is_contiguous()
+        or q_len < 1 or q_len > scores.shape[2] or scores.shape[1] % q_len
+    ):  # fmt: skip
+        _reject(name, scores, lse, *others, note="scores [blocks, groups * q_len, keys] contiguous, lse fp32 "
+                "[blocks, groups * q_len], q_len <= keys")
+    return code
+
+
+def causal_attention_probs(scores: torch.Tensor, lse: torch.Tensor, q_len: int, scale: float) -> torch.Tensor:
+    """exp(scale * scores - lse) where a query may see the key, else 0, in the scores' dtype.
+
+    scores [blocks, groups * q_len, keys]: row r of a block is query position r % q_len, the last q_len of
+    `keys` positions; lse [blocks, groups * q_len] the softmax's log-sum-exp of the scaled scores (fp32)."""
+    code = _causal_scores("causal_attention_probs", scores, lse, q_len)
+    probs = torch.empty_like(scores)
+    blocks, rows, keys = scores.shape
+    _kernels.load().jetmoe_causal_attention_probs(
+        scores.data_ptr(), lse.data_ptr(), probs.data_ptr(), blocks, rows, q_len, keys, scale, code, _threads()
+    )
+    return probs
+
+
+def causal_attention_score_grad(
+    scores: torch.Tensor, grad_probs: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, q_len: int, scale: float
+) -> torch.Tensor:
+    """The gradient of the scores, probs * (grad_probs - delta) * scale (probs as in causal_attention_probs),
+    written over grad_probs and returned. delta [blocks, groups * q_len] fp32: sum(grad_out * out) per row."""
+    code = _causal_scores("causal_attention_score_grad", scores, lse, q_len, grad_probs)
+    if delta.shape != lse.shape or delta.dtype != torch.float32 or not delta.is_cpu or not delta.is_contiguous():
+        _reject("causal_attention_score_grad", lse, delta, note="delta fp32, the shape of lse")
+    blocks, rows, keys = scores.shape
+    _kernels.load().jetmoe_causal_attention_score_grad(
+        scores.data_ptr(), grad_probs.data_ptr(), lse.data_ptr(), delta.data_ptr(), grad_probs.data_ptr(),
+        blocks, rows, q_len, keys, scale, code, _threads(),
+    )  # fmt: skip
+    return grad_probs
