@@ -22,6 +22,7 @@ from .. import cpu_memory
 from ..configuration import JetMoeConfig
 from ..ops.attention import additive_inference_mask
 from ..ops.cross_entropy import summed_cross_entropy
+from ..ops import tied_embedding
 from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
 from .cache import JetMoeCache
@@ -47,6 +48,13 @@ def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, cach
     if "cache_position" in _MASK_PARAMETERS:
         kwargs["cache_position"] = cache_position
     return create_causal_mask(**kwargs)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+                    nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
+    return any(map(len, hooks + global_hooks))
 
 
 def select_positions(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -217,6 +225,10 @@ def _pop_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
 
 
 class JetMoeModel(JetMoePreTrainedModel):
+    # Set by JetMoeForCausalLM for the length of one forward when the embedding shares the head's gradient
+    # (ops/tied_embedding.py); None otherwise.
+    _tied_gradient: tied_embedding.TiedGradient | None = None
+
     def __init__(self, config: JetMoeConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -311,7 +323,10 @@ class JetMoeModel(JetMoePreTrainedModel):
 
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
-        if inputs_embeds is None:
+        if inputs_embeds is None and self._tied_gradient is not None:
+            weight, padding = self.embed_tokens.weight, self.embed_tokens.padding_idx
+            inputs_embeds = tied_embedding.embed(input_ids, weight, padding, self._tied_gradient)
+        elif inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if cache_position is None:
             cache_position = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
@@ -383,6 +398,30 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def _tied_gradient(self, input_ids) -> tied_embedding.TiedGradient | None:
+        """One gradient buffer for the tied embedding and head in this forward (ops/tied_embedding.py), where
+        autograd will want it, both take the very same weight tensor (no autocast copy), and the two modules
+        are the plain ones, without hooks that going around their forward would skip; else None."""
+        embedding, head = self.model.embed_tokens, self.lm_head
+        if (
+            input_ids is None
+            or not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(head.weight.device.type)  # the head would see a cast copy of the weight
+            or type(embedding) is not nn.Embedding
+            or type(head) not in (Linear, nn.Linear)
+            or head.weight is not embedding.weight
+            or not head.weight.requires_grad
+            or head.bias is not None
+            or embedding.max_norm is not None
+            or embedding.scale_grad_by_freq
+            or embedding.sparse
+            or _has_hooks(embedding)
+            or _has_hooks(head)
+        ):
+            return None
+        return tied_embedding.TiedGradient()
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate()'s cache: where transformers creates a plain DynamicCache, a JetMoeCache (a DynamicCache
         that appends into buffers) hinted with generate()'s max_length instead. A cache the caller passes is kept."""
@@ -438,21 +477,27 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            cache_position=cache_position,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits,
-            return_dict=True,
-            **kwargs,
-        )
-        logits = self.lm_head(select_positions(outputs.last_hidden_state, logits_to_keep))
+        shared = self._tied_gradient(input_ids)
+        self.model._tied_gradient = shared
+        try:
+            outputs = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                cache_position=cache_position,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                output_router_logits=output_router_logits,
+                return_dict=True,
+                **kwargs,
+            )
+        finally:
+            self.model._tied_gradient = None
+        kept = select_positions(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(kept) if shared is None else tied_embedding.project(kept, self.lm_head.weight, shared)
 
         loss = None
         if labels is not None:
