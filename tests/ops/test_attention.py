@@ -134,6 +134,25 @@ def test_recomputed_backward_works_through_chunks_of_kv_heads(monkeypatch):
 
 
 @requires_native
+def test_second_derivatives_through_the_recomputed_backward_are_the_explicit_formulas():
+    """create_graph: the backward differentiates the explicit attention instead (SDPA's flash kernel has no
+    second derivative at all)."""
+    results = []
+    for attend in (
+        lambda q, k, v: shared_kv_attention(q, k, v, None, 0.25),
+        lambda q, k, v: shared_kv_attention_reference(q, k, v, None, 0.25)[0],
+    ):
+        (query, key, value), grad = _causal_inputs(1, 2, 2, 24, 16)
+        out = attend(query, key, value)
+        (grad_q,) = torch.autograd.grad(out, query, grad, create_graph=True)
+        grad_q.float().square().sum().backward()
+        results.append((out.grad_fn, grad_q, query.grad, key.grad, value.grad))
+    assert type(results[0][0]).__name__ == "_CausalAttentionBackward"
+    for ours, explicit in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(ours, explicit, rtol=0, atol=0)
+
+
+@requires_native
 def test_which_attention_calls_take_the_recomputed_backward():
     """bf16, causal without a mask, autograd, no dropout, at most _RECOMPUTED_MAX_KEYS keys; else SDPA's own."""
 

@@ -46,6 +46,7 @@ def test_gradient_equals_autograds_sum_of_head_and_embedding(dtype, monkeypatch)
     logits = model(input_ids=ids).logits
     assert type(logits.grad_fn).__name__ == "_HeadBackward"
     shared = _weight_grad(model, _lm_loss)
+    assert shared.layout == torch.strided
     _plain(model, monkeypatch)
     assert type(model(input_ids=ids).logits.grad_fn).__name__ != "_HeadBackward"
     plain = _weight_grad(model, _lm_loss)
@@ -53,6 +54,19 @@ def test_gradient_equals_autograds_sum_of_head_and_embedding(dtype, monkeypatch)
     tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
     torch.testing.assert_close(shared, plain, **tolerance)
     assert shared[PAD].abs().max() > 0  # the head's part of the padding row is there
+
+
+def test_another_use_of_the_weight_is_summed_too(monkeypatch):
+    """A penalty on the weight adds a third gradient term between the head's and the embedding's."""
+
+    def penalised(m):
+        return _lm_loss(m) + 1e-2 * m.lm_head.weight.square().sum()
+
+    model = _model()
+    shared = _weight_grad(model, penalised)
+    assert shared.layout == torch.strided
+    _plain(model, monkeypatch)
+    torch.testing.assert_close(shared, _weight_grad(model, penalised), rtol=1e-5, atol=1e-7)
 
 
 def test_gradients_accumulate_over_two_backward_passes(monkeypatch):
@@ -69,8 +83,8 @@ def test_gradients_accumulate_over_two_backward_passes(monkeypatch):
 
 
 def test_a_backward_that_misses_the_head_gets_the_embeddings_own_gradient(monkeypatch):
-    """The head offers its product in one backward pass that never reaches the embedding; a later pass
-    reaches the embedding without the head: it must not add into that stale product."""
+    """The head's backward runs in one backward pass that never reaches the embedding; a later pass reaches
+    the embedding without the head: its gradient must be dense (an optimizer cannot take a sparse one)."""
     model = _model()
     ids = _ids()
 
@@ -80,6 +94,7 @@ def test_a_backward_that_misses_the_head_gets_the_embeddings_own_gradient(monkey
         return out.hidden_states[1].square().sum()  # embedding and first layer only
 
     shared = _weight_grad(model, through_hidden_states)
+    assert shared.layout == torch.strided
     _plain(model, monkeypatch)
     plain = _weight_grad(model, through_hidden_states)
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-7)
@@ -103,3 +118,18 @@ def test_taken_only_where_both_ends_are_plain_and_share_the_weight():
     model.lm_head.weight.requires_grad_(False)
     assert model._tied_gradient(ids) is None
     assert _model(tie_word_embeddings=False)._tied_gradient(ids) is None
+
+
+def test_second_derivatives_take_autograds_own_sum(monkeypatch):
+    """Under create_graph the embedding's backward leaves the head's gradient alone (no in-place add into a
+    tensor of the double-backward graph): a gradient penalty gives autograd's values."""
+
+    def penalty(m):
+        (grad,) = torch.autograd.grad(_lm_loss(m), m.lm_head.weight, create_graph=True)
+        return grad.square().sum()
+
+    model = _model()
+    model.config._attn_implementation = "eager"  # SDPA's fp32 flash kernel has no second derivative
+    shared = _weight_grad(model, penalty)
+    _plain(model, monkeypatch)
+    torch.testing.assert_close(shared, _weight_grad(model, penalty), rtol=1e-5, atol=1e-7)

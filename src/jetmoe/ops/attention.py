@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused import chain_gradients
 from .native import decode
 from .native import elementwise as native
 
@@ -155,14 +156,13 @@ def _recomputed_backward_takes(query: torch.Tensor, key: torch.Tensor, value: to
 
 class _CausalAttention(torch.autograd.Function):
     """Causal attention of queries [B, Nkv, k, T, D] over key, value [B, Nkv, T, D]: SDPA's CPU flash kernel
-    forward, the backward recomputed (see above)."""
+    forward, the backward recomputed (see above); under create_graph, the explicit formula's gradients."""
 
     @staticmethod
     def forward(ctx, query, key, value, scale):
         batch, kv_heads, groups, length, head_dim = query.shape
-        query = query.reshape(batch, kv_heads * groups, length, head_dim)
         out, log_norm = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, True, scale=scale
+            query.reshape(batch, kv_heads * groups, length, head_dim), key, value, 0.0, True, scale=scale
         )[:2]
         ctx.save_for_backward(query, key, value, out, log_norm)
         ctx.scale = scale
@@ -171,9 +171,11 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, out, log_norm = ctx.saved_tensors
-        batch, heads, length, head_dim = query.shape
-        blocks, kv_heads = batch * key.shape[1], key.shape[1]
-        rows = heads // kv_heads * length  # a block: one K/V head and its queries, group-major
+        if torch.is_grad_enabled():  # create_graph (second derivatives): see ops/fused.py
+            reference = lambda q, k, v: shared_kv_attention_reference(q, k, v, None, ctx.scale)[0]  # noqa: E731
+            return (*chain_gradients(reference, (query, key, value), ctx.needs_input_grad[:3], grad_out), None)
+        batch, kv_heads, groups, length, head_dim = query.shape
+        blocks, rows = batch * kv_heads, groups * length  # a block: one K/V head and its queries, group-major
         q = query.reshape(blocks, rows, head_dim)
         k, v = key.reshape(blocks, length, head_dim), value.reshape(blocks, length, head_dim)
         grad = grad_out.reshape(blocks, rows, head_dim)
@@ -193,9 +195,4 @@ class _CausalAttention(torch.autograd.Function):
             )
             torch.bmm(grad_scores, k[part], out=grad_q[part])
             torch.bmm(grad_scores.transpose(1, 2), q[part], out=grad_k[part])
-        return (
-            grad_q.view(batch, kv_heads, heads // kv_heads, length, head_dim),
-            grad_k.view_as(key),
-            grad_v.view_as(value),
-            None,
-        )
+        return grad_q.view(query.shape), grad_k.view(key.shape), grad_v.view(value.shape), None
