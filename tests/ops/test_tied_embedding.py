@@ -25,7 +25,7 @@ def _ids():
 
 def _plain(model, monkeypatch):
     """The same model through autograd's own sum (nn.Embedding and nn.Linear)."""
-    monkeypatch.setattr(type(model), "_tied_gradient", lambda self, input_ids: None)
+    monkeypatch.setattr(type(model), "_tie_gradients", lambda self, input_ids: None)
 
 
 def _weight_grad(model, loss_of):
@@ -103,21 +103,21 @@ def test_a_backward_that_misses_the_head_gets_the_embeddings_own_gradient(monkey
 def test_taken_only_where_both_ends_are_plain_and_share_the_weight():
     ids = _ids()
     model = _model()
-    assert model._tied_gradient(ids) is not None
-    assert model._tied_gradient(None) is None  # inputs_embeds: no embedding lookup
+    assert model._tie_gradients(ids) is not None
+    assert model._tie_gradients(None) is None  # inputs_embeds: no embedding lookup
     with torch.no_grad():
-        assert model._tied_gradient(ids) is None
+        assert model._tie_gradients(ids) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model._tied_gradient(ids) is None  # the head would multiply by a cast copy of the weight
+        assert model._tie_gradients(ids) is None  # the head would multiply by a cast copy of the weight
     handle = model.lm_head.register_forward_hook(lambda module, args, out: None)
-    assert model._tied_gradient(ids) is None  # going around the module's forward would skip the hook
+    assert model._tie_gradients(ids) is None  # going around the module's forward would skip the hook
     handle.remove()
     handle = model.model.embed_tokens.register_forward_pre_hook(lambda module, args: None)
-    assert model._tied_gradient(ids) is None
+    assert model._tie_gradients(ids) is None
     handle.remove()
     model.lm_head.weight.requires_grad_(False)
-    assert model._tied_gradient(ids) is None
-    assert _model(tie_word_embeddings=False)._tied_gradient(ids) is None
+    assert model._tie_gradients(ids) is None
+    assert _model(tie_word_embeddings=False)._tie_gradients(ids) is None
 
 
 def test_second_derivatives_take_autograds_own_sum(monkeypatch):

@@ -225,8 +225,8 @@ def _pop_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
 
 
 class JetMoeModel(JetMoePreTrainedModel):
-    # Set by JetMoeForCausalLM for the length of one forward when the embedding shares the head's gradient
-    # (ops/tied_embedding.py); None otherwise.
+    # Set by JetMoeForCausalLM for the length of one forward when the embedding and the head share one dense
+    # weight gradient (ops/tied_embedding.py); None otherwise.
     _tied_gradient: tied_embedding.TiedGradient | None = None
 
     def __init__(self, config: JetMoeConfig):
@@ -398,10 +398,11 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def _tied_gradient(self, input_ids) -> tied_embedding.TiedGradient | None:
-        """One gradient buffer for the tied embedding and head in this forward (ops/tied_embedding.py), where
-        autograd will want it, both take the very same weight tensor (no autocast copy), and the two modules
-        are the plain ones, without hooks that going around their forward would skip; else None."""
+    def _tie_gradients(self, input_ids) -> tied_embedding.TiedGradient | None:
+        """The record that lets this forward's tied embedding and head share one dense weight gradient
+        (ops/tied_embedding.py): where autograd will want that gradient, both take the very same weight tensor
+        (no autocast copy), and the two modules are the plain ones, without hooks that going around their
+        forward would skip; else None."""
         embedding, head = self.model.embed_tokens, self.lm_head
         if (
             input_ids is None
@@ -477,7 +478,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        shared = self._tied_gradient(input_ids)
+        shared = self._tie_gradients(input_ids)
         self.model._tied_gradient = shared
         try:
             outputs = self.model(
