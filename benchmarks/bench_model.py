@@ -18,9 +18,7 @@ Method (one process for all timings):
 - train: forward with labels and output_router_logits=True (LM loss + aux_loss_coef * balancing loss),
   backward, fused AdamW step, zero_grad, on 2 x 512 tokens; tokens/s = 1024 / time. AdamW's moments are allocated
   before the timed step by a step on zero gradients at lr=0 (weights unchanged), so the timed step is a
-  steady-state one; a fresh optimizer per run keeps one model's training state in memory at a time. Where less
-  than half of the machine's memory is available after a run, its teardown hands the free heap back to the
-  kernel (untimed, either model): the retained heap of alternating "8b-layers" fp32 steps outgrew 24 GiB.
+  steady-state one; a fresh optimizer per run keeps one model's training state in memory at a time.
 - decode1 / decode8: generate() at batch 1 / 8 from a 32-token random prompt, greedy, min_new_tokens =
   max_new_tokens = 48; tokens/s = batch * 48 / time (the time includes the prompt's prefill).
 - train peak memory: for each model, a fresh process loads that model alone, makes its weights private

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-import jetmoe.cpu_runtime
 from machine import synchronize
 
 LEARNING_RATE = 1e-5
@@ -93,25 +92,8 @@ def train(model, shapes: Shapes, device: torch.device):
         model.zero_grad(set_to_none=True)
         model.eval()
         gc.collect()
-        if device.type == "cpu" and memory_is_short():
-            # With the CPU defaults the heap keeps its peak, and the two models' steps fragment it: alternating
-            # "8b-layers" fp32 steps (~12 GB of gradients and moments each) grew it until the kernel killed the
-            # run on the 24 GiB machine. Handing the free heap back between runs (untimed, for both models)
-            # costs the next step fresh pages, so only where memory is short.
-            jetmoe.cpu_runtime.release_free_memory()
 
     return (setup, run, teardown), ids.numel()
-
-
-def memory_is_short(fraction: float = 0.5) -> bool:
-    """Whether less than `fraction` of the machine's memory is available (Linux /proc/meminfo; else False)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            fields = dict(line.split(":", 1) for line in meminfo)
-        available, total = (int(fields[name].split()[0]) for name in ("MemAvailable", "MemTotal"))
-    except (OSError, KeyError, ValueError):
-        return False
-    return available < fraction * total
 
 
 def decode(model, shapes: Shapes, batch: int, device: torch.device):

@@ -119,25 +119,3 @@ def test_gemv_bandwidth_runs_on_small_shapes_and_refuses_bad_ones():
         assert {"fp32 jetmoe.ops.native", "fp32 jetmoe.ops.native, 8 rows", "int8 jetmoe.ops.native"} <= set(names)
     refused = _gemv_bandwidth("--cols", "48")
     assert refused.returncode == 2 and "multiple of 32" in refused.stderr
-
-
-def test_training_runs_hand_the_free_heap_back_only_where_memory_is_short(monkeypatch):
-    """The training workload's (untimed) teardown returns the heap's free memory to the kernel when less than
-    half of the machine's memory is available: alternating "8b-layers" fp32 steps otherwise grew the retained
-    heap until the 24 GiB machine killed the run."""
-    import torch
-    import workloads
-
-    assert workloads.memory_is_short(fraction=1.01) and not workloads.memory_is_short(fraction=0.0)
-    released = []
-    real_release = jetmoe.cpu_runtime.release_free_memory
-    monkeypatch.setattr(jetmoe.cpu_runtime, "release_free_memory", lambda: released.append(real_release()))
-    model = _model(TINY)
-    shapes = workloads.Shapes(train_batch=1, train_len=8)
-    (setup, run, teardown), tokens = workloads.train(model, shapes, torch.device("cpu"))
-    for short in (False, True):
-        monkeypatch.setattr(workloads, "memory_is_short", lambda short=short: short)
-        setup()
-        run()
-        teardown()
-    assert tokens == 8 and len(released) == 1
