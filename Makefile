@@ -21,5 +21,9 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/jetmoe generate "The Python language"
 
+# One process per config and dtype for "8b-layers": alternating its fp32 training steps in the same process as
+# the rest outgrew a 24 GiB machine (two models' weights, one's gradients and moments, and the retained heap).
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_model.py --configs small
+	$(PY) benchmarks/bench_model.py --configs 8b-layers --dtypes bf16 --append
+	$(PY) benchmarks/bench_model.py --configs 8b-layers --dtypes fp32 --append

@@ -1,6 +1,7 @@
 """Side-by-side benchmark: transformers' JetMoeForCausalLM (the reference, sdpa attention) against ours.
 
-    python benchmarks/bench_model.py                      # everything, writes benchmarks/RESULTS.md (make bench)
+    python benchmarks/bench_model.py                      # everything, writes benchmarks/RESULTS.md
+    make bench                                            # the same in three processes (see the Makefile)
     python benchmarks/bench_model.py --configs small --dtypes bf16 --measures prefill,decode1 --repeats 7
     python benchmarks/bench_model.py --device cuda --configs 8b-layers --dtypes bf16 --measures train,prefill
     python benchmarks/bench_model.py --device cuda --configs 8b-layers --dtypes bf16 --measures train --train-batch 16
