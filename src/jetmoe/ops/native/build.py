@@ -184,26 +184,36 @@ def _bind(library: ctypes.CDLL) -> None:
         function.restype, function.argtypes = restype, argtypes
 
 
+def compiler() -> str | None:
+    """The C compiler: $CC, else cc, else gcc."""
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def library_name(compiler: str, level: str) -> str:
+    """The cached library's file name: one per source text, compiler, flags and level."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
+    key = hashlib.sha256("\n".join([*texts, compiler, version, level, *_BASE_FLAGS]).encode()).hexdigest()[:16]
+    return f"kernels-{level}-{key}.so"
+
+
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled kernels for this CPU, or None where they cannot run here (with one warning on a failure)."""
     if os.environ.get("JETMOE_NATIVE_KERNELS", "1") == "0":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         return None
     try:
         level = chosen_level()
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
-        key = hashlib.sha256("\n".join([*texts, compiler, version, level, *_BASE_FLAGS]).encode()).hexdigest()[:16]
         directory = _build_dir()
-        target = directory / f"kernels-{level}-{key}.so"
+        target = directory / library_name(cc, level)
         with _locked(directory):
             if not _verified(target):
                 if target.exists():
                     warnings.warn(f"jetmoe: {target} does not match its recorded digest or owner; rebuilding", stacklevel=2)
-                compile_library(compiler, level, target)
+                compile_library(cc, level, target)
                 if not _verified(target):
                     raise RuntimeError(f"{target} changed right after it was built")
         library = ctypes.CDLL(str(target))
