@@ -8,7 +8,7 @@ import sys
 def run_serve(args) -> int:
     import uvicorn
 
-    from jetmoe.generation.cli import build_engine
+    from jetmoe.generation.model_options import build_engine
 
     from .app import create_app
 
@@ -27,7 +27,7 @@ def run_serve(args) -> int:
 
 
 def register(subparsers) -> None:
-    from jetmoe.generation.cli import add_model_arguments
+    from jetmoe.generation.model_options import add_model_arguments
 
     serve = subparsers.add_parser(
         "serve",

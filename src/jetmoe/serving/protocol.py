@@ -1,7 +1,6 @@
-"""OpenAI request validation and response bodies.
+"""OpenAI request fields: type and range checks, reducing both endpoints to one `GenerationRequest`.
 
-Every problem with a request raises `APIError`, which the app turns into the OpenAI error body
-`{"error": {"message", "type", "param", "code"}}` with its HTTP status. Types are checked strictly (a
+Every problem raises `APIError` (a 400 naming the field). Types are checked strictly (a
 string is not a number, a bool is not an integer), as the OpenAI API does. Unknown fields are ignored so
 that clients sending newer parameters still work. `top_k`, `repetition_penalty` and `ignore_eos` are
 accepted as extensions (the names vLLM uses).
@@ -11,47 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
-import uuid
 from dataclasses import dataclass
 
 from jetmoe.generation.sampler import SamplingParams
 
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def parse_json_body(raw: bytes) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise bad_request(
-            f"the request body is not valid UTF-8 (byte {error.start})", code="invalid_encoding"
-        ) from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
-    return body
+from .errors import bad_request
 
 
 # ---- typed field access -----------------------------------------------------------------------------------
@@ -209,67 +172,3 @@ def parse_chat(body: dict, served_name: str, max_tokens_limit: int, extra_stop=(
     params, given = _sampling(body, key, max_tokens_limit, default_max_tokens=max_tokens_limit, extra_stop=extra_stop)
     stream, include_usage = _stream_options(body)
     return messages, GenerationRequest([], params, given, stream, include_usage)
-
-
-# ---- responses ----------------------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_body(request_id, model, choices, usage_counts) -> dict:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(choices)
-        ],
-        "usage": usage_counts,
-    }
-
-
-def chat_body(request_id, model, text, reason, usage_counts) -> dict:
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-        ],
-        "usage": usage_counts,
-    }
-
-
-def completion_chunk(request_id, model, created, index=None, text="", reason=None, usage_counts=None) -> dict:
-    choices = [] if index is None else [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_counts,
-    }
-
-
-def chat_chunk(request_id, model, created, delta=None, reason=None, usage_counts=None, final_usage=False) -> dict:
-    choices = [] if final_usage else [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": reason}]
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_counts,
-    }
