@@ -17,6 +17,10 @@ from jetmoe.generation.sampler import SamplingParams
 from .errors import bad_request
 
 
+# Ranges of the integer extensions; seeds are what torch.Generator.manual_seed takes.
+TOP_K_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 # ---- typed field access -----------------------------------------------------------------------------------
 _MISSING = object()
 
@@ -45,6 +49,14 @@ def _number(body, name, default, low, high, low_open=False):
     if value < low or value > high or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise bad_request(f"'{name}' must be in {interval}, got {value}", param=name, code="invalid_value")
+    return value
+
+
+def _integer(body, name, default, low, high):
+    """Every integer field has a range: JSON integers are unbounded, torch's are 64-bit."""
+    value = _field(body, name, _is_int, "an integer", default)
+    if value is not None and not low <= value <= high:
+        raise bad_request(f"'{name}' must be in [{low}, {high}], got {value}", param=name, code="invalid_value")
     return value
 
 
@@ -80,18 +92,8 @@ def _unsupported(body: dict, name: str, allowed) -> None:
 def _sampling(
     body: dict, max_tokens_key: str, max_tokens_limit: int, default_max_tokens: int, extra_stop=()
 ) -> tuple[SamplingParams, bool]:
-    max_tokens = _field(body, max_tokens_key, _is_int, "an integer")
+    max_tokens = _integer(body, max_tokens_key, None, 1, max_tokens_limit)
     given = max_tokens is not None
-    if given and max_tokens <= 0:
-        raise bad_request(
-            f"'{max_tokens_key}' must be >= 1, got {max_tokens}", param=max_tokens_key, code="invalid_value"
-        )
-    if given and max_tokens > max_tokens_limit:
-        raise bad_request(
-            f"'{max_tokens_key}' = {max_tokens} is over this server's limit of {max_tokens_limit}",
-            param=max_tokens_key,
-            code="invalid_value",
-        )
     stop = _field(
         body,
         "stop",
@@ -110,9 +112,11 @@ def _sampling(
     _unsupported(body, "suffix", ("",))
     _unsupported(body, "logit_bias", ({},))
     _unsupported(body, "tools", ([],))
-    top_k = _field(body, "top_k", _is_int, "an integer", 0)
-    if top_k < -1:
-        raise bad_request("'top_k' must be -1 or 0 (off) or a positive integer", param="top_k", code="invalid_value")
+    _unsupported(body, "tool_choice", ("none",))
+    _unsupported(body, "functions", ([],))
+    _unsupported(body, "function_call", ("none",))
+    _unsupported(body, "response_format", ({"type": "text"},))
+    top_k = _integer(body, "top_k", 0, -1, TOP_K_MAX)  # -1 and 0: off
     fields = dict(
         max_tokens=max_tokens if given else default_max_tokens,
         temperature=_number(body, "temperature", 1.0, 0, 2),
@@ -121,7 +125,7 @@ def _sampling(
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, low_open=True),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
-        seed=_field(body, "seed", _is_int, "an integer"),
+        seed=_integer(body, "seed", None, SEED_MIN, SEED_MAX),
         stop=tuple(stop) + tuple(extra_stop),
         ignore_eos=_field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False),
     )

@@ -61,9 +61,9 @@ async def model(name: str, state: ServingState = Depends(serving_state)):
 
 @api_router.post("/completions")
 async def completions(http_request: Request, state: ServingState = Depends(serving_state)):
-    body = await read_json_object(http_request)
+    body = await read_json_object(http_request, state.body_limits)
     request = protocol.parse_completion(body, state.model_name, state.max_tokens_limit)
-    relay = Relay.submit(state.scheduler, http_request, state.prompts.completion_sequences(request))
+    relay = Relay.submit(state.scheduler, http_request, await state.prompts.completion_sequences(request))
     request_id, now, model_name = responses.new_id("cmpl"), int(time.time()), state.model_name
     if not request.stream:
         choices = await relay.collect()
@@ -84,10 +84,11 @@ async def completions(http_request: Request, state: ServingState = Depends(servi
 
 @api_router.post("/chat/completions")
 async def chat_completions(http_request: Request, state: ServingState = Depends(serving_state)):
-    body = await read_json_object(http_request)
+    body = await read_json_object(http_request, state.body_limits)
     stop = chat_stop_strings(state.engine.tokenizer)
     messages, request = protocol.parse_chat(body, state.model_name, state.max_tokens_limit, extra_stop=stop)
-    relay = Relay.submit(state.scheduler, http_request, [state.prompts.chat_sequence(request, messages)])
+    sequence = await state.prompts.chat_sequence(request, messages)
+    relay = Relay.submit(state.scheduler, http_request, [sequence])
     request_id, now, model_name = responses.new_id("chatcmpl"), int(time.time()), state.model_name
     if not request.stream:
         choices = await relay.collect()

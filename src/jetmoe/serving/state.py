@@ -9,6 +9,7 @@ from fastapi import Request
 from jetmoe.generation.engine import Engine
 
 from .prompts import PromptBuilder
+from .request_body import BodyLimits
 from .scheduler import Scheduler
 
 
@@ -20,6 +21,8 @@ class ServingState:
     model_name: str
     max_tokens_limit: int  # the largest max_tokens accepted
     created: int  # the model card's creation time
+    body_limits: BodyLimits
+    api_key: str | None  # None: /v1 routes are open
 
 
 def serving_state(request: Request) -> ServingState:
