@@ -15,6 +15,7 @@ from jetmoe.generation.engine import Engine
 
 from .auth import require_api_key
 from .errors import install_error_handlers
+from .memory import ReleaseMemoryAfterLargeBodies
 from .prompts import PromptBuilder
 from .request_body import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES, BodyLimits
 from .routes import api_router, health_router
@@ -56,6 +57,7 @@ def create_app(
         body_limits=body_limits,
         api_key=api_key or None,
     )
+    app.add_middleware(ReleaseMemoryAfterLargeBodies)
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(api_router, dependencies=[Depends(require_api_key)])
