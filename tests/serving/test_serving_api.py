@@ -201,7 +201,7 @@ BAD_REQUESTS = [
     ("top_k below -1", {"model": MODEL, "prompt": "hi", "top_k": -2}, "invalid_value", "top_k"),
     ("json nested 100000 deep", b'{"model": "toy", "prompt": ' + nested(100_000) + b"}", "invalid_json", None),
     ("json nested 100 deep", b'{"model": "toy", "prompt": "hi", "x": ' + nested(100) + b"}", "invalid_json", None),
-    ("integer of 5000 digits", b'{"model": "toy", "prompt": "hi", "seed": 1' + b"0" * 4999 + b"}", "invalid_json", None),
+    ("5000-digit integer", b'{"model": "toy", "prompt": "hi", "seed": 1' + b"0" * 4999 + b"}", "invalid_json", None),
     (
         "response_format json_object",
         {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}},
