@@ -54,6 +54,7 @@ def test_each_level_this_cpu_runs_builds_and_reports_itself(fresh, level):
 
 @requires_native
 def test_the_best_level_is_chosen_unless_pytorchs_capability_caps_it(fresh):
+    fresh.delenv("ATEN_CPU_CAPABILITY", raising=False)
     assert build.chosen_level() == LEVELS_HERE[-1]
     fresh.setenv("ATEN_CPU_CAPABILITY", "default")
     assert build.chosen_level() == "generic"
@@ -106,9 +107,14 @@ def _outputs() -> dict[str, torch.Tensor]:
     return out
 
 
+# Sums across a vector's lanes follow its width (16, 8 or 4 lanes): their results agree across levels to fp32
+# rounding (one bf16 step where the output is rounded to bf16); element-wise results are the same bit for bit.
+_LANE_SUMS = {"gemv-float32", "gemv-bfloat16", "lse-float32", "lse-bfloat16", "int8"}
+
+
 @requires_native
 @pytest.mark.skipif(len(LEVELS_HERE) < 2, reason="one level runs on this CPU")
-def test_every_level_computes_the_same_values_bit_for_bit(fresh):
+def test_every_level_computes_the_same_values(fresh):
     results = {}
     for level in LEVELS_HERE:
         fresh.setenv("JETMOE_CPU_ISA", level)
@@ -118,7 +124,13 @@ def test_every_level_computes_the_same_values_bit_for_bit(fresh):
     best = results[LEVELS_HERE[-1]]
     for level, outputs in results.items():
         for name, value in outputs.items():
-            assert torch.equal(value, best[name]), f"{name}: {level} differs from {LEVELS_HERE[-1]}"
+            if name not in _LANE_SUMS:
+                assert torch.equal(value, best[name]), f"{name}: {level} differs from {LEVELS_HERE[-1]}"
+            elif value.dtype == torch.float32:
+                torch.testing.assert_close(value, best[name], rtol=2e-6, atol=2e-5, msg=f"{name} at {level}")
+            else:  # at most one bf16 step apart
+                step = torch.finfo(torch.bfloat16).eps * best[name].float().abs().clamp_min(1e-3)
+                assert ((value.float() - best[name].float()).abs() <= step).all(), f"{name} at {level}"
 
 
 # ---- the cache loads only what it built ----

@@ -4,7 +4,8 @@ The kernels (gemv.c, elementwise.c, decode.c, written once in simd.h's vectors) 
 compiler for the best level this CPU runs, or the level `JETMOE_CPU_ISA` names; PyTorch's own
 `ATEN_CPU_CAPABILITY` caps it too, so emulating an older CPU moves both. Levels, lowest first:
 
-    generic     plain C the compiler vectorises (any CPU: x86-64, aarch64 with NEON, ...)
+    generic     plain C the compiler vectorises (aarch64 with NEON, any other CPU; on x86-64 without AVX2 and
+                FMA it would not beat PyTorch, so it runs there only when JETMOE_CPU_ISA asks for it)
     avx2        x86-64 with AVX2, FMA and F16C
     avx512      + AVX-512 F/BW/VL/DQ
     avx512bf16  + AVX-512 VNNI and BF16 (bf16 and int16 dot-product instructions)
@@ -70,9 +71,13 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def supported_levels() -> tuple[str, ...]:
     """The levels this CPU runs, lowest first (x86-64 levels from /proc/cpuinfo; elsewhere generic only)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _x86():
         return ("generic",)
     flags = _cpu_flags()
     return ("generic", *(level for level in LEVELS[1:] if _CPU_FLAGS[level] <= flags))
@@ -207,6 +212,9 @@ def load() -> ctypes.CDLL | None:
         return None
     try:
         level = chosen_level()
+        if level == "generic" and _x86() and not os.environ.get("JETMOE_CPU_ISA"):
+            logger.debug("jetmoe native kernels: an x86-64 CPU without AVX2 and FMA runs PyTorch's paths")
+            return None
         directory = _build_dir()
         target = directory / library_name(cc, level)
         with _locked(directory):

@@ -221,7 +221,7 @@ done:
 
 /* a + b element by element, rounded to the dtype: PyTorch's add. */
 static void add_rows(const void *a, const void *b, void *out, int64_t count, int dtype) {
-    for (int64_t i = 0; i < count; i += 16)
+    for (int64_t i = 0; i < count; i += LANES)
         v_store(out, dtype, i, v_add(v_load(a, dtype, i), v_load(b, dtype, i)));
 }
 
@@ -304,10 +304,10 @@ float jetmoe_exp_shifted(float *x, int64_t n, float shift);
 static inline float dot(const void *a, const void *b, int64_t dim, int dtype) {
     vf acc = v_zero();
     if (dtype == F32) {
-        for (int64_t d = 0; d < dim; d += 16) acc = v_fma(v_loadu((const float *)a + d), v_loadu((const float *)b + d), acc);
+        for (int64_t d = 0; d < dim; d += LANES) acc = v_fma(v_loadu((const float *)a + d), v_loadu((const float *)b + d), acc);
     } else {
         const uint16_t *x = a, *y = b;
-        for (int64_t d = 0; d < dim; d += 32) acc = v_dot_bf16(acc, bf16x32_load(x + d), bf16x32_load(y + d));
+        for (int64_t d = 0; d < dim; d += 2 * LANES) acc = v_dot_bf16(acc, bf16_pairs_load(x + d), bf16_pairs_load(y + d));
     }
     return v_sum(acc);
 }
@@ -372,11 +372,11 @@ int jetmoe_decode_attention(const void *query, const int64_t *query_strides, voi
                     float w = dtype == F32 ? scores[p] : bf16_to_float(bf16_bits(scores[p]));
                     vf weight = v_set(w);
                     const void *v = at(values, p * ss, dtype);
-                    for (int64_t d = 0; d < dim; d += 16)
+                    for (int64_t d = 0; d < dim; d += LANES)
                         v_storeu(acc + d, v_fma(weight, v_load(v, dtype, d), v_loadu(acc + d)));
                 }
                 vf inverse = v_set(1.0f / sum);
-                for (int64_t d = 0; d < dim; d += 16)
+                for (int64_t d = 0; d < dim; d += LANES)
                     v_store(o, dtype, d, v_mul(v_loadu(acc + d), inverse));
             }
         }

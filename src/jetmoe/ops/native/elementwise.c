@@ -32,7 +32,7 @@ static inline int64_t element_size(int dtype) { return dtype == F32 ? 4 : 2; }
 /* exp(x) as PyTorch computes it on AVX-512 CPUs (SLEEF's expf_u10, which its vectorised exp calls): x = q ln2 + s
  * with ln2 in two parts, a degree-6 polynomial in s with fused multiply-adds, times 2^q in two steps; 0 below
  * -104, inf above 100. The same operations in the same order give the same fp32 value, bit for bit. */
-static inline vf exp16(vf x) {
+static inline vf v_exp(vf x) {
     vi q = v_round_int(v_mul(x, v_set(1.442695040888963407359924681001892137f)));
     vf qf = __builtin_convertvector(q, vf);
     vf s = v_fma(qf, v_set(-0.693145751953125f), x);
@@ -53,26 +53,26 @@ static inline vf exp16(vf x) {
 }
 
 /* One value of exp16 (the router's gates, decode.c). */
-float jetmoe_exp(float x) { return exp16(v_set(x))[0]; }
+float jetmoe_exp(float x) { return v_exp(v_set(x))[0]; }
 
 float jetmoe_exp_shifted(float *x, int64_t n, float shift) {
     vf total = v_zero(), s = v_set(shift);
-    for (int64_t i = 0; i < n; i += 16) {
-        vf e = v_select(v_first(n - i), exp16(v_sub(v_load_first(x, F32, i, n - i), s)), v_zero());
+    for (int64_t i = 0; i < n; i += LANES) {
+        vf e = v_select(v_first(n - i), v_exp(v_sub(v_load_first(x, F32, i, n - i), s)), v_zero());
         v_store_first(x, F32, i, e, n - i);
         total = v_add(total, e);
     }
     return v_sum(total);
 }
 
-static inline vf sigmoid16(vf x) {
+static inline vf v_sigmoid(vf x) {
     vf one = v_set(1.0f);
-    return v_div(one, v_add(one, exp16(v_sub(v_zero(), x))));
+    return v_div(one, v_add(one, v_exp(v_sub(v_zero(), x))));
 }
 
 /* silu(x) = x / (1 + exp(-x)), PyTorch's formula (not x * sigmoid(x), which rounds differently) */
-static inline vf silu16(vf x) {
-    return v_div(x, v_add(v_set(1.0f), exp16(v_sub(v_zero(), x))));
+static inline vf v_silu(vf x) {
+    return v_div(x, v_add(v_set(1.0f), v_exp(v_sub(v_zero(), x))));
 }
 
 /* ---- RMSNorm: y = w * round(x * r), r = 1 / sqrt(mean(x^2) + eps) in fp32 ------------------------------ */
@@ -141,7 +141,7 @@ int jetmoe_rms_norm(const void *x, const void *weight, void *out, float *inv_rms
         float scale = inverse_rms(row, dtype, cols, eps);
         if (inv_rms) inv_rms[r] = scale;
         vf s = v_set(scale);
-        for (int64_t c = 0; c < cols; c += 16) {
+        for (int64_t c = 0; c < cols; c += LANES) {
             vf normalized = v_round_to(v_mul(v_load(row, dtype, c), s), dtype);
             v_store(out_row, dtype, c, v_mul(v_load(weight, dtype, c), normalized));
         }
@@ -176,7 +176,7 @@ int jetmoe_rms_norm_backward(const void *x, const void *weight, const float *inv
             const char *grad_row = (const char *)grad + r * cols * size;
             vf s = v_set(inv_rms[r]);
             if (mine) {
-                for (int64_t c = 0; c < cols; c += 16) {
+                for (int64_t c = 0; c < cols; c += LANES) {
                     vf normalized = v_round_to(v_mul(v_load(row, dtype, c), s), dtype);
                     vf acc = v_loadu(mine + c);
                     vf term = v_mul(v_load(grad_row, dtype, c), normalized);
@@ -185,13 +185,13 @@ int jetmoe_rms_norm_backward(const void *x, const void *weight, const float *inv
             }
             if (!grad_x) continue;
             vf dot = v_zero();
-            for (int64_t c = 0; c < cols; c += 16) {
+            for (int64_t c = 0; c < cols; c += LANES) {
                 vf gn = v_round_to(v_mul(v_load(grad_row, dtype, c), v_load(weight, dtype, c)), dtype);
                 dot = v_add(dot, v_mul(gn, v_mul(v_load(row, dtype, c), s)));
             }
             vf mean = v_set(v_sum(dot) / (float)cols);
             char *out_row = (char *)grad_x + r * cols * size;
-            for (int64_t c = 0; c < cols; c += 16) {
+            for (int64_t c = 0; c < cols; c += LANES) {
                 vf gn = v_round_to(v_mul(v_load(grad_row, dtype, c), v_load(weight, dtype, c)), dtype);
                 vf normalized = v_mul(v_load(row, dtype, c), s);
                 v_store(out_row, dtype, c, v_mul(s, v_sub(gn, v_mul(normalized, mean))));
@@ -217,9 +217,9 @@ int jetmoe_silu_mul(const void *h, void *out, int64_t rows, int64_t inner, int d
     for (int64_t r = 0; r < rows; r++) {
         const char *gate = (const char *)h + r * 2 * inner * size, *up = gate + inner * size;
         char *out_row = (char *)out + r * inner * size;
-        for (int64_t c = 0; c < inner; c += 16) {
+        for (int64_t c = 0; c < inner; c += LANES) {
             vf g = v_load(gate, dtype, c);
-            vf activated = v_round_to(silu16(g), dtype);
+            vf activated = v_round_to(v_silu(g), dtype);
             v_store(out_row, dtype, c, v_mul(activated, v_load(up, dtype, c)));
         }
     }
@@ -237,10 +237,10 @@ int jetmoe_silu_mul_backward(const void *h, const void *grad, void *grad_h, int6
         const char *gate = (const char *)h + r * 2 * inner * size, *up = gate + inner * size;
         const char *grad_row = (const char *)grad + r * inner * size;
         char *grad_gate = (char *)grad_h + r * 2 * inner * size, *grad_up = grad_gate + inner * size;
-        for (int64_t c = 0; c < inner; c += 16) {
+        for (int64_t c = 0; c < inner; c += LANES) {
             vf g = v_load(gate, dtype, c), dy = v_load(grad_row, dtype, c);
-            vf s = sigmoid16(g);
-            vf activated = v_round_to(silu16(g), dtype);
+            vf s = v_sigmoid(g);
+            vf activated = v_round_to(v_silu(g), dtype);
             v_store(grad_up, dtype, c, v_mul(dy, activated));
             vf grad_activated = v_round_to(v_mul(dy, v_load(up, dtype, c)), dtype);
             vf slope = v_fma(g, v_sub(one, s), one);
@@ -284,7 +284,7 @@ int jetmoe_rotary(const void *x, int64_t sb, int64_t st, int64_t sh, const void 
             for (int64_t h = 0; h < heads; h++) {
                 const char *x_row = (const char *)x + (b * sb + t * st + h * sh) * size;
                 char *out_row = (char *)out + (((b * length) + t) * heads + h) * dim * size;
-                for (int64_t c = 0; c < dim; c += 16)
+                for (int64_t c = 0; c < dim; c += LANES)
                     v_store(out_row, dtype, c, rotary_part(x_row, cos_row, sin_row, c, half, dtype, inverse));
             }
         }
@@ -302,7 +302,7 @@ int jetmoe_combine(const void *y, const int64_t *rows, const void *gates, const 
 #pragma omp parallel for num_threads(threads) schedule(static) if (tokens * k * hidden >= PARALLEL_MIN_ELEMENTS)
     for (int64_t n = 0; n < tokens; n++) {
         char *out_row = (char *)out + n * hidden * size;
-        for (int64_t c = 0; c < hidden; c += 16) {
+        for (int64_t c = 0; c < hidden; c += LANES) {
             vf total = v_zero();
             for (int64_t j = 0; j < k; j++) {
                 int64_t slot = n * k + j, row = rows ? rows[slot] : slot;
@@ -330,7 +330,7 @@ int jetmoe_combine_backward(const void *y, const int64_t *rows, const void *gate
             int64_t slot = n * k + j, row = rows ? rows[slot] : slot;
             char *grad_y_row = (char *)grad_y + row * hidden * size;
             vf g = v_set(load_float(gates, dtype, slot));
-            for (int64_t c = 0; c < hidden; c += 16)
+            for (int64_t c = 0; c < hidden; c += LANES)
                 v_store(grad_y_row, dtype, c, v_mul(v_load(grad_row, dtype, c), g));
             if (!grad_gates) continue;
             float total = ordered_sum(grad_row, (const char *)y + row * hidden * size, dtype, dtype, hidden);
@@ -354,7 +354,7 @@ int jetmoe_logsumexp_rows(const void *x, int64_t row_stride, float *lse, int64_t
     for (int64_t r = 0; r < rows; r++) {
         const char *row = (const char *)x + r * row_stride * size;
         vf top = v_set(-INFINITY);
-        for (int64_t c = 0; c < vocab; c += 16) top = v_max(top, v_load(row, dtype, c));
+        for (int64_t c = 0; c < vocab; c += LANES) top = v_max(top, v_load(row, dtype, c));
         float peak = v_max_lane(top);
         if (!isfinite(peak)) { /* all -inf, or inf / nan present: what logsumexp gives for them */
             float naive = 0.0f;
@@ -364,11 +364,11 @@ int jetmoe_logsumexp_rows(const void *x, int64_t row_stride, float *lse, int64_t
         }
         vf shift = v_set(peak), acc0 = v_zero(), acc1 = v_zero();
         int64_t c = 0;
-        for (; c + 32 <= vocab; c += 32) {
-            acc0 = v_add(acc0, exp16(v_sub(v_load(row, dtype, c), shift)));
-            acc1 = v_add(acc1, exp16(v_sub(v_load(row, dtype, c + 16), shift)));
+        for (; c + 2 * LANES <= vocab; c += 2 * LANES) {
+            acc0 = v_add(acc0, v_exp(v_sub(v_load(row, dtype, c), shift)));
+            acc1 = v_add(acc1, v_exp(v_sub(v_load(row, dtype, c + LANES), shift)));
         }
-        for (; c < vocab; c += 16) acc0 = v_add(acc0, exp16(v_sub(v_load(row, dtype, c), shift)));
+        for (; c < vocab; c += LANES) acc0 = v_add(acc0, v_exp(v_sub(v_load(row, dtype, c), shift)));
         lse[r] = peak + logf(v_sum(v_add(acc0, acc1)));
     }
     return 0;
@@ -384,9 +384,9 @@ int jetmoe_cross_entropy_backward(const void *x, int64_t row_stride, const float
         char *grad_row = (char *)grad + r * vocab * size;
         vf shift = v_set(lse[r]), s = v_set(scale[r]);
         int64_t target = targets[r];
-        for (int64_t c = 0; c < vocab; c += 16) {
-            vf p = exp16(v_sub(v_load(row, dtype, c), shift));
-            if (target >= c && target < c + 16)
+        for (int64_t c = 0; c < vocab; c += LANES) {
+            vf p = v_exp(v_sub(v_load(row, dtype, c), shift));
+            if (target >= c && target < c + LANES)
                 p[target - c] -= 1.0f;
             v_store(grad_row, dtype, c, v_mul(p, s));
         }
@@ -413,11 +413,11 @@ static void causal_attention_rows(const void *scores, const void *grad_probs, co
         char *o_row = (char *)out + offset;
         const vf shift = v_set(lse[r]), k = v_set(scale);
         const vf d = v_set(delta ? delta[r] : 0.0f);
-        for (int64_t c = 0; c < keys; c += 16) {
+        for (int64_t c = 0; c < keys; c += LANES) {
             const int64_t seen = visible - c;
             vf v = v_zero();
             if (seen > 0) {
-                vf p = exp16(v_fma(v_load_first(s_row, dtype, c, seen), k, -shift));
+                vf p = v_exp(v_fma(v_load_first(s_row, dtype, c, seen), k, -shift));
                 if (g_row) {
                     vf centred = v_sub(v_load_first(g_row, dtype, c, seen), d);
                     p = v_mul(v_mul(p, centred), k);

@@ -47,12 +47,12 @@ static inline void prefetch_next_block(const void *block, int64_t row_bytes, int
         vf acc[R][BLOCK_ROWS];                                                                                     \
         for (int r = 0; r < R; r++)                                                                                \
             for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                             \
-        for (int64_t k = 0; k < cols; k += 32) {                                                                   \
-            bf16x32 v[R];                                                                                          \
-            for (int r = 0; r < R; r++) v[r] = bf16x32_load(x + (m + r) * cols + k);                               \
+        for (int64_t k = 0; k < cols; k += 2 * LANES) {                                                                   \
+            bf16_pairs v[R];                                                                                          \
+            for (int r = 0; r < R; r++) v[r] = bf16_pairs_load(x + (m + r) * cols + k);                               \
             if (prefetching) prefetch_next_block(block, cols * 2, k * 2);                                          \
             for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
-                bf16x32 weights = bf16x32_load(block + i * cols + k);                                              \
+                bf16_pairs weights = bf16_pairs_load(block + i * cols + k);                                              \
                 for (int r = 0; r < R; r++) acc[r][i] = v_dot_bf16(acc[r][i], weights, v[r]);                      \
             }                                                                                                      \
         }                                                                                                          \
@@ -73,7 +73,7 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
             const uint16_t *block = w + (groups[3 * g] * rows + first) * cols;
             const int64_t m0 = groups[3 * g + 1], m_end = groups[3 * g + 2];
             int64_t m = m0;
-            if (count == BLOCK_ROWS) { /* a whole block: rows in fours, then a pair */
+            if (MANY_REGISTERS && count == BLOCK_ROWS) { /* a whole block: rows in fours, then a pair */
                 for (; m + 4 <= m_end; m += 4) block_rows4(block, cols, x, m, m == m0, y, rows, first);
                 for (; m + 2 <= m_end; m += 2) block_rows2(block, cols, x, m, m == m0, y, rows, first);
             }
@@ -81,10 +81,10 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
                 const uint16_t *a = x + m * cols;
                 vf acc[BLOCK_ROWS];
                 for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = v_zero();
-                for (int64_t k = 0; k < cols; k += 32) {
-                    bf16x32 av = bf16x32_load(a + k);
+                for (int64_t k = 0; k < cols; k += 2 * LANES) {
+                    bf16_pairs av = bf16_pairs_load(a + k);
                     if (m == m0) prefetch_next_block(block, cols * 2, k * 2);
-                    for (int i = 0; i < count; i++) acc[i] = v_dot_bf16(acc[i], bf16x32_load(block + i * cols + k), av);
+                    for (int i = 0; i < count; i++) acc[i] = v_dot_bf16(acc[i], bf16_pairs_load(block + i * cols + k), av);
                 }
                 for (int i = 0; i < count; i++) store_float(y, BF16, m * rows + first + i, v_sum(acc[i]));
             }
@@ -101,7 +101,7 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
         vf acc[R][BLOCK_ROWS];                                                                                     \
         for (int r = 0; r < R; r++)                                                                                \
             for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                             \
-        for (int64_t k = 0; k < cols; k += 16) {                                                                   \
+        for (int64_t k = 0; k < cols; k += LANES) {                                                                   \
             vf v[R];                                                                                               \
             for (int r = 0; r < R; r++) v[r] = v_loadu(x + (m + r) * cols + k);                                    \
             if (prefetching) prefetch_next_block(block, cols * 4, k * 4);                                          \
@@ -129,14 +129,14 @@ int jetmoe_f32_gemv(const float *w, int64_t rows, int64_t cols, const float *x, 
             const int64_t m0 = groups[3 * g + 1], m_end = groups[3 * g + 2];
             int64_t m = m0;
             if (count == BLOCK_ROWS) {
-                for (; m + 4 <= m_end; m += 4) f32_block_rows4(block, cols, x, m, m == m0, y, rows, first);
-                for (; m + 2 <= m_end; m += 2) f32_block_rows2(block, cols, x, m, m == m0, y, rows, first);
+                for (; MANY_REGISTERS && m + 4 <= m_end; m += 4) f32_block_rows4(block, cols, x, m, m == m0, y, rows, first);
+                for (; MANY_REGISTERS && m + 2 <= m_end; m += 2) f32_block_rows2(block, cols, x, m, m == m0, y, rows, first);
                 for (; m < m_end; m++) f32_block_rows1(block, cols, x, m, m == m0, y, rows, first);
             }
             for (; m < m_end; m++) { /* the last, partial block */
                 for (int i = 0; i < count; i++) {
                     vf acc = v_zero();
-                    for (int64_t k = 0; k < cols; k += 16)
+                    for (int64_t k = 0; k < cols; k += LANES)
                         acc = v_fma(v_loadu(block + i * cols + k), v_loadu(x + m * cols + k), acc);
                     y[m * rows + first + i] = v_sum(acc);
                 }
@@ -158,13 +158,13 @@ int jetmoe_gemv(const void *w, int64_t rows, int64_t cols, const void *x, const 
  * bf16 rows (decoding) take 16 lanes at a time: the same largest magnitude and the same roundings (x times a
  * power of two, rounded to nearest even as lrintf does), so the same grid as the scalar loop. */
 static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols, int16_t *xq) {
-    const int lanes = dtype == BF16 && cols % 16 == 0;
+    const int lanes = dtype == BF16 && cols % LANES == 0;
     float largest = 0.0f;
     if (lanes) {
         const uint16_t *row = (const uint16_t *)x + offset;
         vf peak = v_zero();
         int nan = 0;
-        for (int64_t k = 0; k < cols; k += 16) {
+        for (int64_t k = 0; k < cols; k += LANES) {
             vf v = v_load(row, BF16, k);
             nan |= v_any(v != v);
             peak = v_max(peak, v_abs(v));
@@ -186,7 +186,7 @@ static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols
     if (lanes) {
         const uint16_t *row = (const uint16_t *)x + offset;
         const vf scale = v_set(inverse);
-        for (int64_t k = 0; k < cols; k += 16) {
+        for (int64_t k = 0; k < cols; k += LANES) {
             vs rounded = __builtin_convertvector(v_round_int(v_load(row, BF16, k) * scale), vs);
             memcpy(xq + k, &rounded, sizeof rounded);
         }
@@ -211,12 +211,12 @@ static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols
             vi part[R][BLOCK_ROWS];                                                                                \
             for (int r = 0; r < R; r++)                                                                            \
                 for (int i = 0; i < BLOCK_ROWS; i++) part[r][i] = vi_set(0);                                       \
-            for (int64_t k = c0; k < c1; k += 32) {                                                                \
-                vs32 v[R];                                                                                         \
-                for (int r = 0; r < R; r++) v[r] = i16x32_load(xq + (m + r) * cols + k);                           \
+            for (int64_t k = c0; k < c1; k += 2 * LANES) {                                                                \
+                vs2 v[R];                                                                                         \
+                for (int r = 0; r < R; r++) v[r] = i16_pairs_load(xq + (m + r) * cols + k);                           \
                 if (prefetching) prefetch_next_block(block, cols, k);                                              \
                 for (int i = 0; i < BLOCK_ROWS; i++) {                                                             \
-                    vs32 weights = i16x32_widen(block + i * cols + k);                                             \
+                    vs2 weights = i16_pairs_widen(block + i * cols + k);                                             \
                     for (int r = 0; r < R; r++) part[r][i] = v_dot_i16(part[r][i], v[r], weights);                 \
                 }                                                                                                  \
             }                                                                                                      \
@@ -256,7 +256,7 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
             const int8_t *block = q + (expert * rows + first) * cols;
             const int64_t m0 = groups[3 * g + 1], m_end = groups[3 * g + 2];
             int64_t m = m0;
-            if (count == BLOCK_ROWS) { /* a whole block: rows in fours, then a pair */
+            if (MANY_REGISTERS && count == BLOCK_ROWS) { /* a whole block: rows in fours, then a pair */
                 for (; m + 4 <= m_end; m += 4)
                     int8_block_rows4(block, cols, xq, steps, m, m == m0, scale, scale_dtype, expert * rows + first, y,
                                      y_dtype, rows, first);
@@ -272,11 +272,11 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
                     int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;
                     vi part[BLOCK_ROWS];
                     for (int i = 0; i < BLOCK_ROWS; i++) part[i] = vi_set(0);
-                    for (int64_t k = c0; k < c1; k += 32) {
-                        vs32 av = i16x32_load(a + k);
+                    for (int64_t k = c0; k < c1; k += 2 * LANES) {
+                        vs2 av = i16_pairs_load(a + k);
                         if (m == m0) prefetch_next_block(block, cols, k);
                         for (int i = 0; i < count; i++)
-                            part[i] = v_dot_i16(part[i], av, i16x32_widen(block + i * cols + k));
+                            part[i] = v_dot_i16(part[i], av, i16_pairs_widen(block + i * cols + k));
                     }
                     for (int i = 0; i < count; i++) total[i] += __builtin_convertvector(part[i], vf);
                 }
