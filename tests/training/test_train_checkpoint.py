@@ -32,7 +32,7 @@ def test_layout_and_hf_format(trained):
     latest = os.path.join(checkpoint_root(out), "step-00000010")
     assert summary["checkpoint"] == latest and check_checkpoint(latest) is None
     for name in ("config.json", "model.safetensors", "tokenizer.json", "manifest.json", "trainer_state.json",
-                 "scheduler.pt", "rng-rank0.pt", "train_config.yaml", "optimizer"):
+                 "scheduler.json", "rng-rank0.json", "train_config.yaml", "optimizer"):
         assert os.path.exists(os.path.join(latest, name)), name
     state = json.load(open(os.path.join(latest, "trainer_state.json")))
     assert state["step"] == 10 and state["position"] == 10 * 2  # data position: sequences consumed
