@@ -10,7 +10,7 @@ from .loading import DTYPES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--dtype/--int8/--max-len/--compile: shared with `jetmoe serve`."""
+    """--model/--dtype/--int8/--max-len/--compile/--device/--force-model-type: shared with `jetmoe serve`."""
     parser.add_argument(
         "--model", metavar="DIR", help="HF-format JetMoE checkpoint directory (default: the bundled tiny model)"
     )
@@ -25,6 +25,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the decode step (on CPU, bf16 and int8 decode faster eagerly, through jetmoe's C layers)",
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--force-model-type",
+        action="store_true",
+        help="load the model as JetMoE even if its config.json names another model_type (refused otherwise)",
+    )
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -53,7 +58,7 @@ def build_engine(args, max_batch: int = 1):
     from .loading import load
 
     _quiet_transformers()
-    model, tokenizer, _ = load(args.model, args.dtype, args.int8, args.device)
+    model, tokenizer, _ = load(args.model, args.dtype, args.int8, args.device, getattr(args, "force_model_type", False))
     return Engine(model, tokenizer, max_batch=max_batch, max_len=args.max_len, compile=args.compile)
 
 
@@ -169,7 +174,7 @@ def run_quantize(args) -> int:
     from .quantize import quantize_model, save_quantized
 
     _quiet_transformers()
-    model, tokenizer, _ = load(args.model, args.dtype)
+    model, tokenizer, _ = load(args.model, args.dtype, force_model_type=args.force_model_type)
     quantize_model(model)
     path = save_quantized(model, args.out, tokenizer)
     print(f"int8 checkpoint written to {path}")
@@ -197,4 +202,6 @@ def register(subparsers) -> None:
     quant.add_argument("--model", metavar="DIR", help="source checkpoint (default: the bundled tiny model)")
     quant.add_argument("--out", metavar="DIR", required=True, help="where to write the int8 checkpoint")
     quant.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the float tensors kept")
+    quant.add_argument("--force-model-type", action="store_true",
+                       help="load the model as JetMoE even if its config.json names another model_type")
     quant.set_defaults(run=run_quantize)
