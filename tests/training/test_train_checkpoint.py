@@ -185,6 +185,9 @@ DAMAGES = {
                                          "scheduler.json is not UTF-8 text"),
     "scheduler-a-pickle": (lambda f, m: _write(f, "scheduler.json", _pickled(m)), "scheduler.json is not UTF-8 text"),
     "rng-a-pickle": (lambda f, m: _write(f, "rng-rank0.json", _pickled(m)), "rng-rank0.json is not UTF-8 text"),
+    "legacy-scheduler-pickle-runs-code": (
+        lambda f, m: (os.remove(os.path.join(f, "scheduler.json")), _write(f, "scheduler.pt", _pickled(m))),
+        "scheduler.pt does not load as plain data (UnpicklingError"),
     "rng-wrong-states": (lambda f, m: _write(f, "rng-rank0.json", b'{"torch": "AAAA", "numpy": [], "python": []}'),
                          "rng-rank0.json does not hold valid RNG states"),
     "trainer-state-of-another-step": (
@@ -274,3 +277,40 @@ def test_resume_with_every_checkpoint_damaged(trained, tmp_path, corpus, token_c
     assert check_checkpoint(os.path.join(root, "step-00000010")) is None
     for name in ("step-00000005.replaced", "step-00000010.replaced"):  # kept whole, as they were
         assert sorted(os.listdir(os.path.join(root, name))) == before[name.removesuffix(".replaced")]
+
+
+def _to_legacy_format(folder) -> None:
+    """Rewrite a checkpoint's scheduler and RNG states as jetmoe 0.1.0 wrote them: torch.save pickles."""
+    import base64
+
+    import numpy as np
+
+    scheduler = json.load(open(os.path.join(folder, "scheduler.json")))
+    rng = json.load(open(os.path.join(folder, "rng-rank0.json")))
+    kind, key, pos, has_gauss, cached = rng["numpy"]
+    version, internal, gauss_next = rng["python"]
+    legacy_rng = {"torch": torch.frombuffer(bytearray(base64.b64decode(rng["torch"])), dtype=torch.uint8),
+                  "numpy": (kind, np.array(key, dtype=np.uint32), pos, has_gauss, cached),
+                  "python": (version, tuple(internal), gauss_next)}
+    torch.save(scheduler, os.path.join(folder, "scheduler.pt"))
+    torch.save(legacy_rng, os.path.join(folder, "rng-rank0.pt"))
+    os.remove(os.path.join(folder, "scheduler.json"))
+    os.remove(os.path.join(folder, "rng-rank0.json"))
+    _refresh_manifest(folder)
+
+
+def test_checkpoint_of_the_pickle_format_resumes_exactly(trained, tmp_path, corpus, token_cache):
+    """Checkpoints written before the JSON states (scheduler.pt, rng-rank0.pt) load with weights_only=True."""
+    import shutil
+
+    out, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(os.path.join(checkpoint_root(copy), "step-00000010"))
+    folder = os.path.join(checkpoint_root(copy), "step-00000005")
+    _to_legacy_format(folder)
+    assert check_checkpoint(folder) is None
+    train(micro_config(corpus, token_cache, copy, max_steps=10, save_every=5, keep_checkpoints=5), resume=True)
+    expected, got = losses(out), losses(copy)
+    for step in range(6, 11):
+        assert got[step] == pytest.approx(expected[step], rel=0, abs=1e-6), step

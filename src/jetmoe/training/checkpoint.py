@@ -32,13 +32,15 @@ import numpy as np
 import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_RNG_FILE = re.compile(r"^rng-rank(\d+)\.json$")
+_RNG_FILE = re.compile(r"^rng-rank(\d+)\.(json|pt)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST = "manifest.json"
 SCHEDULER = "scheduler.json"
 TRAINER_STATE = "trainer_state.json"
 # What every checkpoint holds besides its model weights (model.safetensors, or shards and their index).
 REQUIRED = ("config.json", TRAINER_STATE, SCHEDULER, "rng-rank0.json", "train_config.yaml", "optimizer/.metadata")
+# Checkpoints of jetmoe <= 0.1.0 hold these two as torch.save pickles instead: read with weights_only=True.
+LEGACY = {SCHEDULER: "scheduler.pt", "rng-rank0.json": "rng-rank0.pt"}
 
 
 from torch.distributed.checkpoint.api import CheckpointException
@@ -242,8 +244,10 @@ def _b64(state: torch.Tensor) -> str:
 
 def _rng_setters(folder: str, name: str) -> list:
     """The RNG states of one rng-rank file, parsed and checked, as calls that apply them (or DamagedCheckpoint)."""
-    state = _read_json(folder, name)
+    state = _read_legacy(folder, name) if name.endswith(".pt") else _read_json(folder, name)
     try:
+        if name.endswith(".pt"):
+            state = _legacy_rng(state)
         setters = [(torch.set_rng_state, _byte_state(state["torch"]))]
         kind, key, pos, has_gauss, cached = state["numpy"]
         numpy_state = (kind, np.array(key, dtype=np.uint32), pos, has_gauss, cached)
@@ -262,6 +266,29 @@ def _rng_setters(folder: str, name: str) -> list:
     return setters
 
 
+def _legacy_rng(state: dict) -> dict:
+    """A torch.save'd RNG state (jetmoe <= 0.1.0) in the JSON layout."""
+    name, key, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    converted = {"torch": _b64(state["torch"]), "numpy": [name, key.tolist(), pos, has_gauss, cached],
+                 "python": [version, list(internal), gauss_next]}
+    if "cuda" in state:
+        converted["cuda"] = _b64(state["cuda"])
+    return converted
+
+
+def _read_legacy(folder: str, name: str):
+    """A torch.save file of plain data (tensors, numbers, numpy arrays): weights_only=True runs no code."""
+    multiarray = getattr(np, "_core", None) or np.core
+    allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(os.path.join(folder, name), weights_only=True, map_location="cpu")
+    except Exception as error:  # pickle's and torch's errors: damaged, or more than plain data (refused)
+        reason = " ".join(str(error).split())[:300]
+        raise DamagedCheckpoint(f"{name} does not load as plain data ({type(error).__name__}: {reason})") from None
+
+
 def _byte_state(text) -> torch.Tensor:
     if not isinstance(text, str):
         raise TypeError("a byte state must be a base64 string")
@@ -269,8 +296,9 @@ def _byte_state(text) -> torch.Tensor:
 
 
 def restore_rng(folder: str, rank: int) -> None:
-    name = f"rng-rank{rank}.json"
-    if not os.path.exists(os.path.join(folder, name)):  # resumed with more processes than saved: fresh states
+    name = next((n for n in (f"rng-rank{rank}.json", f"rng-rank{rank}.pt") if os.path.exists(os.path.join(folder, n))),
+                None)
+    if name is None:  # resumed with more processes than saved: the new ranks start fresh
         return
     for setter, value in _rng_setters(folder, name):
         setter(value)
@@ -397,7 +425,7 @@ def _check_files(folder: str, manifest: dict) -> None:
                                 + (f" and {len(unlisted) - 3} more files" if len(unlisted) > 3 else ""))
     weights = ("model.safetensors", "model.safetensors.index.json")
     for name in (*REQUIRED, *([] if any(w in manifest for w in weights) else [weights[0]])):
-        if name not in manifest:
+        if name not in manifest and LEGACY.get(name) not in manifest:
             raise DamagedCheckpoint(f"file {name} is missing (the manifest does not list it)")
     for name, expected in manifest.items():
         if name not in present:
@@ -447,7 +475,11 @@ def _trainer_state(folder: str, step: int | None) -> dict:
 
 
 def _scheduler_state(folder: str) -> dict:
-    state = _read_json(folder, SCHEDULER)
+    legacy = LEGACY[SCHEDULER]
+    if not os.path.exists(os.path.join(folder, SCHEDULER)) and os.path.exists(os.path.join(folder, legacy)):
+        state = _read_legacy(folder, legacy)
+    else:
+        state = _read_json(folder, SCHEDULER)
     numbers = (int, float)
     if not (isinstance(state, dict) and type(state.get("last_epoch")) is int
             and isinstance(state.get("base_lrs"), list) and state["base_lrs"]
