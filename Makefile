@@ -15,8 +15,13 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install test demo bench
 install: $(VENV)/.installed
 
+# The whole suite at this CPU's best kernel level, then the kernel tests at every lower level it runs and with
+# the kernels off (tests/kernel_levels.py).
+KERNEL_TESTS := tests/ops tests/modeling tests/generation/test_generation_engine.py \
+	tests/generation/test_generation_quantize.py
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 tests
+	$(PY) tests/kernel_levels.py -n 2 -q $(KERNEL_TESTS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/jetmoe generate "The Python language"

@@ -1,4 +1,4 @@
-"""`jetmoe` command line: train | eval (training/), generate | chat (generation/), serve (serving/).
+"""`jetmoe` command line: train | eval (training/), generate | chat (generation/), serve (serving/), env.
 
 Each front-end package exposes `register(subparsers)`, adding its sub-commands with `set_defaults(run=...)`.
 """
@@ -11,7 +11,7 @@ import sys
 
 from .cpu_runtime import apply_cpu_defaults
 
-FRONT_ENDS = ("jetmoe.training.cli", "jetmoe.generation.cli", "jetmoe.serving.cli")
+FRONT_ENDS = ("jetmoe.training.cli", "jetmoe.generation.cli", "jetmoe.serving.cli", "jetmoe.environment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_helpers import MODEL, Server
+from serving_helpers import API_KEY, MODEL, Server
 from toy_checkpoint import build_toy_checkpoint
 
 
@@ -41,6 +41,26 @@ def tight_server(model_dir):
         "30000",
         "--max-tokens-limit",
         "29000",
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_server(model_dir):
+    """An API key (from the environment), small request limits and short timeouts."""
+    srv = Server(
+        model_dir,
+        "--max-len",
+        "4096",
+        "--max-request-bytes",
+        "65536",
+        "--body-timeout",
+        "1",
+        "--max-connections",
+        "6",
+        env={"JETMOE_API_KEY": API_KEY},
+        api_key=API_KEY,
     )
     yield srv
     srv.stop()

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 MODEL = "toy"
+API_KEY = "sk-test-3b1f"  # the guarded server's key
 
 
 def free_port() -> int:
@@ -21,7 +22,8 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, *args: str):
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None, api_key: str = "unused"):
+        self.api_key = api_key  # what client() sends
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         script = Path(sys.executable).parent / "jetmoe"
@@ -37,7 +39,10 @@ class Server:
             *args,
         ]
         self.log = open(model_dir.parent / f"server-{self.port}.log", "w+")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        inherited = {k: v for k, v in os.environ.items() if k != "JETMOE_API_KEY"}  # a key only where a test sets one
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env={**inherited, **(env or {})}
+        )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -59,10 +64,10 @@ class Server:
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
 
-    def client(self):
+    def client(self, api_key: str | None = None):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return OpenAI(base_url=self.url + "/v1", api_key=api_key or self.api_key, max_retries=0, timeout=120)
 
     def stop(self) -> None:
         self.process.terminate()

@@ -166,6 +166,10 @@ def test_concurrent_requests_share_the_batch(server):
     wait_until(lambda: server.health()["running"] == 0, what="the disconnected stream to free its slot")
 
 
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
 BAD_REQUESTS = [
     ("malformed json", b'{"model": "toy", "prompt": ', "invalid_json", None),
     ("not an object", b"[1, 2, 3]", "invalid_json", None),
@@ -192,6 +196,19 @@ BAD_REQUESTS = [
     ),
     ("token id outside vocabulary", {"model": MODEL, "prompt": [1, 99999]}, "invalid_value", "prompt"),
     ("n > 1", {"model": MODEL, "prompt": "hi", "n": 2}, "unsupported", "n"),
+    ("seed over 64 bits", {"model": MODEL, "prompt": "hi", "seed": 2**70}, "invalid_value", "seed"),
+    ("top_k overflow", {"model": MODEL, "prompt": "hi", "top_k": 10**30}, "invalid_value", "top_k"),
+    ("top_k below -1", {"model": MODEL, "prompt": "hi", "top_k": -2}, "invalid_value", "top_k"),
+    ("json nested 100000 deep", b'{"model": "toy", "prompt": ' + nested(100_000) + b"}", "invalid_json", None),
+    ("json nested 100 deep", b'{"model": "toy", "prompt": "hi", "x": ' + nested(100) + b"}", "invalid_json", None),
+    ("5000-digit integer", b'{"model": "toy", "prompt": "hi", "seed": 1' + b"0" * 4999 + b"}", "invalid_json", None),
+    (
+        "response_format json_object",
+        {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_object"}},
+        "unsupported",
+        "response_format",
+    ),
+    ("tool_choice auto", {"model": MODEL, "prompt": "hi", "tool_choice": "auto"}, "unsupported", "tool_choice"),
 ]
 BAD_CHAT = [
     ("missing messages", {"model": MODEL}, "missing_field", "messages"),
@@ -209,6 +226,32 @@ BAD_CHAT = [
         {"model": MODEL, "messages": [{"role": "user", "content": "word " * 5000}]},
         "context_length_exceeded",
         "messages",
+    ),
+    (
+        "chat response_format json_schema",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        },
+        "unsupported",
+        "response_format",
+    ),
+    (
+        "chat tool_choice function",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+        },
+        "unsupported",
+        "tool_choice",
+    ),
+    (
+        "chat seed under 64 bits",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "seed": -(2**63) - 1},
+        "invalid_value",
+        "seed",
     ),
 ]
 
@@ -246,3 +289,30 @@ def test_the_openai_client_sees_a_bad_request_error(server):
 def test_unknown_route_is_an_openai_style_404(server):
     response = httpx.get(server.url + "/v1/nothing-here", timeout=10)
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+
+
+def test_plain_text_response_format_is_accepted(server):
+    result = server.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        response_format={"type": "text"},
+        extra_body={"ignore_eos": True},
+    )
+    assert result.usage.completion_tokens == 3
+
+
+def test_a_refused_seed_keeps_the_connection_alive(server):
+    """Seeds outside 64 bits were a 500 that reset the keep-alive connection; now a 400 on a connection kept open."""
+
+    def client_address(response):
+        return response.extensions["network_stream"].get_extra_info("client_addr")
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        bad = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "seed": 2**70})
+        bad_address = client_address(bad)
+        good = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "seed": 2**64 - 1})
+        good_address = client_address(good)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "seed"
+    assert good.status_code == 200
+    assert bad_address == good_address  # the same connection served both

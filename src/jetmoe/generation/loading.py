@@ -96,11 +96,13 @@ def load_model(path: Path, dtype: str | torch.dtype = "bfloat16", int8: bool = F
     from jetmoe import JetMoeForCausalLM
     from jetmoe.cpu_memory import place_on_huge_pages
     from jetmoe.cpu_runtime import release_free_memory
+    from jetmoe.environment import warn_if_bf16_emulated
 
     from .quantize import is_quantized_checkpoint, load_quantized, quantize_model
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     check_model_dir(Path(path), force_model_type)
+    warn_if_bf16_emulated(torch_dtype, device)
     if is_quantized_checkpoint(path):
         model = load_quantized(path, dtype=torch_dtype, device=device).eval()
         release_free_memory()

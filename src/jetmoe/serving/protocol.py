@@ -1,7 +1,6 @@
-"""OpenAI request validation and response bodies.
+"""OpenAI request fields: type and range checks, reducing both endpoints to one `GenerationRequest`.
 
-Every problem with a request raises `APIError`, which the app turns into the OpenAI error body
-`{"error": {"message", "type", "param", "code"}}` with its HTTP status. Types are checked strictly (a
+Every problem raises `APIError` (a 400 naming the field). Types are checked strictly (a
 string is not a number, a bool is not an integer), as the OpenAI API does. Unknown fields are ignored so
 that clients sending newer parameters still work. `top_k`, `repetition_penalty` and `ignore_eos` are
 accepted as extensions (the names vLLM uses).
@@ -11,48 +10,16 @@ from __future__ import annotations
 
 import json
 import math
-import time
-import uuid
 from dataclasses import dataclass
 
 from jetmoe.generation.sampler import SamplingParams
 
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+from .errors import bad_request
 
 
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def parse_json_body(raw: bytes) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise bad_request(
-            f"the request body is not valid UTF-8 (byte {error.start})", code="invalid_encoding"
-        ) from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object", code="invalid_json")
-    return body
-
+# Ranges of the integer extensions; seeds are what torch.Generator.manual_seed takes.
+TOP_K_MAX = 2**31 - 1
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 # ---- typed field access -----------------------------------------------------------------------------------
 _MISSING = object()
@@ -82,6 +49,14 @@ def _number(body, name, default, low, high, low_open=False):
     if value < low or value > high or (low_open and value == low):
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise bad_request(f"'{name}' must be in {interval}, got {value}", param=name, code="invalid_value")
+    return value
+
+
+def _integer(body, name, default, low, high):
+    """Every integer field has a range: JSON integers are unbounded, torch's are 64-bit."""
+    value = _field(body, name, _is_int, "an integer", default)
+    if value is not None and not low <= value <= high:
+        raise bad_request(f"'{name}' must be in [{low}, {high}], got {value}", param=name, code="invalid_value")
     return value
 
 
@@ -117,18 +92,8 @@ def _unsupported(body: dict, name: str, allowed) -> None:
 def _sampling(
     body: dict, max_tokens_key: str, max_tokens_limit: int, default_max_tokens: int, extra_stop=()
 ) -> tuple[SamplingParams, bool]:
-    max_tokens = _field(body, max_tokens_key, _is_int, "an integer")
+    max_tokens = _integer(body, max_tokens_key, None, 1, max_tokens_limit)
     given = max_tokens is not None
-    if given and max_tokens <= 0:
-        raise bad_request(
-            f"'{max_tokens_key}' must be >= 1, got {max_tokens}", param=max_tokens_key, code="invalid_value"
-        )
-    if given and max_tokens > max_tokens_limit:
-        raise bad_request(
-            f"'{max_tokens_key}' = {max_tokens} is over this server's limit of {max_tokens_limit}",
-            param=max_tokens_key,
-            code="invalid_value",
-        )
     stop = _field(
         body,
         "stop",
@@ -147,9 +112,11 @@ def _sampling(
     _unsupported(body, "suffix", ("",))
     _unsupported(body, "logit_bias", ({},))
     _unsupported(body, "tools", ([],))
-    top_k = _field(body, "top_k", _is_int, "an integer", 0)
-    if top_k < -1:
-        raise bad_request("'top_k' must be -1 or 0 (off) or a positive integer", param="top_k", code="invalid_value")
+    _unsupported(body, "tool_choice", ("none",))
+    _unsupported(body, "functions", ([],))
+    _unsupported(body, "function_call", ("none",))
+    _unsupported(body, "response_format", ({"type": "text"},))
+    top_k = _integer(body, "top_k", 0, -1, TOP_K_MAX)  # -1 and 0: off
     fields = dict(
         max_tokens=max_tokens if given else default_max_tokens,
         temperature=_number(body, "temperature", 1.0, 0, 2),
@@ -158,7 +125,7 @@ def _sampling(
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10, low_open=True),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
-        seed=_field(body, "seed", _is_int, "an integer"),
+        seed=_integer(body, "seed", None, SEED_MIN, SEED_MAX),
         stop=tuple(stop) + tuple(extra_stop),
         ignore_eos=_field(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean", False),
     )
@@ -209,67 +176,3 @@ def parse_chat(body: dict, served_name: str, max_tokens_limit: int, extra_stop=(
     params, given = _sampling(body, key, max_tokens_limit, default_max_tokens=max_tokens_limit, extra_stop=extra_stop)
     stream, include_usage = _stream_options(body)
     return messages, GenerationRequest([], params, given, stream, include_usage)
-
-
-# ---- responses ----------------------------------------------------------------------------------------------
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_body(request_id, model, choices, usage_counts) -> dict:
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-            for i, (text, reason) in enumerate(choices)
-        ],
-        "usage": usage_counts,
-    }
-
-
-def chat_body(request_id, model, text, reason, usage_counts) -> dict:
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-        ],
-        "usage": usage_counts,
-    }
-
-
-def completion_chunk(request_id, model, created, index=None, text="", reason=None, usage_counts=None) -> dict:
-    choices = [] if index is None else [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_counts,
-    }
-
-
-def chat_chunk(request_id, model, created, delta=None, reason=None, usage_counts=None, final_usage=False) -> dict:
-    choices = [] if final_usage else [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": reason}]
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage_counts,
-    }

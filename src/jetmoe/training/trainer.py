@@ -14,6 +14,7 @@ import time
 import torch
 
 from .. import JetMoeConfig, JetMoeForCausalLM  # the public classes only
+from ..environment import warn_if_bf16_emulated
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_yaml
 from .data import PackedSequences, prepare_data, step_positions
@@ -263,6 +264,8 @@ def validate(model, data: PackedSequences, config: TrainConfig, runtime: Runtime
 
 
 def _autocast(config: TrainConfig, device: torch.device):
+    if config.bf16:
+        warn_if_bf16_emulated(torch.bfloat16, device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
 

@@ -21,14 +21,11 @@
  * The caller (ops/native/decode.py) checks the shapes; H, A and D are multiples of 32, 2I of 64. Calls return
  * 0, 1 (routing left to the caller, see below), -1 (out of memory) or -2 (an expert id given out of range).
  */
-#include <immintrin.h>
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "simd.h"
 
-enum { F32 = 0, BF16 = 1 };
+#include <omp.h>
+#include <stdlib.h>
+
 #define MAX_EXPERTS 64
 #define MAX_SLOTS 16
 #define PARALLEL_MIN_PRODUCTS 4096 /* attention: query-key products below which one thread does them all */
@@ -63,55 +60,40 @@ static inline int64_t element_bytes(int dtype) { return dtype == F32 ? 4 : 2; }
 /* Element i of an array of the dtype. */
 static inline void *at(const void *p, int64_t i, int dtype) { return (char *)p + i * element_bytes(dtype); }
 
-static inline float bf16_to_float(uint16_t bits) {
-    uint32_t wide = (uint32_t)bits << 16;
-    float f;
-    memcpy(&f, &wide, sizeof f);
-    return f;
-}
+static inline float bf16_to_float(uint16_t bits) { return bits_float((uint32_t)bits << 16); }
 
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as PyTorch */
-    __m128bh b = _mm_cvtneps_pbh(_mm_set1_ps(f));
-    uint16_t bits;
-    memcpy(&bits, &b, sizeof bits);
-    return bits;
-}
+/* The width of PyTorch's fp32 vectors on this CPU (its ATEN_CPU_CAPABILITY), which decides the order in which its
+ * softmax sums a row; 0 where that order is not known here (decode.py sets it from torch). */
+static int aten_lanes = 0;
 
-static inline float load1(const void *p, int64_t i, int dtype) {
-    return dtype == F32 ? ((const float *)p)[i] : bf16_to_float(((const uint16_t *)p)[i]);
-}
+void jetmoe_set_aten_lanes(int lanes) { aten_lanes = lanes; }
 
-static inline void store1(void *p, int64_t i, float f, int dtype) {
-    if (dtype == F32)
-        ((float *)p)[i] = f;
-    else
-        ((uint16_t *)p)[i] = float_to_bf16(f);
-}
-
-static inline __m512 load16(const void *p, int64_t i, int dtype) {
-    if (dtype == F32) return _mm512_loadu_ps((const float *)p + i);
-    __m256i bits = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-static inline void store16(void *p, int64_t i, __m512 v, int dtype) { /* bf16: round to nearest even */
-    if (dtype == F32)
-        _mm512_storeu_ps((float *)p + i, v);
-    else
-        _mm256_storeu_si256((__m256i *)((uint16_t *)p + i), (__m256i)_mm512_cvtneps_pbh(v));
+/* sum of a row as ATen's vectorised reduction adds it: a row shorter than a vector in order; a longer one
+ * into a vector's lanes (later vectors and the tail added lane-wise), then the lanes halved in a tree. */
+static float aten_sum(const float *v, int64_t count, int lanes) {
+    if (count < lanes || lanes <= 0) {
+        float sum = v[0];
+        for (int64_t j = 1; j < count; j++) sum += v[j];
+        return sum;
+    }
+    float acc[LANES];
+    for (int i = 0; i < lanes; i++) acc[i] = v[i];
+    for (int64_t j = lanes; j < count; j++) acc[(j - lanes) % lanes] += v[j];
+    for (int half = lanes / 2; half > 0; half /= 2)
+        for (int i = 0; i < half; i++) acc[i] += acc[i + half];
+    return acc[0];
 }
 
 /* softmax over rows of `count` fp32 values in descending order (top-k logits), as PyTorch's CPU kernel computes
- * it for a short last dimension: exp(v - max) (SLEEF's expf_u10), summed in order, each times 1 / sum. */
+ * it for a short last dimension: exp(v - max) (SLEEF's expf_u10), summed as aten_sum, each times 1 / sum.
+ * Returns 1 (nothing written) where the order of PyTorch's sum is not known here and could matter. */
 int jetmoe_softmax_sorted(const float *values, int64_t rows, int64_t count, float *out) {
+    if (aten_lanes <= 0 && count > 3) return 1;
     for (int64_t r = 0; r < rows; r++) {
         const float *row = values + r * count;
-        float *result = out + r * count, sum = 0.0f;
-        for (int64_t j = 0; j < count; j++) {
-            result[j] = jetmoe_exp(row[j] - row[0]);
-            sum = j == 0 ? result[0] : sum + result[j];
-        }
-        float inverse = 1.0f / sum;
+        float *result = out + r * count;
+        for (int64_t j = 0; j < count; j++) result[j] = jetmoe_exp(row[j] - row[0]);
+        float inverse = 1.0f / aten_sum(result, count, aten_lanes);
         for (int64_t j = 0; j < count; j++) result[j] *= inverse;
     }
     return 0;
@@ -128,7 +110,7 @@ static int route(const void *normed, int64_t tokens, int64_t hidden, const void 
     for (int64_t n = 0; n < tokens; n++) {
         float *row = logits + n * experts;
         for (int64_t e = 0; e < experts; e++) {
-            row[e] = load1(scores, n * experts + e, dtype);
+            row[e] = load_float(scores, dtype, n * experts + e);
             if (!isfinite(row[e])) return 1;
         }
         int64_t *best = chosen + n * k;
@@ -153,8 +135,8 @@ static int route(const void *normed, int64_t tokens, int64_t hidden, const void 
         }
         float top[MAX_SLOTS], probabilities[MAX_SLOTS];
         for (int64_t j = 0; j < k; j++) top[j] = row[best[j]];
-        jetmoe_softmax_sorted(top, 1, k, probabilities);
-        for (int64_t j = 0; j < k; j++) store1(gates, n * k + j, probabilities[j], dtype);
+        if (jetmoe_softmax_sorted(top, 1, k, probabilities)) return 1;
+        for (int64_t j = 0; j < k; j++) store_float(gates, dtype, n * k + j, probabilities[j]);
     }
     return 0;
 }
@@ -240,7 +222,7 @@ done:
 /* a + b element by element, rounded to the dtype: PyTorch's add. */
 static void add_rows(const void *a, const void *b, void *out, int64_t count, int dtype) {
     for (int64_t i = 0; i < count; i += 16)
-        store16(out, i, _mm512_add_ps(load16(a, i, dtype), load16(b, i, dtype)), dtype);
+        v_store(out, dtype, i, v_add(v_load(a, dtype, i), v_load(b, dtype, i)));
 }
 
 /* After attention, for the residual x [N, H] and the attention output of each slot [N * k, A]:
@@ -320,16 +302,14 @@ done:
 float jetmoe_exp_shifted(float *x, int64_t n, float shift);
 
 static inline float dot(const void *a, const void *b, int64_t dim, int dtype) {
-    __m512 acc = _mm512_setzero_ps();
+    vf acc = v_zero();
     if (dtype == F32) {
-        for (int64_t d = 0; d < dim; d += 16)
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps((const float *)a + d), _mm512_loadu_ps((const float *)b + d), acc);
+        for (int64_t d = 0; d < dim; d += 16) acc = v_fma(v_loadu((const float *)a + d), v_loadu((const float *)b + d), acc);
     } else {
         const uint16_t *x = a, *y = b;
-        for (int64_t d = 0; d < dim; d += 32)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + d), (__m512bh)_mm512_loadu_si512(y + d));
+        for (int64_t d = 0; d < dim; d += 32) acc = v_dot_bf16(acc, bf16x32_load(x + d), bf16x32_load(y + d));
     }
-    return _mm512_reduce_add_ps(acc);
+    return v_sum(acc);
 }
 
 static inline float mask_value(const void *mask, int kind, int64_t i) {
@@ -389,16 +369,15 @@ int jetmoe_decode_attention(const void *query, const int64_t *query_strides, voi
                 for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;
                 for (int64_t p = 0; p < positions; p++) {
                     if (scores[p] == 0.0f) continue;
-                    float w = dtype == F32 ? scores[p] : bf16_to_float(float_to_bf16(scores[p]));
-                    __m512 weight = _mm512_set1_ps(w);
+                    float w = dtype == F32 ? scores[p] : bf16_to_float(bf16_bits(scores[p]));
+                    vf weight = v_set(w);
                     const void *v = at(values, p * ss, dtype);
                     for (int64_t d = 0; d < dim; d += 16)
-                        _mm512_storeu_ps(acc + d,
-                                         _mm512_fmadd_ps(weight, load16(v, d, dtype), _mm512_loadu_ps(acc + d)));
+                        v_storeu(acc + d, v_fma(weight, v_load(v, dtype, d), v_loadu(acc + d)));
                 }
-                __m512 inverse = _mm512_set1_ps(1.0f / sum);
+                vf inverse = v_set(1.0f / sum);
                 for (int64_t d = 0; d < dim; d += 16)
-                    store16(o, d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), inverse), dtype);
+                    v_store(o, dtype, d, v_mul(v_loadu(acc + d), inverse));
             }
         }
     }

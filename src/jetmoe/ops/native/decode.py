@@ -10,15 +10,30 @@ the shapes they rely on and raise ValueError naming the problem. No autograd, no
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import NamedTuple
 
 import torch
 
 from .. import native as _kernels
+from .gemv import _int64_array
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1}  # the activations' dtypes decode.c takes
 _MAX_EXPERTS = 64
 MAX_SLOTS = 16  # tokens x top-k per call (decode.c's stack buffers)
+
+
+# The width of ATen's fp32 vectors by its CPU capability: it decides the order of the sums in torch.softmax,
+# which the C router reproduces (decode.c, aten_sum); elsewhere the router leaves gates of more than 3 experts
+# to the operator path.
+_ATEN_FLOAT_LANES = {"AVX512": 16, "AVX2": 8}
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    library = _kernels.load()
+    library.jetmoe_set_aten_lanes(_ATEN_FLOAT_LANES.get(torch.backends.cpu.get_cpu_capability(), 0))
+    return library
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -59,7 +74,8 @@ def softmax_sorted(values: torch.Tensor) -> torch.Tensor:
     _check("softmax_sorted", values.dtype == torch.float32 and values.dim() == 2 and values.is_cpu, "fp32 [N, k]")
     values = values.contiguous()
     out = torch.empty_like(values)
-    _kernels.load().jetmoe_softmax_sorted(_ptr(values), values.shape[0], values.shape[1], _ptr(out))
+    if _library().jetmoe_softmax_sorted(_ptr(values), values.shape[0], values.shape[1], _ptr(out)):
+        raise ValueError(f"softmax_sorted: PyTorch's order of summing {values.shape[1]} values is not known on this CPU")
     return out
 
 
@@ -111,7 +127,7 @@ def attention_in(
     queries = torch.empty(batch, length, top_k * kv_heads, head_dim, dtype=dtype)
     kv_out = torch.empty(batch, length, 2 * width, dtype=dtype)
     keys = torch.empty(batch, length, kv_heads, head_dim, dtype=dtype)
-    status = _kernels.load().jetmoe_decode_attention_in(
+    status = _library().jetmoe_decode_attention_in(
         _ptr(x), batch, length, hidden, _ptr(norm_w), eps, _ptr(router_w), experts, top_k, *_pointers(query),
         *_pointers(kv), kv_heads, head_dim, _ptr(cos), _ptr(sin), length * head_dim if cos.shape[0] > 1 else 0,
         _ptr(logits), _ptr(chosen), _ptr(gates), _ptr(queries), _ptr(kv_out), _ptr(keys), _CODES[dtype],
@@ -169,7 +185,7 @@ def attention_out(
     h = torch.empty_like(x)
     logits = torch.empty(tokens, experts, dtype=torch.float32)
     out = torch.empty_like(x)
-    status = _kernels.load().jetmoe_decode_attention_out(
+    status = _library().jetmoe_decode_attention_out(
         _ptr(x), tokens, hidden, top_k, _ptr(attended), width, *_pointers(output), _ptr(chosen), _ptr(gates),
         _ptr(attn_bias), _ptr(norm_w), eps, _ptr(router_w), experts, *_pointers(w1), inner2 // 2, *_pointers(w2),
         _ptr(mlp_bias), _ptr(h), _ptr(logits), _ptr(out), _CODES[dtype], torch.get_num_threads(),
@@ -287,8 +303,8 @@ def run_attention(query, query_strides, key, value, kv_strides, mask, scale, out
     if mask is not None:
         mask_ptr, kind = _ptr(mask), _MASK_KINDS[mask.dtype]
         mb, mt = (mask.stride(0) if mask.shape[0] > 1 else 0), mask.stride(2)
-    strides = _kernels._int64_array(4)
-    status = _kernels.load().jetmoe_decode_attention(
+    strides = _int64_array(4)
+    status = _library().jetmoe_decode_attention(
         query, strides(*query_strides), key, value, *kv_strides, mask_ptr, kind, mb, mt, out, strides(*out_strides),
         *sizes, scale, new_keys, new_keys_sb, new_values, new_values_sb, new_positions, _CODES[dtype],
         torch.get_num_threads(),
@@ -433,7 +449,7 @@ def run_layers(
     if mask is not None:
         mask_ptr, kind, mb = _ptr(mask), _MASK_KINDS[mask.dtype], (mask.stride(0) if mask.shape[0] > 1 else 0)
     stopped = ctypes.c_int64(count)
-    status = _kernels.load().jetmoe_decode_layers(
+    status = _library().jetmoe_decode_layers(
         ctypes.addressof(operands), first, count, _ptr(x), batch, hidden, sizes.experts, sizes.top_k, sizes.kv_heads,
         sizes.head_dim, sizes.inner, _ptr(cos), _ptr(sin), sizes.head_dim if cos.shape[0] > 1 else 0, mask_ptr, kind,
         mb, positions, _ptr(new_positions), _ptr(moa_logits), _ptr(moe_logits), _ptr(out), ctypes.addressof(stopped),

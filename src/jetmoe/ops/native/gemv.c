@@ -1,4 +1,4 @@
-/* Matrix-vector products for a few rows (decoding), on x86-64 CPUs with AVX-512 (VNNI and BF16).
+/* Matrix-vector products for a few rows (decoding).
  *
  * The kernels compute y[m, r] = sum_k x[m, k] * W_e[r, k] for the rows m of groups: a group (e, first, end)
  * multiplies rows first..end-1 of x by expert e's weight W_e (W is [E, rows, cols], one expert for a dense
@@ -11,89 +11,53 @@
  * same OpenMP runtime, so the two share one pool) in blocks of 4 weight rows; every row of a group reuses a
  * block while it sits in L1, so a weight is read once for all the rows that use it.
  *
- * - jetmoe_bf16_gemv: bf16 weights and activations, products summed in fp32 (vdpbf16ps: pairs of exact
- *   products added into fp32 lanes; denormal inputs count as zero), rounded once to bf16 (nearest even).
- * - jetmoe_f32_gemv: fp32 weights and activations, fused multiply-adds in fp32 lanes. As fast as MKL's one-row
- *   fp32 product here or faster ([32000, 1024]: 4.3 vs 4.5 ms a row, 8 rows 5.6 vs 14.8 ms through F.linear;
- *   benchmarks/gemv_bandwidth.py), and the same value for a row whatever else shares the call.
+ * - jetmoe_bf16_gemv: bf16 weights and activations, products summed in fp32 as vdpbf16ps sums them (pairs of
+ *   exact products added into fp32 lanes, see simd.h), rounded once to bf16 (nearest even).
+ * - jetmoe_f32_gemv: fp32 weights and activations, fused multiply-adds in fp32 lanes; the same value for a row
+ *   whatever else shares the call.
  * - jetmoe_gemv: either of the two above, by the activations' dtype (the weights alike).
  * - jetmoe_int8_gemv: int8 weights with one scale per output row. Each activation row is first put on a 16-bit
  *   integer grid, xq = round(x / s) with s a power of two such that max|xq| <= 32767: elements within 2^8 of
  *   the row's largest are exact in bf16, the others are off by at most s / 2 (1/65536 of the largest). The
- *   products then run in integers (vpdpwssd: pairs of int16 products summed into int32 lanes), 2048 columns
- *   at a time, each partial sum moved into an fp32 accumulator before it can overflow. Rows holding inf or
- *   nan give nan.
+ *   products then run in integers (pairs of int16 products summed into int32 lanes), 2048 columns at a time,
+ *   each partial sum moved into an fp32 accumulator before it can overflow. Rows holding inf or nan give nan.
+ *
+ * Written once in simd.h's vectors; every instruction-set level computes the same values.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "simd.h"
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+#include <stdlib.h>
+
 #define BLOCK_ROWS 4
 #define CHUNK 2048 /* int8: columns per int32 partial sum; each lane adds 128 products of at most 32767 * 128 */
 
-static inline float load_float(const void *p, int dtype, int64_t i) {
-    if (dtype == F32) return ((const float *)p)[i];
-    if (dtype == BF16) {
-        uint32_t bits = (uint32_t)((const uint16_t *)p)[i] << 16;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-    return _cvtsh_ss(((const uint16_t *)p)[i]);
-}
-
-static inline void store_float(void *p, int dtype, int64_t i, float f) {
-    if (dtype == F32) {
-        ((float *)p)[i] = f;
-    } else if (dtype == BF16) {
-        __m128bh b = _mm_cvtneps_pbh(_mm_set1_ps(f)); /* round to nearest even, as PyTorch's conversion */
-        uint16_t bits;
-        memcpy(&bits, &b, sizeof bits);
-        ((uint16_t *)p)[i] = bits;
-    } else {
-        ((uint16_t *)p)[i] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
-    }
-}
-
-/* Prefetching the next block's line at the same column keeps more reads in flight than the hardware
- * prefetcher alone (10-30% at these sizes on Sapphire Rapids). Prefetches past the end are harmless.
- *
- * Streaming the weights through the caches evicts the cores' L2 (2 MiB each): the operator that runs after a
- * product of 4 MB or more pays ~100 us to fetch its code and data again (a 7 us index_put took 105 us, a 24 us
- * SDPA call 124 us), ~4 ms of a 25 ms batch-1 step of the "small" config. Keeping the weights out of L2 cost
- * more than that here: _MM_HINT_NTA prefetches (L1 only) read at 8 GB/s instead of 21; cldemote or clflushopt
- * of each block after use cut the penalty to ~20 us but slowed the products by 40% (step 25 -> 28 ms). */
+/* Prefetching the next block's line at the same column keeps more reads in flight than the hardware prefetcher
+ * alone (docs/performance.md). Prefetches past the end are harmless. */
 static inline void prefetch_next_block(const void *block, int64_t row_bytes, int64_t offset) {
-    for (int i = 0; i < BLOCK_ROWS; i++)
-        _mm_prefetch((const char *)block + (BLOCK_ROWS + i) * row_bytes + offset, _MM_HINT_T0);
+    for (int i = 0; i < BLOCK_ROWS; i++) prefetch((const char *)block + (BLOCK_ROWS + i) * row_bytes + offset);
 }
 
 /* R activation rows (m .. m + R - 1) against a whole block of BLOCK_ROWS weight rows: R x BLOCK_ROWS independent
  * fp32 chains sharing each weight load. Every chain sums over k in the same order as a row alone, so the values
- * do not depend on how rows are batched. One row at a time, the four chains of a block wait on the latency of
- * vdpbf16ps: a [32000, 2048] product took 2.8 ms for one row and 9.7 ms for eight; with rows in fours 6.3 ms
- * (and 5.5 -> 3.1 ms for four rows). */
+ * do not depend on how rows are batched; rows in fours keep enough independent chains to hide the latency of
+ * the dot product (docs/performance.md). */
 #define DEFINE_BLOCK_ROWS(R)                                                                                       \
     static inline void block_rows##R(const uint16_t *block, int64_t cols, const uint16_t *x, int64_t m,        \
-                                     int prefetch, uint16_t *y, int64_t rows, int64_t first) {                   \
-        __m512 acc[R][BLOCK_ROWS];                                                                                 \
+                                     int prefetching, uint16_t *y, int64_t rows, int64_t first) {                \
+        vf acc[R][BLOCK_ROWS];                                                                                     \
         for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = _mm512_setzero_ps();                                  \
+            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                             \
         for (int64_t k = 0; k < cols; k += 32) {                                                                   \
-            __m512bh v[R];                                                                                         \
-            for (int r = 0; r < R; r++) v[r] = (__m512bh)_mm512_loadu_si512(x + (m + r) * cols + k);              \
-            if (prefetch) prefetch_next_block(block, cols * 2, k * 2);                                             \
+            bf16x32 v[R];                                                                                          \
+            for (int r = 0; r < R; r++) v[r] = bf16x32_load(x + (m + r) * cols + k);                               \
+            if (prefetching) prefetch_next_block(block, cols * 2, k * 2);                                          \
             for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
-                __m512bh weights = (__m512bh)_mm512_loadu_si512(block + i * cols + k);                             \
-                for (int r = 0; r < R; r++) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], weights, v[r]);                \
+                bf16x32 weights = bf16x32_load(block + i * cols + k);                                              \
+                for (int r = 0; r < R; r++) acc[r][i] = v_dot_bf16(acc[r][i], weights, v[r]);                      \
             }                                                                                                      \
         }                                                                                                          \
         for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++)                                                                   \
-                store_float(y, BF16, (m + r) * rows + first + i, _mm512_reduce_add_ps(acc[r][i]));                 \
+            for (int i = 0; i < BLOCK_ROWS; i++) store_float(y, BF16, (m + r) * rows + first + i, v_sum(acc[r][i])); \
     }
 DEFINE_BLOCK_ROWS(4)
 DEFINE_BLOCK_ROWS(2)
@@ -115,16 +79,14 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
             }
             for (; m < m_end; m++) {
                 const uint16_t *a = x + m * cols;
-                __m512 acc[BLOCK_ROWS];
-                for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = _mm512_setzero_ps();
+                vf acc[BLOCK_ROWS];
+                for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = v_zero();
                 for (int64_t k = 0; k < cols; k += 32) {
-                    __m512bh av = (__m512bh)_mm512_loadu_si512(a + k);
+                    bf16x32 av = bf16x32_load(a + k);
                     if (m == m0) prefetch_next_block(block, cols * 2, k * 2);
-                    for (int i = 0; i < count; i++)
-                        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(block + i * cols + k), av);
+                    for (int i = 0; i < count; i++) acc[i] = v_dot_bf16(acc[i], bf16x32_load(block + i * cols + k), av);
                 }
-                for (int i = 0; i < count; i++)
-                    store_float(y, BF16, m * rows + first + i, _mm512_reduce_add_ps(acc[i]));
+                for (int i = 0; i < count; i++) store_float(y, BF16, m * rows + first + i, v_sum(acc[i]));
             }
         }
     }
@@ -135,21 +97,21 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
  * step, each (row, weight row) one chain of 16 lanes summed at the end. */
 #define DEFINE_F32_BLOCK_ROWS(R)                                                                                   \
     static inline void f32_block_rows##R(const float *block, int64_t cols, const float *x, int64_t m,            \
-                                         int prefetch, float *y, int64_t rows, int64_t first) {                   \
-        __m512 acc[R][BLOCK_ROWS];                                                                                 \
+                                         int prefetching, float *y, int64_t rows, int64_t first) {                \
+        vf acc[R][BLOCK_ROWS];                                                                                     \
         for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = _mm512_setzero_ps();                                  \
+            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                             \
         for (int64_t k = 0; k < cols; k += 16) {                                                                   \
-            __m512 v[R];                                                                                           \
-            for (int r = 0; r < R; r++) v[r] = _mm512_loadu_ps(x + (m + r) * cols + k);                           \
-            if (prefetch) prefetch_next_block(block, cols * 4, k * 4);                                             \
+            vf v[R];                                                                                               \
+            for (int r = 0; r < R; r++) v[r] = v_loadu(x + (m + r) * cols + k);                                    \
+            if (prefetching) prefetch_next_block(block, cols * 4, k * 4);                                          \
             for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
-                __m512 weights = _mm512_loadu_ps(block + i * cols + k);                                            \
-                for (int r = 0; r < R; r++) acc[r][i] = _mm512_fmadd_ps(weights, v[r], acc[r][i]);                 \
+                vf weights = v_loadu(block + i * cols + k);                                                        \
+                for (int r = 0; r < R; r++) acc[r][i] = v_fma(weights, v[r], acc[r][i]);                           \
             }                                                                                                      \
         }                                                                                                          \
         for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) y[(m + r) * rows + first + i] = _mm512_reduce_add_ps(acc[r][i]);  \
+            for (int i = 0; i < BLOCK_ROWS; i++) y[(m + r) * rows + first + i] = v_sum(acc[r][i]);                 \
     }
 DEFINE_F32_BLOCK_ROWS(4)
 DEFINE_F32_BLOCK_ROWS(2)
@@ -173,11 +135,10 @@ int jetmoe_f32_gemv(const float *w, int64_t rows, int64_t cols, const float *x, 
             }
             for (; m < m_end; m++) { /* the last, partial block */
                 for (int i = 0; i < count; i++) {
-                    __m512 acc = _mm512_setzero_ps();
+                    vf acc = v_zero();
                     for (int64_t k = 0; k < cols; k += 16)
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(block + i * cols + k), _mm512_loadu_ps(x + m * cols + k),
-                                              acc);
-                    y[m * rows + first + i] = _mm512_reduce_add_ps(acc);
+                        acc = v_fma(v_loadu(block + i * cols + k), v_loadu(x + m * cols + k), acc);
+                    y[m * rows + first + i] = v_sum(acc);
                 }
             }
         }
@@ -195,25 +156,20 @@ int jetmoe_gemv(const void *w, int64_t rows, int64_t cols, const void *x, const 
 
 /* One activation row onto the int16 grid; returns its step s (0 for an all-zero row, nan/inf if it holds one).
  * bf16 rows (decoding) take 16 lanes at a time: the same largest magnitude and the same roundings (x times a
- * power of two, rounded to nearest even as lrintf does), so the same grid; a scalar loop cost ~8 us a row of
- * 1024, ~0.5 ms of a batch-1 int8 step of the "small" config. */
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
+ * power of two, rounded to nearest even as lrintf does), so the same grid as the scalar loop. */
 static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols, int16_t *xq) {
     const int lanes = dtype == BF16 && cols % 16 == 0;
     float largest = 0.0f;
     if (lanes) {
         const uint16_t *row = (const uint16_t *)x + offset;
-        __m512 peak = _mm512_setzero_ps();
-        __mmask16 nan = 0;
+        vf peak = v_zero();
+        int nan = 0;
         for (int64_t k = 0; k < cols; k += 16) {
-            __m512 v = bf16x16(row + k);
-            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
+            vf v = v_load(row, BF16, k);
+            nan |= v_any(v != v);
+            peak = v_max(peak, v_abs(v));
         }
-        largest = nan ? NAN : _mm512_reduce_max_ps(peak);
+        largest = nan ? NAN : v_max_lane(peak);
     } else {
         for (int64_t k = 0; k < cols; k++) {
             float v = fabsf(load_float(x, dtype, offset + k));
@@ -229,11 +185,10 @@ static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols
     float inverse = ldexpf(1.0f, -exponent);
     if (lanes) {
         const uint16_t *row = (const uint16_t *)x + offset;
-        const __m512 scale = _mm512_set1_ps(inverse);
+        const vf scale = v_set(inverse);
         for (int64_t k = 0; k < cols; k += 16) {
-            __m512i rounded = _mm512_cvt_roundps_epi32(_mm512_mul_ps(bf16x16(row + k), scale),
-                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            _mm256_storeu_si256((__m256i *)(xq + k), _mm512_cvtepi32_epi16(rounded));
+            vs rounded = __builtin_convertvector(v_round_int(v_load(row, BF16, k) * scale), vs);
+            memcpy(xq + k, &rounded, sizeof rounded);
         }
     } else {
         for (int64_t k = 0; k < cols; k++) xq[k] = (int16_t)lrintf(load_float(x, dtype, offset + k) * inverse);
@@ -241,41 +196,37 @@ static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols
     return ldexpf(1.0f, exponent);
 }
 
-static inline __m512i widen(const int8_t *p) { /* 32 int8 -> 32 int16 */
-    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
-}
-
 /* R activation rows (m ..) against a whole block of int8 weight rows, each weight widened once for all R rows:
  * the same chains, partial sums and roundings per (row, weight row) as one row alone (the loop below). */
 #define DEFINE_INT8_BLOCK_ROWS(R)                                                                                  \
     static inline void int8_block_rows##R(const int8_t *block, int64_t cols, const int16_t *xq,                  \
-                                          const float *steps, int64_t m, int prefetch, const void *scale,         \
+                                          const float *steps, int64_t m, int prefetching, const void *scale,      \
                                           int scale_dtype, int64_t scale_offset, void *y, int y_dtype,            \
                                           int64_t rows, int64_t first) {                                          \
-        __m512 total[R][BLOCK_ROWS];                                                                               \
+        vf total[R][BLOCK_ROWS];                                                                                   \
         for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) total[r][i] = _mm512_setzero_ps();                                \
+            for (int i = 0; i < BLOCK_ROWS; i++) total[r][i] = v_zero();                                           \
         for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {                                                             \
             int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;                                                    \
-            __m512i part[R][BLOCK_ROWS];                                                                           \
+            vi part[R][BLOCK_ROWS];                                                                                \
             for (int r = 0; r < R; r++)                                                                            \
-                for (int i = 0; i < BLOCK_ROWS; i++) part[r][i] = _mm512_setzero_si512();                          \
+                for (int i = 0; i < BLOCK_ROWS; i++) part[r][i] = vi_set(0);                                       \
             for (int64_t k = c0; k < c1; k += 32) {                                                                \
-                __m512i v[R];                                                                                      \
-                for (int r = 0; r < R; r++) v[r] = _mm512_loadu_si512(xq + (m + r) * cols + k);                   \
-                if (prefetch) prefetch_next_block(block, cols, k);                                                 \
+                vs32 v[R];                                                                                         \
+                for (int r = 0; r < R; r++) v[r] = i16x32_load(xq + (m + r) * cols + k);                           \
+                if (prefetching) prefetch_next_block(block, cols, k);                                              \
                 for (int i = 0; i < BLOCK_ROWS; i++) {                                                             \
-                    __m512i weights = widen(block + i * cols + k);                                                 \
-                    for (int r = 0; r < R; r++) part[r][i] = _mm512_dpwssd_epi32(part[r][i], v[r], weights);       \
+                    vs32 weights = i16x32_widen(block + i * cols + k);                                             \
+                    for (int r = 0; r < R; r++) part[r][i] = v_dot_i16(part[r][i], v[r], weights);                 \
                 }                                                                                                  \
             }                                                                                                      \
             for (int r = 0; r < R; r++)                                                                            \
                 for (int i = 0; i < BLOCK_ROWS; i++)                                                               \
-                    total[r][i] = _mm512_add_ps(total[r][i], _mm512_cvtepi32_ps(part[r][i]));                      \
+                    total[r][i] += __builtin_convertvector(part[r][i], vf);                                        \
         }                                                                                                          \
         for (int r = 0; r < R; r++)                                                                                \
             for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
-                float dot = _mm512_reduce_add_ps(total[r][i]) * steps[m + r];                                      \
+                float dot = v_sum(total[r][i]) * steps[m + r];                                                     \
                 store_float(y, y_dtype, (m + r) * rows + first + i,                                                \
                             dot * load_float(scale, scale_dtype, scale_offset + i));                               \
             }                                                                                                      \
@@ -315,22 +266,22 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
             }
             for (; m < m_end; m++) {
                 const int16_t *a = xq + m * cols;
-                __m512 total[BLOCK_ROWS];
-                for (int i = 0; i < BLOCK_ROWS; i++) total[i] = _mm512_setzero_ps();
+                vf total[BLOCK_ROWS];
+                for (int i = 0; i < BLOCK_ROWS; i++) total[i] = v_zero();
                 for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
                     int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;
-                    __m512i part[BLOCK_ROWS];
-                    for (int i = 0; i < BLOCK_ROWS; i++) part[i] = _mm512_setzero_si512();
+                    vi part[BLOCK_ROWS];
+                    for (int i = 0; i < BLOCK_ROWS; i++) part[i] = vi_set(0);
                     for (int64_t k = c0; k < c1; k += 32) {
-                        __m512i av = _mm512_loadu_si512(a + k);
+                        vs32 av = i16x32_load(a + k);
                         if (m == m0) prefetch_next_block(block, cols, k);
                         for (int i = 0; i < count; i++)
-                            part[i] = _mm512_dpwssd_epi32(part[i], av, widen(block + i * cols + k));
+                            part[i] = v_dot_i16(part[i], av, i16x32_widen(block + i * cols + k));
                     }
-                    for (int i = 0; i < count; i++) total[i] = _mm512_add_ps(total[i], _mm512_cvtepi32_ps(part[i]));
+                    for (int i = 0; i < count; i++) total[i] += __builtin_convertvector(part[i], vf);
                 }
                 for (int i = 0; i < count; i++) {
-                    float dot = _mm512_reduce_add_ps(total[i]) * steps[m];
+                    float dot = v_sum(total[i]) * steps[m];
                     store_float(y, y_dtype, m * rows + first + i,
                                 dot * load_float(scale, scale_dtype, expert * rows + first + i));
                 }
@@ -342,11 +293,9 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
     return 0;
 }
 
-/* A decoding product and the element-wise step that follows it, in one call. Run as separate operators,
- * the second one started right after the product had streamed its weights through the caches and paid ~80 us
- * to fetch its code and data again (a SiLU GLU of two rows: 6 us warm, 85 us after a [2816, 1024] product);
- * here it follows in the same call. Each is exactly jetmoe_gemv into `y`, then the other kernel
- * (elementwise.c) on `y`: the same values as the two calls. bf16 or fp32 throughout. */
+/* A decoding product and the element-wise step that follows it, in one call, so the second step finds its code
+ * and data still in cache after the product streamed its weights (docs/performance.md). Each is exactly
+ * jetmoe_gemv into `y`, then the other kernel (elementwise.c) on `y`: the same values as the two calls. */
 int jetmoe_silu_mul(const void *h, void *out, int64_t rows, int64_t inner, int dtype, int threads);
 int jetmoe_combine(const void *y, const int64_t *rows, const void *gates, const void *bias, void *out,
                    int64_t tokens, int64_t k, int64_t hidden, int dtype, int threads);
@@ -365,3 +314,6 @@ int jetmoe_gemv_combine(const void *w, int64_t rows, int64_t cols, const void *x
     int status = jetmoe_gemv(w, rows, cols, x, groups, n_groups, y, dtype, threads);
     return status ? status : jetmoe_combine(y, NULL, gates, bias, out, tokens, k, rows, dtype, threads);
 }
+
+/* The instruction-set level this library was compiled for (native/build.py checks it). */
+const char *jetmoe_level(void) { return JETMOE_LEVEL; }
