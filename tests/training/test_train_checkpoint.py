@@ -236,7 +236,8 @@ def test_checkpoint_that_fails_to_load_falls_back_and_resumes_exactly(trained, t
     _truncate(folder, os.path.join("optimizer", shard), 100, refresh=True)
     assert check_checkpoint(folder) is None  # only loading finds this damage
     capsys.readouterr()
-    summary = train(micro_config(corpus, token_cache, copy, max_steps=10, save_every=5, keep_checkpoints=5), resume=True)
+    config = micro_config(corpus, token_cache, copy, max_steps=10, save_every=5, keep_checkpoints=5)
+    summary = train(config, resume=True)
     printed = capsys.readouterr().out
     assert "step-00000010 is unusable, optimizer/ does not load" in printed
     assert f"resuming from {os.path.join(checkpoint_root(copy), 'step-00000005')}" in printed

@@ -231,7 +231,8 @@ def _rng_state() -> dict:
     """This process's RNG states as JSON data: torch's byte states in base64, numpy's and Python's as lists."""
     name, key, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    state = {"torch": _b64(torch.get_rng_state()), "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(cached)],
+    state = {"torch": _b64(torch.get_rng_state()),
+             "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(cached)],
              "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = _b64(torch.cuda.get_rng_state())
@@ -467,7 +468,8 @@ def _check_safetensors(folder: str, name: str) -> None:
 
 def _trainer_state(folder: str, step: int | None) -> dict:
     state = _read_json(folder, TRAINER_STATE)
-    if not isinstance(state, dict) or not all(type(state.get(k)) is int and state[k] >= 0 for k in ("step", "position")):
+    counts = ("step", "position")
+    if not isinstance(state, dict) or not all(type(state.get(k)) is int and state[k] >= 0 for k in counts):
         raise DamagedCheckpoint(f"{TRAINER_STATE} does not hold the step and data position as counts")
     if step is not None and state["step"] != step:
         raise DamagedCheckpoint(f"{TRAINER_STATE} says step {state['step']}, the folder is step {step}")
