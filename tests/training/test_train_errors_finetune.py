@@ -133,8 +133,12 @@ def test_bf16_autocast_trains(tmp_path, corpus, token_cache):
     assert all(t.dtype == torch.float32 for t in state.values())  # master weights stay fp32
 
 
-def test_resume_without_checkpoints_starts_fresh(tmp_path, corpus, token_cache, capsys):
-    summary = train(micro_config(corpus, token_cache, tmp_path, max_steps=2), resume=True)
+def test_resume_without_checkpoints_is_an_error_unless_told_to_start(tmp_path, corpus, token_cache, capsys):
+    from jetmoe.training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="--resume: there is no checkpoint under .*--resume-or-start"):
+        train(micro_config(corpus, token_cache, tmp_path, max_steps=2), resume=True)
+    summary = train(micro_config(corpus, token_cache, tmp_path, max_steps=2), resume=True, start_if_none=True)
     assert summary["step"] == 2 and "starting from scratch" in capsys.readouterr().out
     assert os.listdir(checkpoint_root(tmp_path)) == ["step-00000002"]
 

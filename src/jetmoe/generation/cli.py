@@ -136,7 +136,7 @@ def run_quantize(args) -> int:
     from .quantize import quantize_model, save_quantized
 
     quiet_transformers()
-    model, tokenizer, _ = load(args.model, args.dtype)
+    model, tokenizer, _ = load(args.model, args.dtype, force_model_type=args.force_model_type)
     quantize_model(model)
     path = save_quantized(model, args.out, tokenizer)
     print(f"int8 checkpoint written to {path}")
@@ -164,4 +164,6 @@ def register(subparsers) -> None:
     quant.add_argument("--model", metavar="DIR", help="source checkpoint (default: the bundled tiny model)")
     quant.add_argument("--out", metavar="DIR", required=True, help="where to write the int8 checkpoint")
     quant.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the float tensors kept")
+    quant.add_argument("--force-model-type", action="store_true",
+                       help="load the model as JetMoE even if its config.json names another model_type")
     quant.set_defaults(run=run_quantize)

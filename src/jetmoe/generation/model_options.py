@@ -1,5 +1,5 @@
 """The model options every generation front end shares (`jetmoe generate`, `chat`, `serve`) and the Engine
-they describe: --model/--dtype/--int8/--max-len/--compile/--device."""
+they describe: --model/--dtype/--int8/--max-len/--compile/--device/--force-model-type."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the decode step (on CPU, bf16 and int8 decode faster eagerly, through jetmoe's C layers)",
     )
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument(
+        "--force-model-type",
+        action="store_true",
+        help="load the model as JetMoE even if its config.json names another model_type (refused otherwise)",
+    )
 
 
 def quiet_transformers() -> None:
@@ -38,5 +43,5 @@ def build_engine(args, max_batch: int = 1):
     from .loading import load
 
     quiet_transformers()
-    model, tokenizer, _ = load(args.model, args.dtype, args.int8, args.device)
+    model, tokenizer, _ = load(args.model, args.dtype, args.int8, args.device, getattr(args, "force_model_type", False))
     return Engine(model, tokenizer, max_batch=max_batch, max_len=args.max_len, compile=args.compile)

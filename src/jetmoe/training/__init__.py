@@ -15,10 +15,10 @@ def bundled_model_path() -> str:
     return TINY_MODEL_DIR
 
 
-def train(config, resume: bool = False) -> dict:
+def train(config, resume: bool = False, start_if_none: bool = False) -> dict:
     from .trainer import train as _train
 
-    return _train(config, resume=resume)
+    return _train(config, resume=resume, start_if_none=start_if_none)
 
 
 __all__ = ["bundled_model_path", "train"]

@@ -5,15 +5,19 @@ A checkpoint folder `OUT/checkpoints/step-00000100/` holds
     `JetMoeForCausalLM.from_pretrained(folder)` (and transformers) load it; with LoRA, the merged model plus
     the adapter in `adapter/` (peft format);
   - optimizer/ (torch.distributed.checkpoint: each process writes its own shard, resharding on load),
-    scheduler.pt, rng-rank{N}.pt (every process's RNG states), trainer_state.json (step, data position, ...),
-    train_config.yaml;
+    scheduler.json, rng-rank{N}.json (every process's RNG states), trainer_state.json (step, data position,
+    ...), train_config.yaml: plain data, so resuming never unpickles what lies in the output folder;
   - manifest.json, written last: every file with its size and sha256.
-A folder is complete only once renamed from `.tmp-step-...` and holding a manifest that matches its files;
-anything else is reported and skipped when resuming, which falls back to the previous good checkpoint.
+A folder is complete only once renamed from `.tmp-step-...` and holding a manifest that lists exactly its files
+with matching sizes and checksums, and whose own files parse. Anything else is reported and skipped when
+resuming, which falls back to the previous good checkpoint; a checkpoint that fails to load is skipped the same
+way (see trainer.py). A run deletes or replaces only checkpoints it wrote or the ones of the run it resumed:
+another checkpoint in the way of a new one is moved aside to `step-N.replaced`, never deleted.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -28,7 +32,15 @@ import numpy as np
 import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_RNG_FILE = re.compile(r"^rng-rank(\d+)\.(json|pt)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST = "manifest.json"
+SCHEDULER = "scheduler.json"
+TRAINER_STATE = "trainer_state.json"
+# What every checkpoint holds besides its model weights (model.safetensors, or shards and their index).
+REQUIRED = ("config.json", TRAINER_STATE, SCHEDULER, "rng-rank0.json", "train_config.yaml", "optimizer/.metadata")
+# Checkpoints of jetmoe <= 0.1.0 hold these two as torch.save pickles instead: read with weights_only=True.
+LEGACY = {SCHEDULER: "scheduler.pt", "rng-rank0.json": "rng-rank0.pt"}
 
 
 from torch.distributed.checkpoint.api import CheckpointException
@@ -38,7 +50,12 @@ _WRITE_ERRORS = (Exception, CheckpointException)
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be written (nothing half-written is left where resume would take it)."""
+    """A checkpoint could not be written (nothing half-written is left where resume would take it), or a resume
+    found none to resume from."""
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that cannot be resumed from; the message says what is wrong with it."""
 
 
 @dataclass
@@ -71,9 +88,13 @@ def save_checkpoint(
     runtime,
     lora_scaling: float | None = None,
     keep: int = 2,
+    owned: set[str] | None = None,
     log=print,
 ) -> str:
-    """Write the checkpoint for `step` (a collective call: every process takes part). Returns its folder."""
+    """Write the checkpoint for `step` (a collective call: every process takes part). Returns its folder.
+
+    `owned`: the checkpoint folders this run may replace or prune (its own, and those of the run it resumed);
+    the new folder is added to it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
@@ -94,26 +115,33 @@ def save_checkpoint(
         optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
         with _single_process_ok():
             dcp.save(optim_state, checkpoint_id=os.path.join(temp, "optimizer"))
-        torch.save(_rng_state(), os.path.join(temp, f"rng-rank{runtime.rank}.pt"))
+        _write_text(os.path.join(temp, f"rng-rank{runtime.rank}.json"), json.dumps(_rng_state()))
         if runtime.is_main:
             _save_model(model, full_state, temp, lora_scaling)
             tokenizer.save_pretrained(temp)
-            torch.save(scheduler.state_dict(), os.path.join(temp, "scheduler.pt"))
-            _write_text(os.path.join(temp, "trainer_state.json"), json.dumps(trainer_state, indent=2))
+            _write_text(os.path.join(temp, SCHEDULER), json.dumps(scheduler.state_dict(), indent=1))
+            _write_text(os.path.join(temp, TRAINER_STATE), json.dumps(trainer_state, indent=2))
             _write_text(os.path.join(temp, "train_config.yaml"), config_yaml)
     except _WRITE_ERRORS as caught:  # disk full, quota, I/O error: whatever the writer (torch, safetensors) raised
         error = caught
     _agree(runtime, error, temp, step)
 
+    owned = set() if owned is None else owned
     try:
         if runtime.is_main:
             _write_text(os.path.join(temp, MANIFEST), json.dumps(_manifest(temp), indent=1))
             _fsync_tree(temp)
-            if os.path.exists(final):  # the same step saved before (e.g. a resumed run): replace it
-                shutil.rmtree(final)
+            if os.path.exists(final):  # the same step saved before (e.g. a resumed run redoing steps)
+                if final in owned:
+                    shutil.rmtree(final)
+                else:
+                    aside = _free_name(final + ".replaced")
+                    os.rename(final, aside)
+                    log(f"moved {final} (not written by this run) aside to {aside}")
             os.rename(temp, final)
             _fsync_dir(root)
-            _prune(root, keep, log)
+            owned.add(final)
+            _prune(keep, owned)
     except _WRITE_ERRORS as caught:
         error = caught
     _agree(runtime, error, temp, step)
@@ -191,28 +219,108 @@ def _save_adapter(model, full_state: dict, folder: str) -> None:
     model.peft_config["default"].save_pretrained(folder)
 
 
+def _free_name(path: str) -> str:
+    candidate, number = path, 1
+    while os.path.exists(candidate):
+        number += 1
+        candidate = f"{path}-{number}"
+    return candidate
+
+
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as JSON data: torch's byte states in base64, numpy's and Python's as lists."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": _b64(torch.get_rng_state()),
+             "numpy": [name, key.tolist(), int(pos), int(has_gauss), float(cached)],
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
     return state
 
 
+def _b64(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _rng_setters(folder: str, name: str) -> list:
+    """The RNG states of one rng-rank file, parsed and checked, as calls that apply them (or DamagedCheckpoint)."""
+    state = _read_legacy(folder, name) if name.endswith(".pt") else _read_json(folder, name)
+    try:
+        if name.endswith(".pt"):
+            state = _legacy_rng(state)
+        setters = [(torch.set_rng_state, _byte_state(state["torch"]))]
+        kind, key, pos, has_gauss, cached = state["numpy"]
+        numpy_state = (kind, np.array(key, dtype=np.uint32), pos, has_gauss, cached)
+        np.random.RandomState().set_state(numpy_state)  # checks it without touching the global generator
+        setters.append((np.random.set_state, numpy_state))
+        version, internal, gauss_next = state["python"]
+        python_state = (version, tuple(internal), gauss_next)
+        random.Random().setstate(python_state)
+        setters.append((random.setstate, python_state))
+        if "cuda" in state and torch.cuda.is_available():
+            setters.append((torch.cuda.set_rng_state, _byte_state(state["cuda"])))
+        probe = torch.Generator()
+        probe.set_state(setters[0][1])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise DamagedCheckpoint(f"{name} does not hold valid RNG states ({type(error).__name__}: {error})") from None
+    return setters
+
+
+def _legacy_rng(state: dict) -> dict:
+    """A torch.save'd RNG state (jetmoe <= 0.1.0) in the JSON layout."""
+    name, key, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    converted = {"torch": _b64(state["torch"]), "numpy": [name, key.tolist(), pos, has_gauss, cached],
+                 "python": [version, list(internal), gauss_next]}
+    if "cuda" in state:
+        converted["cuda"] = _b64(state["cuda"])
+    return converted
+
+
+def _read_legacy(folder: str, name: str):
+    """A torch.save file of plain data (tensors, numbers, numpy arrays): weights_only=True runs no code."""
+    multiarray = getattr(np, "_core", None) or np.core
+    allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(os.path.join(folder, name), weights_only=True, map_location="cpu")
+    except Exception as error:  # pickle's and torch's errors: damaged, or more than plain data (refused)
+        reason = " ".join(str(error).split())[:300]
+        raise DamagedCheckpoint(f"{name} does not load as plain data ({type(error).__name__}: {reason})") from None
+
+
+def _byte_state(text) -> torch.Tensor:
+    if not isinstance(text, str):
+        raise TypeError("a byte state must be a base64 string")
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+
+
 def restore_rng(folder: str, rank: int) -> None:
-    path = os.path.join(folder, f"rng-rank{rank}.pt")
-    if not os.path.exists(path):  # resumed with more processes than saved: the new ranks start fresh
+    name = next((n for n in (f"rng-rank{rank}.json", f"rng-rank{rank}.pt") if os.path.exists(os.path.join(folder, n))),
+                None)
+    if name is None:  # resumed with more processes than saved: the new ranks start fresh
         return
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    for setter, value in _rng_setters(folder, name):
+        setter(value)
 
 
 def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as handle:
+    with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def _read_json(folder: str, name: str):
+    """A checkpoint file's JSON (UTF-8); DamagedCheckpoint naming the file if it cannot be read or parsed."""
+    try:
+        with open(os.path.join(folder, name), "rb") as handle:
+            return json.loads(handle.read().decode("utf-8"))
+    except OSError as error:
+        raise DamagedCheckpoint(f"{name} cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise DamagedCheckpoint(f"{name} is not UTF-8 text ({error})") from None
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise DamagedCheckpoint(f"{name} is not valid JSON ({error})") from None
 
 
 def _files(folder: str) -> list[str]:
@@ -255,10 +363,20 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _prune(root: str, keep: int, log) -> None:
-    complete = sorted(_step_dirs(root), key=lambda found: found.step)
-    for old in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(old.path, ignore_errors=True)
+def _prune(keep: int, owned: set[str]) -> None:
+    """Keep the newest `keep` of the checkpoints this run owns; delete its older ones (never anyone else's)."""
+    mine = sorted((p for p in owned if os.path.isdir(p) and _STEP_DIR.match(os.path.basename(p))),
+                  key=lambda p: int(_STEP_DIR.match(os.path.basename(p)).group(1)))
+    for old in mine[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+        owned.discard(old)
+
+
+def lineage(found: Found | None) -> set[str]:
+    """The checkpoints a run resumed from `found` owns: that one and the older ones it continues."""
+    if found is None:
+        return set()
+    return {f.path for f in _step_dirs(os.path.dirname(found.path)) if f.step <= found.step}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -277,51 +395,149 @@ def _step_dirs(root: str) -> list[Found]:
 
 def check_checkpoint(folder: str) -> str | None:
     """None if the checkpoint is complete and intact, else what is wrong with it."""
-    manifest_path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(manifest_path):
+    if not os.path.exists(os.path.join(folder, MANIFEST)):
         return "incomplete: it has no manifest.json (the write did not finish)"
     try:
-        with open(manifest_path) as handle:
-            manifest = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        return f"corrupt manifest.json ({error})"
-    for name, expected in manifest.items():
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            return f"file {name} is missing"
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            return f"file {name} has {size} bytes, the manifest says {expected['size']}"
-        if _sha256(path) != expected["sha256"]:
-            return f"file {name} does not match its checksum (corrupted)"
+        _check_files(folder, _read_manifest(folder))
+        _check_contents(folder)
+    except DamagedCheckpoint as problem:
+        return str(problem)
     return None
 
 
-def find_latest(out_dir: str, log=print) -> Found | None:
-    """The newest complete and intact checkpoint; each newer broken one is reported and skipped."""
+def _read_manifest(folder: str) -> dict:
+    manifest = _read_json(folder, MANIFEST)
+    if not isinstance(manifest, dict):
+        raise DamagedCheckpoint(f"corrupt manifest.json (a JSON {type(manifest).__name__}, not an object of files)")
+    for name, entry in manifest.items():
+        if not (isinstance(entry, dict) and type(entry.get("size")) is int and entry["size"] >= 0
+                and isinstance(entry.get("sha256"), str) and _SHA256.match(entry["sha256"])):
+            raise DamagedCheckpoint(f"corrupt manifest.json (the entry of {name!r} is not "
+                                    '{"size": bytes, "sha256": hex digest})')
+    return manifest
+
+
+def _check_files(folder: str, manifest: dict) -> None:
+    """The manifest lists exactly the folder's files, the required ones among them, with their sizes and digests."""
+    present = set(_files(folder))
+    unlisted = sorted(present - set(manifest))
+    if unlisted:
+        raise DamagedCheckpoint(f"manifest.json does not list {', '.join(unlisted[:3])}"
+                                + (f" and {len(unlisted) - 3} more files" if len(unlisted) > 3 else ""))
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    for name in (*REQUIRED, *([] if any(w in manifest for w in weights) else [weights[0]])):
+        if name not in manifest and LEGACY.get(name) not in manifest:
+            raise DamagedCheckpoint(f"file {name} is missing (the manifest does not list it)")
+    for name, expected in manifest.items():
+        if name not in present:
+            raise DamagedCheckpoint(f"file {name} is missing")
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            raise DamagedCheckpoint(f"file {name} has {size} bytes, the manifest says {expected['size']}")
+        if _sha256(path) != expected["sha256"]:
+            raise DamagedCheckpoint(f"file {name} does not match its checksum (corrupted)")
+
+
+def _check_contents(folder: str) -> None:
+    """The checkpoint's own files parse: JSON state, RNG states, safetensors headers (the checksums only say
+    that the files are the ones the manifest lists)."""
+    match = _STEP_DIR.match(os.path.basename(folder))
+    _trainer_state(folder, int(match.group(1)) if match else None)
+    _scheduler_state(folder)
+    config = _read_json(folder, "config.json")
+    if not isinstance(config, dict) or config.get("model_type") != "jetmoe":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise DamagedCheckpoint(f"config.json is not a JetMoE model config (model_type {kind!r})")
+    for name in _files(folder):
+        if _RNG_FILE.match(name):
+            _rng_setters(folder, name)
+        elif name.endswith(".safetensors"):
+            _check_safetensors(folder, name)
+
+
+def _check_safetensors(folder: str, name: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(folder, name), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own SafetensorError (an Exception) for a bad header
+        raise DamagedCheckpoint(f"file {name} is not a valid safetensors file ({error})") from None
+
+
+def _trainer_state(folder: str, step: int | None) -> dict:
+    state = _read_json(folder, TRAINER_STATE)
+    counts = ("step", "position")
+    if not isinstance(state, dict) or not all(type(state.get(k)) is int and state[k] >= 0 for k in counts):
+        raise DamagedCheckpoint(f"{TRAINER_STATE} does not hold the step and data position as counts")
+    if step is not None and state["step"] != step:
+        raise DamagedCheckpoint(f"{TRAINER_STATE} says step {state['step']}, the folder is step {step}")
+    return state
+
+
+def _scheduler_state(folder: str) -> dict:
+    legacy = LEGACY[SCHEDULER]
+    if not os.path.exists(os.path.join(folder, SCHEDULER)) and os.path.exists(os.path.join(folder, legacy)):
+        state = _read_legacy(folder, legacy)
+    else:
+        state = _read_json(folder, SCHEDULER)
+    numbers = (int, float)
+    if not (isinstance(state, dict) and type(state.get("last_epoch")) is int
+            and isinstance(state.get("base_lrs"), list) and state["base_lrs"]
+            and all(isinstance(x, numbers) and not isinstance(x, bool) for x in state["base_lrs"])):
+        raise DamagedCheckpoint(f"{SCHEDULER} is not a learning-rate scheduler state")
+    return state
+
+
+def candidates(out_dir: str, log=print, skipped: list[str] | None = None):
+    """The complete and intact checkpoints, newest first; each broken one is reported (and added to `skipped`)."""
     root = checkpoint_root(out_dir)
     if os.path.isdir(root):
         for name in sorted(os.listdir(root)):
             if name.startswith(".tmp-"):
                 log(f"warning: ignoring {os.path.join(root, name)}: an unfinished checkpoint write (interrupted run)")
+                if skipped is not None:
+                    skipped.append(f"{name} (an unfinished write)")
     for found in sorted(_step_dirs(root), key=lambda f: f.step, reverse=True):
         problem = check_checkpoint(found.path)
         if problem is None:
-            return found
-        log(f"warning: checkpoint {found.path} is unusable, {problem}; falling back to the previous checkpoint")
-    return None
+            yield found
+        else:
+            report_unusable(found, problem, log, skipped)
+
+
+def report_unusable(found: Found, problem: str, log=print, skipped: list[str] | None = None) -> None:
+    log(f"warning: checkpoint {found.path} is unusable, {problem}; falling back to the previous checkpoint")
+    if skipped is not None:
+        skipped.append(f"{os.path.basename(found.path)} ({problem})")
+
+
+def find_latest(out_dir: str, log=print) -> Found | None:
+    """The newest complete and intact checkpoint; each newer broken one is reported and skipped."""
+    return next(candidates(out_dir, log), None)
 
 
 def load_training_state(folder: str, model, optimizer, scheduler, runtime) -> dict:
-    """Restore optimizer, scheduler and RNG from a checkpoint (the model weights were loaded when it was built)."""
+    """Restore optimizer, scheduler and RNG from a checkpoint (the model weights were loaded when it was built).
+
+    Returns the trainer state; raises DamagedCheckpoint if any part does not load (the caller falls back)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    with _single_process_ok():
-        dcp.load(state, checkpoint_id=os.path.join(folder, "optimizer"))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    scheduler.load_state_dict(torch.load(os.path.join(folder, "scheduler.pt"), weights_only=False))
+    match = _STEP_DIR.match(os.path.basename(folder))
+    trainer_state = _trainer_state(folder, int(match.group(1)) if match else None)
+    scheduler_state = _scheduler_state(folder)
+    if len(scheduler_state["base_lrs"]) != len(optimizer.param_groups):
+        raise DamagedCheckpoint(f"{SCHEDULER} has {len(scheduler_state['base_lrs'])} parameter groups, "
+                                f"the optimizer {len(optimizer.param_groups)}")
+    try:
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=os.path.join(folder, "optimizer"))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    except _WRITE_ERRORS as error:  # whatever the reader raised: a damaged or mismatched optimizer state
+        raise DamagedCheckpoint(f"optimizer/ does not load ({_root_reason(error)})") from None
+    scheduler.load_state_dict(scheduler_state)
     restore_rng(folder, runtime.rank)
-    with open(os.path.join(folder, "trainer_state.json")) as handle:
-        return json.load(handle)
+    return trainer_state

@@ -3,6 +3,7 @@
     jetmoe train --preset tiny                              # the embedded corpus, on this machine
     jetmoe train --config run.yaml --lr 1e-3 --set model.num_hidden_layers=8
     jetmoe train --config run.yaml --resume                 # continue from the latest complete checkpoint
+    jetmoe train --config run.yaml --resume-or-start        # the same, or a fresh start if there is none
     torchrun --nproc_per_node 8 -m jetmoe.cli train --config run.yaml
     jetmoe eval --model runs/tiny/checkpoints/step-00000600 --text notes.txt
 """
@@ -27,7 +28,10 @@ def register(subparsers) -> None:
     train.add_argument("--preset", help="named starting point: tiny (this CPU, minutes) or jetmoe-8b")
     train.add_argument("--config", help="a .yaml / .yml / .toml file of settings (it may name a `preset`)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the latest complete checkpoint in out_dir (broken ones are skipped)")
+                       help="continue from the latest complete checkpoint in out_dir (broken ones are reported and "
+                       "skipped); an error if none is usable")
+    train.add_argument("--resume-or-start", action="store_true",
+                       help="like --resume, but start from scratch if no checkpoint is usable (damaged ones are kept)")
     train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="set any key, e.g. --set model.hidden_size=256 (repeatable)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -75,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(dump_yaml(config), end="")
         return 0
     try:
-        summary = train(config, resume=args.resume)
+        summary = train(config, resume=args.resume or args.resume_or_start, start_if_none=args.resume_or_start)
     except (TrainingError, CheckpointError) as error:
         print(f"jetmoe train: error: {error}", file=sys.stderr)
         return 1

@@ -29,14 +29,18 @@ class TrainingError(RuntimeError):
     """Training cannot go on (NaN loss, out of memory): the message says why and what to try."""
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict:
-    """Run (or resume) training as configured. Returns a summary (final step, losses, timings, paths)."""
+def train(config: TrainConfig, resume: bool = False, start_if_none: bool = False) -> dict:
+    """Run (or resume) training as configured. Returns a summary (final step, losses, timings, paths).
+
+    `resume`: continue from the newest usable checkpoint in out_dir, falling back past damaged ones; if none is
+    usable, a CheckpointError listing what was found, unless `start_if_none` (then a fresh start, which keeps
+    the damaged checkpoints)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading / saving bars would break the training progress bar
     runtime = init_runtime(config.device)
     try:
-        summary = _train(config, resume, runtime)
+        summary = _train(config, resume, start_if_none, runtime)
         runtime.barrier()  # leave together: tearing the process group down while a peer still works can abort it
         return summary
     finally:
@@ -51,18 +55,16 @@ def _say(runtime: Runtime):
     return log
 
 
-def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
+def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runtime) -> dict:
     log = _say(runtime)
     out_dir = config.out_dir
     if runtime.is_main:
         os.makedirs(out_dir, exist_ok=True)
     runtime.barrier()
-
-    found = ckpt.find_latest(out_dir, log=log) if resume else None
-    if resume and found is None:
-        log(f"no usable checkpoint under {ckpt.checkpoint_root(out_dir)}: starting from scratch")
-    if found is not None:
-        log(f"resuming from {found.path}")
+    root = ckpt.checkpoint_root(out_dir)
+    if resume and not start_if_none and not (os.path.isdir(root) and os.listdir(root)):
+        raise ckpt.CheckpointError(f"--resume: there is no checkpoint under {root} "
+                                   "(pass --resume-or-start to start from scratch when there is none)")
 
     tokenizer, data = prepare_data(config, out_dir, runtime.is_main, runtime.barrier, log)
     global_batch = config.batch_size * config.grad_accum * runtime.world
@@ -73,18 +75,31 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
             f"sequences of {config.seq_len} tokens: use more data, a shorter seq_len or a smaller batch"
         )
 
-    model, lora_scaling = build_model(config, tokenizer, found.path if found else None, log)
-    model = shard_model(model, runtime)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config)
+    found, state = None, None
+    if resume:
+        found, restored, skipped = _restore(config, tokenizer, runtime, log)
+        if found is None:
+            listing = "; ".join(skipped) or "nothing"
+            if not start_if_none:
+                raise ckpt.CheckpointError(
+                    f"--resume found no usable checkpoint under {root}: {listing}. Repair or move them, or pass "
+                    "--resume-or-start to start from scratch (the damaged checkpoints are kept)"
+                )
+            log(f"no usable checkpoint under {root} ({listing}): starting from scratch; the damaged ones are kept")
+        else:
+            model, lora_scaling, optimizer, scheduler, state = restored
+    if found is None:
+        model, lora_scaling = build_model(config, tokenizer, None, log)
+        model = shard_model(model, runtime)
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config)
+        torch.manual_seed(config.seed)
 
     step, position, tokens_seen, elapsed_before = 0, 0, 0, 0.0
-    if found is not None:
-        state = ckpt.load_training_state(found.path, model, optimizer, scheduler, runtime)
+    if state is not None:
         step, position = state["step"], state["position"]
         tokens_seen, elapsed_before = state.get("tokens_seen", 0), state.get("elapsed_s", 0.0)
-    else:
-        torch.manual_seed(config.seed)
+    owned = ckpt.lineage(found)  # the checkpoints this run may replace or prune
 
     top_k = _model_config(model).num_experts_per_tok
     aux_coef = _model_config(model).aux_loss_coef
@@ -106,7 +121,7 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
         path = ckpt.save_checkpoint(
             out_dir=out_dir, step=step, model=model, optimizer=optimizer, scheduler=scheduler,
             tokenizer=tokenizer, trainer_state=state, config_yaml=config_yaml, runtime=runtime,
-            lora_scaling=lora_scaling, keep=config.keep_checkpoints, log=log,
+            lora_scaling=lora_scaling, keep=config.keep_checkpoints, owned=owned, log=log,
         )
         progress.write(f"step {step}: saved checkpoint {path}")
         return path
@@ -191,6 +206,42 @@ def _train(config: TrainConfig, resume: bool, runtime: Runtime) -> dict:
     return summary
 
 
+def _restore(config: TrainConfig, tokenizer, runtime: Runtime, log):
+    """Load the newest checkpoint that loads whole, falling back past each one that does not.
+
+    Returns (found, (model, lora scaling, optimizer, scheduler, trainer state), skipped) or (None, None, skipped),
+    `skipped` describing every checkpoint passed over. All processes check the same files, so they agree on
+    the candidates; after each loading step they also agree on whether any of them failed."""
+    skipped: list[str] = []
+    for found in ckpt.candidates(config.out_dir, log, skipped):
+        log(f"resuming from {found.path}")
+        error = None
+        try:
+            model, lora_scaling = build_model(config, tokenizer, found.path, log)
+        except ckpt.DamagedCheckpoint as caught:
+            error = caught
+        if _any_failed(runtime, error):
+            ckpt.report_unusable(found, str(error or "another process could not load its model"), log, skipped)
+            continue
+        model = shard_model(model, runtime)
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config)
+        try:
+            state = ckpt.load_training_state(found.path, model, optimizer, scheduler, runtime)
+        except ckpt.DamagedCheckpoint as caught:
+            error = caught
+        if _any_failed(runtime, error):
+            ckpt.report_unusable(found, str(error or "another process could not load its state"), log, skipped)
+            continue
+        return found, (model, lora_scaling, optimizer, scheduler, state), skipped
+    return None, None, skipped
+
+
+def _any_failed(runtime: Runtime, error: BaseException | None) -> bool:
+    mine = 1.0 if error is not None else 0.0
+    return (runtime.sum([mine])[0] if runtime.distributed else mine) > 0
+
+
 def validate(model, data: PackedSequences, config: TrainConfig, runtime: Runtime, autocast) -> dict | None:
     """Mean cross-entropy and perplexity over the validation sequences (the same set for any process count)."""
     if len(data.val_ids) == 0:
@@ -227,7 +278,7 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
     # Whatever is initialised randomly (a fresh model, LoRA's A matrices) is the same in every process and run.
     torch.manual_seed(config.seed)
     if resume_folder and not config.lora:
-        model = JetMoeForCausalLM.from_pretrained(resume_folder, dtype=torch.float32)
+        model = _load_resumed(resume_folder)
     elif config.init_from:
         if not os.path.isdir(config.init_from):
             raise FileNotFoundError(f"init_from {config.init_from!r} is not a folder holding an HF-format checkpoint")
@@ -271,6 +322,14 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
     return model, lora_scaling
 
 
+def _load_resumed(folder: str):
+    try:
+        return JetMoeForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except Exception as error:  # whatever transformers or safetensors raise for weights that do not load
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise ckpt.DamagedCheckpoint(f"its model does not load ({reason})") from None
+
+
 def _add_lora(model, config: TrainConfig, resume_folder: str | None):
     try:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -287,7 +346,10 @@ def _add_lora(model, config: TrainConfig, resume_folder: str | None):
     if resume_folder:
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(os.path.join(resume_folder, "adapter", "adapter_model.safetensors")))
+        try:
+            set_peft_model_state_dict(model, load_file(os.path.join(resume_folder, "adapter", "adapter_model.safetensors")))
+        except Exception as error:  # safetensors' or peft's errors for an adapter that does not load
+            raise ckpt.DamagedCheckpoint(f"adapter/ does not load ({type(error).__name__}: {error})") from None
     return model, config.lora_alpha / config.lora_rank
 
 
