@@ -84,9 +84,6 @@ class JetMoeAttention(nn.Module):
         out, probs = self._attend(query, key, value, attention_mask, output_attentions, **kwargs)
         slot_outputs = out.permute(0, 3, 2, 1, 4).reshape(batch * length * k, kv_heads * head_dim)
         output = self.experts.reduce(slot_outputs, plan).view(batch, length, hidden)
-
-        if probs is not None:  # report heads in the reference order: head j*Nkv + h = choice j, kv head h
-            probs = probs.transpose(1, 2).reshape(batch, k * kv_heads, length, -1)
         return output, probs, plan.router_logits
 
     def _attend(self, query, key, value, attention_mask, output_attentions, **kwargs):
