@@ -89,6 +89,13 @@ class JetMoeAttention(nn.Module):
     def _attend(self, query, key, value, attention_mask, output_attentions, **kwargs):
         dropout = self.attention_dropout if self.training else 0.0
         implementation = self.config._attn_implementation or "sdpa"
+        batch, _, _, length, _ = query.shape
+        if attention_mask is None and 1 < length < key.shape[2] and (output_attentions or implementation in ("eager", "sdpa")):
+            # transformers' mask builders give None for a prompt into an empty static cache: SDPA's is_causal,
+            # aligned top-left (query i sees keys 0..i; the slots after the prompt are empty). Our kernels read
+            # None as the last `length` of the keys, so that mask is spelled out.
+            positions = torch.arange(key.shape[2], device=key.device)
+            attention_mask = (positions[:length, None] >= positions[None, :]).expand(batch, 1, length, -1)
         if output_attentions or implementation == "eager":
             return shared_kv_attention_reference(
                 query, key, value, attention_mask, self.scaling, dropout_p=dropout, training=self.training

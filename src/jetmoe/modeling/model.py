@@ -246,7 +246,10 @@ class JetMoeModel(JetMoePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int | torch.Tensor) -> None:
+        if torch.is_tensor(past_length):  # a static cache counts its length on the device
+            # A host read; under torch.compile the checks that need it are skipped (a branch on it breaks the graph).
+            past_length = None if torch.compiler.is_compiling() else int(past_length)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -268,8 +271,8 @@ class JetMoeModel(JetMoePreTrainedModel):
             )
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if attention_mask is not None and attention_mask.dim() == 2:
-            expected = (batch, past_length + length)
-            if tuple(attention_mask.shape) != expected:
+            expected = (batch, past_length + length) if past_length is not None else None
+            if expected is not None and tuple(attention_mask.shape) != expected:
                 raise ValueError(
                     f"attention_mask must have shape [batch, past + seq] = {list(expected)}, "
                     f"got {list(attention_mask.shape)}"
@@ -282,12 +285,14 @@ class JetMoeModel(JetMoePreTrainedModel):
         elif attention_mask is not None:
             # [batch or 1, 1, seq, keys]; keys may exceed past + seq (a static cache's full length).
             rows, _, queries, keys = attention_mask.shape
-            if rows not in (1, batch) or queries != length or keys < past_length + length:
+            too_few_keys = past_length is not None and keys < past_length + length
+            if rows not in (1, batch) or queries != length or too_few_keys:
+                needed = past_length + length if past_length is not None else "past + seq"
                 raise ValueError(
-                    f"a 4-D attention_mask must have shape [{batch}, 1, {length}, >= {past_length + length}], "
+                    f"a 4-D attention_mask must have shape [{batch}, 1, {length}, >= {needed}], "
                     f"got {list(attention_mask.shape)}"
                 )
-        if past_length + length > self.config.max_position_embeddings:
+        if past_length is not None and past_length + length > self.config.max_position_embeddings:
             # warning_once dedupes by message: keep the length out of it, or generation warns at every step.
             logger.warning_once(
                 f"Sequence longer than max_position_embeddings ({self.config.max_position_embeddings}); "
