@@ -84,7 +84,8 @@ def test_llama_text_after_a_prompt_ending_in_byte_tokens_is_the_full_decode(llam
     tok = llama_tokenizer
     prompt = tok("Reactions: 🙂🙂")["input_ids"]
     assert tok.convert_ids_to_tokens(prompt)[-8:] == [byte_token(b) for b in "🙂🙂".encode()]
-    completion = tok("七 nice😀 Zürich 東京\n done", add_special_tokens=False)["input_ids"][1:]  # no leading "▁"
+    completion = tok("七 nice😀 Zürich 東京\n done", add_special_tokens=False)["input_ids"]
+    completion = completion[1:]  # without its leading "▁": 七's bytes follow the prompt's directly
     assert tok.convert_ids_to_tokens(completion)[0] == byte_token("七".encode()[0])
     pieces, tail = stream(tok, completion, prompt_ids=prompt)
     assert "".join(pieces) + tail == tok.decode(completion) == "七 nice😀 Zürich 東京\n done"

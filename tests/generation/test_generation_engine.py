@@ -279,7 +279,8 @@ def test_bf16_greedy_equals_generate_where_the_c_decoder_layers_run(toy_tokenize
             alone = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
         assert alone[0, len(prompt) :].tolist() == expected
     calls.clear()
-    assert [c.token_ids for c in Engine(model, toy_tokenizer, max_batch=len(prompts)).generate(prompts, params)] == batched
+    engine = Engine(model, toy_tokenizer, max_batch=len(prompts))
+    assert [c.token_ids for c in engine.generate(prompts, params)] == batched
     assert calls, "the engine did not run the C decoder layers"
 
 

@@ -43,7 +43,8 @@ class StreamingDetokenizer:
     def _is_boundary(self, end: int) -> bool:
         """Whether ids[:end] ends with a whole character: some of the last tokens (up to the 4 bytes of a
         character) decode cleanly on their own. A window inside a character's bytes starts or ends in U+FFFD."""
-        windows = (self._decode(self.ids[start:end]) for start in range(max(end - _MAX_CONTINUATION_TOKENS - 1, 0), end))
+        first = max(end - _MAX_CONTINUATION_TOKENS - 1, 0)
+        windows = (self._decode(self.ids[start:end]) for start in range(first, end))
         return end == 0 or any(not (text.startswith(REPLACEMENT) or text.endswith(REPLACEMENT)) for text in windows)
 
     def push(self, token_id: int) -> str:

@@ -90,7 +90,8 @@ class JetMoeAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         implementation = self.config._attn_implementation or "sdpa"
         batch, _, _, length, _ = query.shape
-        if attention_mask is None and 1 < length < key.shape[2] and (output_attentions or implementation in ("eager", "sdpa")):
+        ours = output_attentions or implementation in ("eager", "sdpa")
+        if attention_mask is None and 1 < length < key.shape[2] and ours:
             # transformers' mask builders give None for a prompt into an empty static cache: SDPA's is_causal,
             # aligned top-left (query i sees keys 0..i; the slots after the prompt are empty). Our kernels read
             # None as the last `length` of the keys, so that mask is spelled out.
