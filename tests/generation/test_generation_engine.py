@@ -308,3 +308,21 @@ def test_bf16_sdpa_decode_logits_are_within_a_few_bf16_steps_of_generate(toy_dir
         assert torch.equal(got[0], want.logits[0]), "prompt logits"
         differences.append(_bf16_steps(got[1], want.logits[1]))
     assert max(differences) <= 4, differences
+
+
+def test_engine_text_after_a_prompt_ending_in_llama_byte_tokens_is_the_decode():
+    """The reported case end to end: a Llama-2-style tokenizer, the prompt "Reactions: 🙂🙂" (8 byte tokens at
+    its end), the tokens of "七 nice😀 Zürich 東京\\n done" chosen in turn (a scripted sampler): the streamed
+    pieces and the completion's text are tokenizer.decode() of the completion's tokens."""
+    from llama_tokenizer import build_llama_tokenizer
+    from toy_checkpoint import build_model
+
+    tokenizer = build_llama_tokenizer()
+    engine = Engine(build_model(-(-len(tokenizer) // 16) * 16), tokenizer, max_batch=1)
+    script = tokenizer("七 nice😀 Zürich 東京\n done", add_special_tokens=False)["input_ids"][1:]
+    chosen = iter(script)
+    engine.sampler.choose = lambda logits, *args, **kwargs: [next(chosen) for _ in range(logits.shape[0])]
+    params = SamplingParams(max_tokens=len(script), temperature=0, ignore_eos=True)
+    pieces = list(engine.stream("Reactions: 🙂🙂", params))
+    assert engine.last_completion.token_ids == script
+    assert "".join(pieces) == engine.last_completion.text == tokenizer.decode(script) == "七 nice😀 Zürich 東京\n done"
