@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 
@@ -248,3 +249,83 @@ def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_
     assert native == operator and all(len(ids) == 10 for ids in native)
     assert len(native_logits) == len(operator_logits) > 10
     assert all(torch.equal(a, b) for a, b in zip(native_logits, operator_logits))
+
+
+def _bf16_steps(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest difference in units of one bf16 step (ulp) at the magnitude of the largest expected logit."""
+    step = 2.0 ** (math.floor(math.log2(want.float().abs().max().item())) - 7)
+    return ((got.float() - want.float()).abs().max() / step).item()
+
+
+def test_bf16_greedy_equals_generate_where_the_c_decoder_layers_run(toy_tokenizer, monkeypatch):
+    """bf16 on the CPU, a geometry jetmoe's C decoder layers take: the engine and generate() decode through
+    the same C kernels on the same values, so greedy tokens are generate()'s, alone and in a padded batch."""
+    from oracle_pair import TINY, build_pair
+
+    from jetmoe.ops.native import decode as kernels
+
+    model = build_pair(dict(TINY, hidden_size=64, kv_channels=32, intermediate_size=64))[0].to(torch.bfloat16)
+    prompts = [[5 + i for i in range(n)] for n in (3, 11, 6, 17, 8)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    calls, run_layers = [], kernels.run_layers
+    monkeypatch.setattr(kernels, "run_layers", lambda *args: calls.append(1) or run_layers(*args))
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)[:, width:].tolist()  # fmt: skip
+    assert calls, "generate() did not run the C decoder layers"
+    for prompt, expected in zip(prompts, batched):
+        with torch.no_grad():
+            alone = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None)
+        assert alone[0, len(prompt) :].tolist() == expected
+    calls.clear()
+    engine = Engine(model, toy_tokenizer, max_batch=len(prompts))
+    assert [c.token_ids for c in engine.generate(prompts, params)] == batched
+    assert calls, "the engine did not run the C decoder layers"
+
+
+def test_bf16_sdpa_decode_logits_are_within_a_few_bf16_steps_of_generate(toy_dir, toy_tokenizer, monkeypatch):
+    """bf16 where attention runs through SDPA (here: head_dim 16, which the C kernels do not take): SDPA's bf16
+    result depends on the keys' layout (the engine's slot buffers, masked and rounded up to 64 positions, vs
+    generate()'s exact-length cache). The prompt's logits are generate()'s exactly; the first decode step's are
+    within 4 bf16 steps of the largest logit (the README's statement)."""
+    from jetmoe.ops.native import decode as kernels
+
+    model = load_toy(toy_dir, dtype=torch.bfloat16)
+    monkeypatch.setattr(kernels, "run_layers", lambda *args: pytest.fail("the C decoder layers ran"))
+    generator = torch.Generator().manual_seed(0)
+    prompts = [toy_tokenizer(p)["input_ids"] for p in PROMPTS]
+    prompts += [torch.randint(3, 290, (n,), generator=generator).tolist() for n in (2, 9, 40, 65)]
+    differences = []
+    for prompt in prompts:
+        with torch.no_grad():
+            want = model.generate(torch.tensor([prompt]), max_new_tokens=2, do_sample=False, eos_token_id=None,
+                                  return_dict_in_generate=True, output_logits=True)  # fmt: skip
+        engine, got = Engine(model, toy_tokenizer, max_batch=1), []
+        choose = engine.sampler.choose
+        engine.sampler.choose = lambda logits, *a, **k: got.append(logits.clone()) or choose(logits, *a, **k)
+        engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        assert torch.equal(got[0], want.logits[0]), "prompt logits"
+        differences.append(_bf16_steps(got[1], want.logits[1]))
+    assert max(differences) <= 4, differences
+
+
+def test_engine_text_after_a_prompt_ending_in_llama_byte_tokens_is_the_decode():
+    """The reported case end to end: a Llama-2-style tokenizer, the prompt "Reactions: 🙂🙂" (8 byte tokens at
+    its end), the tokens of "七 nice😀 Zürich 東京\\n done" chosen in turn (a scripted sampler): the streamed
+    pieces and the completion's text are tokenizer.decode() of the completion's tokens."""
+    from llama_tokenizer import build_llama_tokenizer
+    from toy_checkpoint import build_model
+
+    tokenizer = build_llama_tokenizer()
+    engine = Engine(build_model(-(-len(tokenizer) // 16) * 16), tokenizer, max_batch=1)
+    script = tokenizer("七 nice😀 Zürich 東京\n done", add_special_tokens=False)["input_ids"][1:]
+    chosen = iter(script)
+    engine.sampler.choose = lambda logits, *args, **kwargs: [next(chosen) for _ in range(logits.shape[0])]
+    params = SamplingParams(max_tokens=len(script), temperature=0, ignore_eos=True)
+    pieces = list(engine.stream("Reactions: 🙂🙂", params))
+    assert engine.last_completion.token_ids == script
+    assert "".join(pieces) == engine.last_completion.text == tokenizer.decode(script)
+    assert tokenizer.decode(script) == "七 nice😀 Zürich 東京\n done"

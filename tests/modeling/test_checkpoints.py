@@ -76,7 +76,7 @@ def test_large_weights_load_onto_huge_page_memory(tmp_path):
 
 def test_weights_stay_mapped_when_their_copies_would_not_fit(tmp_path, monkeypatch):
     from jetmoe import cpu_memory
-    from jetmoe.modeling import model as model_module
+    from jetmoe.modeling import loading as loading_module
 
     _, oracle = build_pair()
     oracle.save_pretrained(tmp_path)
@@ -89,7 +89,7 @@ def test_weights_stay_mapped_when_their_copies_would_not_fit(tmp_path, monkeypat
     assert cpu_memory.file_backed_bytes(copied) == 0  # every tensor a private copy: no mapping referenced
 
     warnings = []
-    monkeypatch.setattr(model_module.logger, "warning", lambda message, *a, **k: warnings.append(message))
+    monkeypatch.setattr(loading_module.logger, "warning", lambda message, *a, **k: warnings.append(message))
     monkeypatch.setattr(cpu_memory, "available_memory_bytes", lambda: 512 << 20)  # less than the headroom
     kept = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path)
     assert cpu_memory.file_backed_bytes(kept) > 0
@@ -184,3 +184,72 @@ def test_auto_registry_is_restored_after_the_registration_test(tmp_path):
     _, oracle = build_pair()
     oracle.save_pretrained(tmp_path)
     assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path)) is transformers.JetMoeForCausalLM
+
+
+def _loading_report(cls, directory, **kwargs):
+    model, info = cls.from_pretrained(directory, output_loading_info=True, **kwargs)
+    return model, {key: sorted(map(str, value)) for key, value in info.items() if key != "error_msgs"}
+
+
+def test_base_model_checkpoint_loads_into_the_causal_lm_with_tied_embeddings(tmp_path):
+    """A JetMoeModel checkpoint holds no lm_head; tied to the embedding, nothing is missing."""
+    _, oracle = build_pair()
+    oracle.base_model.save_pretrained(tmp_path)
+    assert not any(key.startswith(("lm_head", "model.")) for key in _saved_keys(tmp_path))
+    ours = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path)  # no error, no report needed
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    _same_state(ours, oracle)
+    _same_logits(ours, oracle, "ours from a base-model checkpoint")
+    _, report = _loading_report(jetmoe.JetMoeForCausalLM, tmp_path)
+    assert report == _loading_report(transformers.JetMoeForCausalLM, tmp_path)[1]
+    assert report["missing_keys"] == [] and report["unexpected_keys"] == []
+
+
+def test_missing_untied_head_is_an_error_unless_the_report_is_asked_for(tmp_path):
+    _, oracle = build_pair(tie_word_embeddings=False)
+    oracle.base_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"lm_head.weight: missing from the checkpoint \(model shape \(128, 64\)\)"):
+        jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path)
+    ours, report = _loading_report(jetmoe.JetMoeForCausalLM, tmp_path)  # transformers' convention: reported
+    assert report == _loading_report(transformers.JetMoeForCausalLM, tmp_path)[1]
+    assert report["missing_keys"] == ["lm_head.weight"]
+    assert torch.equal(ours.model.norm.weight, oracle.model.norm.weight)
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "base", "seq_cls"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_loading_report_of_a_checkpoint_without_any_model_weight_is_transformers(tmp_path, head, tie):
+    """Every weight missing, one unknown tensor: the same report as transformers' (tied pairs included), and
+    without the report asked for, an error that names the missing weights."""
+    from safetensors.torch import save_file
+
+    ours, oracle = build_pair(head=head, tie_word_embeddings=tie, num_labels=3, pad_token_id=0)
+    oracle.save_pretrained(tmp_path)
+    save_file({"tensor": torch.tensor([1, 2])}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _, report = _loading_report(type(ours), tmp_path)
+    assert report == _loading_report(type(oracle), tmp_path)[1]
+    assert report["unexpected_keys"] == ["tensor"] and len(report["missing_keys"]) >= 20
+    with pytest.raises(ValueError, match="norm.weight: missing from the checkpoint"):
+        type(ours).from_pretrained(tmp_path)
+
+
+def test_ignore_mismatched_sizes_starts_those_tensors_fresh_and_reports_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, oracle = build_pair()
+    oracle.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.0.self_attention.kv_proj.weight"
+    tensors[key] = torch.zeros(60, 64)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="ignore_mismatched_sizes=True"):
+        jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)  # the report is no waiver
+    loaded = jetmoe.JetMoeForCausalLM.from_pretrained(tmp_path, ignore_mismatched_sizes=True)  # no report needed
+    assert loaded.model.layers[0].self_attention.kv_proj.weight.shape == (64, 64)
+    ours, report = _loading_report(jetmoe.JetMoeForCausalLM, tmp_path, ignore_mismatched_sizes=True)
+    assert report == _loading_report(transformers.JetMoeForCausalLM, tmp_path, ignore_mismatched_sizes=True)[1]
+    assert report["mismatched_keys"] == [str((key, torch.Size([60, 64]), torch.Size([64, 64])))]
+    fresh = ours.model.layers[0].self_attention.kv_proj.weight
+    assert fresh.shape == (64, 64) and fresh.abs().sum() > 0  # re-initialised, not the zeros
+    kept = ours.model.layers[1].self_attention.kv_proj.weight
+    assert torch.equal(kept, oracle.model.layers[1].self_attention.kv_proj.weight)

@@ -152,6 +152,48 @@ def test_static_cache_generate_gives_the_oracle_tokens():
     assert torch.equal(got, dynamic)
 
 
+def test_static_cache_without_padding_gives_the_oracle_scores(attn_implementation):
+    """No padding: transformers' mask builder passes no mask for the prompt into the (longer) static cache,
+    meaning causal attention aligned at the cache's start; the scores of every step are the oracle's."""
+    ours, oracle = build_pair(attn_implementation=attn_implementation)
+    kwargs = dict(input_ids=random_ids(2, 6), max_new_tokens=4, eos_token_id=None, do_sample=False,
+                  return_dict_in_generate=True, output_scores=True, cache_implementation="static")
+    got, want = _generate_both(ours, oracle, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (g, w) in enumerate(zip(got.scores, want.scores)):
+        assert_close(g, w, what=f"static-cache scores at step {step} [{attn_implementation}]")
+
+
+def test_generate_with_a_fullgraph_compiled_forward():
+    """generate() compiles the forward with fullgraph=True (we declare _can_compile_fullgraph) for a static
+    cache: no graph break (the input checks read no tensor into a Python branch), no recompilation for a
+    second prompt of the same shape, and the tokens and scores of the eager forward. The "eager" backend:
+    dynamo traces the same graph, without inductor's compile time."""
+    from transformers import CompileConfig
+
+    ours, _ = build_pair()
+    assert ours._can_compile_fullgraph
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
+    config._compile_all_devices = True  # transformers compiles on accelerators only, unless told
+    kwargs = dict(max_new_tokens=4, eos_token_id=None, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True, cache_implementation="static")
+    torch.compiler.reset()
+    try:
+        for run, ids in enumerate((random_ids(2, 5, seed=3), random_ids(2, 5, seed=4))):
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                eager = ours.generate(ids, **kwargs)
+            assert not hasattr(ours, "_compiled_call")
+            with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile" if run else "default"):
+                compiled = ours.generate(ids, compile_config=config, **kwargs)
+            assert hasattr(ours, "_compiled_call")  # generate() really took the compiled forward
+            assert torch.equal(compiled.sequences, eager.sequences)
+            for step, (c, e) in enumerate(zip(compiled.scores, eager.scores)):
+                assert_close(c, e, what=f"compiled forward's scores, run {run} step {step}")
+            del ours._compiled_call
+    finally:
+        torch.compiler.reset()
+
+
 def test_cache_argument_names_and_use_cache():
     ours, _ = build_pair()
     ids = random_ids(2, 6)

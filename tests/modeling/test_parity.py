@@ -165,6 +165,27 @@ def test_output_attentions_eager_equal_oracle(padding):
         assert_close(g.permute(0, 2, 1, 3)[real], w.permute(0, 2, 1, 3)[real], what=f"attentions[{i}] {padding}")
 
 
+def test_returned_attentions_are_on_the_path_to_the_output(attn_implementation):
+    """output_attentions=True returns the probabilities the output is computed from: retain_grad() on them
+    gets the oracle's gradient (not None, as a copy made after the output would). The oracle's eager attention
+    (its sdpa returns no probabilities) against ours under either backend."""
+    ours, oracle = build_pair(attn_implementation=attn_implementation)[0], build_pair(attn_implementation="eager")[1]
+    ids, mask = _inputs("left")
+    real = _real(mask)
+    grads = []
+    for model in (ours, oracle):
+        out = model(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        for tensor in (*out.attentions, out.hidden_states[0]):
+            tensor.retain_grad()
+        out.logits[real].sum().backward()
+        assert all(a.grad is not None for a in out.attentions), type(model).__module__
+        grads.append([a.grad.permute(0, 2, 1, 3)[real] for a in out.attentions])
+    for i, (g, w) in enumerate(zip(*grads)):
+        scale = w.abs().max()  # gradients in the hundreds here: compare relative to the largest
+        assert scale > 0
+        assert_close(g / scale, w / scale, atol=1e-5, what=f"gradient of attentions[{i}] / its largest")
+
+
 def test_return_dict_false_gives_the_oracle_tuple(attn_implementation):
     ours, oracle = build_pair(attn_implementation=attn_implementation)
     ids = random_ids(2, 5)

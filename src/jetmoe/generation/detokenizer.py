@@ -5,6 +5,9 @@ decoding such a prefix yields U+FFFD. `StreamingDetokenizer` decodes a small win
 (with and without the newest ones) and emits the difference only once it no longer ends in U+FFFD, so the
 concatenated deltas equal the full decode and never contain a half character. The window also carries a
 few tokens of left context, which tokenizers that decide spacing from the neighbours (SentencePiece) need.
+That context starts at a character boundary: SentencePiece's byte fallback decodes a run of byte tokens that
+is not valid UTF-8 as one U+FFFD per byte, so a window starting inside a character would garble the
+characters after it too.
 
 `StopMatcher` holds back the tail of the text that could still become a stop string, so streamed text never
 shows a part of a stop string that is later cut off.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 5
+_MAX_CONTINUATION_TOKENS = 3  # a UTF-8 character has at most 3 continuation bytes, each at least one token
 
 
 class StreamingDetokenizer:
@@ -21,11 +25,27 @@ class StreamingDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = list(prompt_ids or [])
-        self.read_offset = len(self.ids)  # ids before this are already emitted (or are the prompt)
-        self.prefix_offset = max(self.read_offset - _CONTEXT_TOKENS, 0)  # left context for the window
+        # ids before read_offset are emitted (or are the prompt); a prompt that ends inside a character leaves
+        # that character to the stream, shown whole once its remaining bytes arrive.
+        self.read_offset = self._boundary_at_or_before(len(self.ids))
+        self.prefix_offset = self._boundary_at_or_before(max(self.read_offset - _CONTEXT_TOKENS, 0))  # left context
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _boundary_at_or_before(self, position: int) -> int:
+        """The nearest character boundary at or before `position` (at most 3 tokens back), else `position`."""
+        for back in range(min(_MAX_CONTINUATION_TOKENS, position) + 1):
+            if self._is_boundary(position - back):
+                return position - back
+        return position  # genuinely invalid bytes (or U+FFFD itself): no boundary to find
+
+    def _is_boundary(self, end: int) -> bool:
+        """Whether ids[:end] ends with a whole character: some of the last tokens (up to the 4 bytes of a
+        character) decode cleanly on their own. A window inside a character's bytes starts or ends in U+FFFD."""
+        first = max(end - _MAX_CONTINUATION_TOKENS - 1, 0)
+        windows = (self._decode(self.ids[start:end]) for start in range(first, end))
+        return end == 0 or any(not (text.startswith(REPLACEMENT) or text.endswith(REPLACEMENT)) for text in windows)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly completed text (possibly "")."""

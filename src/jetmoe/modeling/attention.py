@@ -84,14 +84,19 @@ class JetMoeAttention(nn.Module):
         out, probs = self._attend(query, key, value, attention_mask, output_attentions, **kwargs)
         slot_outputs = out.permute(0, 3, 2, 1, 4).reshape(batch * length * k, kv_heads * head_dim)
         output = self.experts.reduce(slot_outputs, plan).view(batch, length, hidden)
-
-        if probs is not None:  # report heads in the reference order: head j*Nkv + h = choice j, kv head h
-            probs = probs.transpose(1, 2).reshape(batch, k * kv_heads, length, -1)
         return output, probs, plan.router_logits
 
     def _attend(self, query, key, value, attention_mask, output_attentions, **kwargs):
         dropout = self.attention_dropout if self.training else 0.0
         implementation = self.config._attn_implementation or "sdpa"
+        batch, _, _, length, _ = query.shape
+        ours = output_attentions or implementation in ("eager", "sdpa")
+        if attention_mask is None and 1 < length < key.shape[2] and ours:
+            # transformers' mask builders give None for a prompt into an empty static cache: SDPA's is_causal,
+            # aligned top-left (query i sees keys 0..i; the slots after the prompt are empty). Our kernels read
+            # None as the last `length` of the keys, so that mask is spelled out.
+            positions = torch.arange(key.shape[2], device=key.device)
+            attention_mask = (positions[:length, None] >= positions[None, :]).expand(batch, 1, length, -1)
         if output_attentions or implementation == "eager":
             return shared_kv_attention_reference(
                 query, key, value, attention_mask, self.scaling, dropout_p=dropout, training=self.training

@@ -18,7 +18,6 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import logging
 
-from .. import cpu_memory
 from ..configuration import JetMoeConfig
 from ..ops.attention import additive_inference_mask
 from ..ops.cross_entropy import summed_cross_entropy
@@ -27,7 +26,7 @@ from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
 from .cache import JetMoeCache
 from .experts import ParallelExperts
-from . import native_decode
+from . import loading, native_decode
 from .mlp import JetMoeMoE
 from .norm_rotary import JetMoeRMSNorm, JetMoeRotaryEmbedding
 from .routing import reference_balancing_loss, switch_balancing_loss
@@ -150,41 +149,11 @@ class JetMoePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """transformers' loader, made strict: a missing or mis-shaped tensor is an error naming the key.
-
-        transformers would re-initialise such tensors randomly with only a logged report. Pass
-        `ignore_mismatched_sizes=True` to get that behaviour for shape mismatches.
-
-        `align_cpu_weights` (default True): CPU tensors read in their saved dtype are views of the memory-mapped
-        files, usually off cache-line alignment (48 bytes off for a typical transformers checkpoint), which
-        slowed the matrix-vector products of decoding by ~13%, and tensors converted on load sit on whatever
-        heap pages were free (scattered pages decoded up to 20% slower). Every CPU tensor gets a private copy,
-        one at a time: those of 2 MiB or more on memory advised for transparent huge pages
-        (jetmoe.cpu_memory), the others on the heap; no file mapping stays referenced. False keeps them as
-        loaded: instant loading and no memory of the process's own for mapped weights (the page cache holds
-        them), e.g. for a model larger than RAM or one about to be quantised.
+        """transformers' loader, checked: a mis-shaped tensor or a missing weight is an error naming the key
+        (unless `ignore_mismatched_sizes=True` / `output_loading_info=True` ask for transformers' behaviour),
+        and CPU weights get aligned private copies (`align_cpu_weights`, default True). See modeling/loading.py.
         """
-        align = kwargs.pop("align_cpu_weights", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
-        problems = []
-        if not allow_mismatch:
-            problems += [
-                f"{key}: checkpoint shape {tuple(saved)} != model shape {tuple(expected)}"
-                for key, saved, expected in sorted(info["mismatched_keys"])
-            ]
-        state = model.state_dict()
-        problems += [
-            f"{key}: missing from the checkpoint (model shape {tuple(state[key].shape) if key in state else '?'})"
-            for key in sorted(info["missing_keys"])
-            if not key.startswith(cls._fresh_head_prefixes)
-        ]
-        if problems:
-            raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
-        if align:
-            _copy_weights_if_they_fit(model)
-        return (model, info) if want_info else model
+        return loading.from_pretrained(super().from_pretrained, cls._fresh_head_prefixes, *args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -193,24 +162,6 @@ class JetMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (JetMoeMoA, JetMoeMoE)):
             init.zeros_(module.bias)
-
-
-# Left free when deciding whether private copies of mapped weights fit in memory.
-_COPY_HEADROOM_BYTES = 1 << 30
-
-
-def _copy_weights_if_they_fit(model: nn.Module) -> None:
-    """place_on_huge_pages, unless the copies of the mapped weights would not fit in available memory: then
-    the weights stay mapped (as with align_cpu_weights=False) and a warning says so."""
-    needed, available = cpu_memory.file_backed_bytes(model), cpu_memory.available_memory_bytes()
-    if needed and available is not None and needed > available - _COPY_HEADROOM_BYTES:
-        logger.warning(
-            f"keeping the weights mapped from the checkpoint files: private copies need {needed / 2**30:.1f} GiB "
-            f"and {available / 2**30:.1f} GiB of memory are available (decoding is slower on mapped weights; "
-            "from_pretrained(..., align_cpu_weights=False) keeps them mapped without this check)"
-        )
-        return
-    cpu_memory.place_on_huge_pages(model)
 
 
 def _pop_cache(past_key_values: Cache | None, kwargs: dict) -> Cache | None:
@@ -246,7 +197,10 @@ class JetMoeModel(JetMoePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length: int | torch.Tensor) -> None:
+        if torch.is_tensor(past_length):  # a static cache counts its length on the device
+            # A host read; under torch.compile the checks that need it are skipped (a branch on it breaks the graph).
+            past_length = None if torch.compiler.is_compiling() else int(past_length)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if input_ids is not None:
@@ -268,8 +222,8 @@ class JetMoeModel(JetMoePreTrainedModel):
             )
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if attention_mask is not None and attention_mask.dim() == 2:
-            expected = (batch, past_length + length)
-            if tuple(attention_mask.shape) != expected:
+            expected = (batch, past_length + length) if past_length is not None else None
+            if expected is not None and tuple(attention_mask.shape) != expected:
                 raise ValueError(
                     f"attention_mask must have shape [batch, past + seq] = {list(expected)}, "
                     f"got {list(attention_mask.shape)}"
@@ -282,12 +236,14 @@ class JetMoeModel(JetMoePreTrainedModel):
         elif attention_mask is not None:
             # [batch or 1, 1, seq, keys]; keys may exceed past + seq (a static cache's full length).
             rows, _, queries, keys = attention_mask.shape
-            if rows not in (1, batch) or queries != length or keys < past_length + length:
+            too_few_keys = past_length is not None and keys < past_length + length
+            if rows not in (1, batch) or queries != length or too_few_keys:
+                needed = past_length + length if past_length is not None else "past + seq"
                 raise ValueError(
-                    f"a 4-D attention_mask must have shape [{batch}, 1, {length}, >= {past_length + length}], "
+                    f"a 4-D attention_mask must have shape [{batch}, 1, {length}, >= {needed}], "
                     f"got {list(attention_mask.shape)}"
                 )
-        if past_length + length > self.config.max_position_embeddings:
+        if past_length is not None and past_length + length > self.config.max_position_embeddings:
             # warning_once dedupes by message: keep the length out of it, or generation warns at every step.
             logger.warning_once(
                 f"Sequence longer than max_position_embeddings ({self.config.max_position_embeddings}); "

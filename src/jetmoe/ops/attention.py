@@ -36,16 +36,20 @@ def shared_kv_attention_reference(
     query [B, Nkv, k, T, D]; key, value [B, Nkv, S, D]; attention_mask None or [B, 1, T, S] (additive float
     or boolean "may attend"); None means plain causal attention, the queries being the last T of S positions.
     Softmax in fp32, cast back to the query dtype.
-    Returns output [B, Nkv, k, T, D] and probabilities [B, Nkv, k, T, S].
+    Returns output [B, Nkv, k, T, D] and probabilities [B, k*Nkv, T, S], heads choice-major (head j*Nkv + h:
+    choice j, kv head h, the reference's order). The output is computed from that very tensor, so a gradient
+    reaches it (`retain_grad()` on returned attentions works).
     """
-    if attention_mask is None and query.shape[3] > 1:
-        attention_mask = _causal_mask(query.shape[3], key.shape[2], query.device)[None, None]
-    scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scale
+    batch, kv_heads, groups, q_len, _ = query.shape
+    if attention_mask is None and q_len > 1:
+        attention_mask = _causal_mask(q_len, key.shape[2], query.device)[None, None]
+    scores = torch.matmul(query.transpose(1, 2), key.unsqueeze(1).transpose(-1, -2)) * scale  # [B, k, Nkv, T, S]
     if attention_mask is not None:
-        scores = scores + _as_additive(attention_mask, scores.dtype).unsqueeze(2)
+        scores = scores + _as_additive(attention_mask, scores.dtype).unsqueeze(1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = F.dropout(probs, p=dropout_p, training=training)
-    return torch.matmul(probs, value.unsqueeze(2)), probs
+    probs = F.dropout(probs, p=dropout_p, training=training).reshape(batch, groups * kv_heads, q_len, -1)
+    out = torch.matmul(probs.view(batch, groups, kv_heads, q_len, -1), value.unsqueeze(1))
+    return out.transpose(1, 2), probs
 
 
 def _causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
