@@ -77,26 +77,26 @@ def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # aten's int8 kernel is a matrix-vector design: for a [2816, 1024] expert in bf16 on the 2-core CPU it took
 # 249 us at 1 row (bf16 weights: 305 us), but 1.6 ms at 32 rows and 18.5 ms at 512, where converting the int8
 # weights to bf16 and using the bf16 matmul took 1.2 ms and 2.3 ms. Prompts (prefill) take the second way.
-_INT8_KERNEL_MAX_ROWS = 24
+INT8_ATEN_MAX_ROWS = 24
 
 
 # jetmoe's kernel reads the weights once for all rows and takes them four at a time against each block of
 # weights: up to ~64 rows a weight it beats converting the weights to bf16 for a matmul. A prompt's int8 forward
 # on the "small" config (2-core CPU), with this limit at 16 / 64 / 128 rows: 128 tokens 173 / 122 / 123 ms,
 # 512 tokens 327 / 322 / 354 ms; 32 tokens 70 -> 58 ms (16 -> 64).
-_NATIVE_MAX_ROWS = 64
+INT8_GEMV_MAX_ROWS = 64
 _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ dequant(q [out, in], scale [out]).T -> [M, out] in x's dtype."""
-    if x.shape[0] <= _NATIVE_MAX_ROWS and native.int8_ok(x, q, scale):
+    if x.shape[0] <= INT8_GEMV_MAX_ROWS and native.int8_ok(x, q, scale):
         return native.int8_gemv(x, q, scale)
     if (
         x.device.type == "cpu"
         and x.dtype in _CPU_KERNEL_DTYPES
         and q.shape[1] % 16 == 0
-        and x.shape[0] <= _INT8_KERNEL_MAX_ROWS
+        and x.shape[0] <= INT8_ATEN_MAX_ROWS
     ):
         # The CPU kernel wants the scales in the activation dtype and needs `in` a multiple of 16 (it
         # crashes on other widths in bf16).
@@ -139,7 +139,7 @@ def _int8_grouped_linear_impl(
     """Rows of x grouped by expert (group e ends at ends[e]) times expert e's int8 weight q[e] [out, in]."""
     # Group sizes on the host: on CPU that read is cheap, and only experts with rows cost anything.
     ends = ends.tolist()
-    if max(b - a for a, b in zip([0, *ends], ends)) <= _NATIVE_MAX_ROWS and native.int8_ok(x, q, scale):
+    if max(b - a for a, b in zip([0, *ends], ends)) <= INT8_GEMV_MAX_ROWS and native.int8_ok(x, q, scale):
         return native.int8_gemv(x, q, scale, native.ends_groups(ends))  # batched decoding: one call
     outputs, start = [], 0
     for expert, end in enumerate(ends):

@@ -167,8 +167,8 @@ def _stored(module, operand) -> list[tuple[dict, str]]:
 # Up to this many tokens and slots the operator path runs every product of a layer through the C kernel the
 # C calls use (dense layers: ops/dense.py; expert products: ops/grouped_matmul.py), so the two agree bit for
 # bit; beyond, it takes other kernels (oneDNN), and so does a prompt.
-MAX_TOKENS = dense._NATIVE_MAX_ROWS
-MAX_SLOTS = min(grouped_matmul._NATIVE_MAX_ROWS, kernels.MAX_SLOTS)
+MAX_TOKENS = dense.DENSE_GEMV_MAX_ROWS
+MAX_SLOTS = min(grouped_matmul.EXPERT_GEMV_MAX_ROWS, kernels.MAX_SLOTS)
 
 
 def _tokens_taken(hidden_states: torch.Tensor, output_attentions: bool) -> int:

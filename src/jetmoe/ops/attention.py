@@ -138,17 +138,17 @@ def shared_kv_attention(
 # with the forward's log-sum-exp: five bmm (oneDNN, AMX) and two C passes (ops/native/elementwise.c), 10.3 ms
 # for that layer. The bmm compute the masked half of the causal scores too, so the gain shrinks with length:
 # 1 x 1024 tokens 23.6 vs 27.7 ms, 1 x 2048 106 vs 86 ms (slower); fp32 lost at every length (28.9 vs
-# 21.6 ms at 2 x 512). Hence bf16 and at most _RECOMPUTED_MAX_KEYS keys. Precision: the scores are recomputed
+# 21.6 ms at 2 x 512). Hence bf16 and at most RECOMPUTED_BACKWARD_MAX_KEYS keys. Precision: the scores are recomputed
 # in bf16 and the score gradients rounded to bf16 before their two products; against float64 gradients the
 # error is SDPA's order (rms: dq 6.2e-4 vs 3.5e-4, dk 8.8e-4 vs 1.1e-3, dv 8.8e-4 vs 1.3e-3 at 2 x 512).
-_RECOMPUTED_MAX_KEYS = 1024
+RECOMPUTED_BACKWARD_MAX_KEYS = 1024
 _RECOMPUTED_CHUNK_ELEMENTS = 1 << 23  # scores per chunk of K/V heads (16 MB in bf16; three such buffers live)
 
 
 def _recomputed_backward_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     return (
         query.dtype == torch.bfloat16
-        and key.shape[2] <= _RECOMPUTED_MAX_KEYS
+        and key.shape[2] <= RECOMPUTED_BACKWARD_MAX_KEYS
         and native.fused_ok(query, key, value)
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )

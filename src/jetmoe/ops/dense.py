@@ -26,7 +26,7 @@ from . import native
 # F.linear (4.7 through torch.mv), 8 rows 5.6 vs 14.8 ms. More fp32 rows stay on F.linear although the kernel
 # is faster there too (32 rows 12.6 vs 17.3 ms, 64 rows 20.7 vs 23.6): MKL's products are the reference's, so
 # fp32 prompts give transformers' logits bit for bit.
-_NATIVE_MAX_ROWS = 8
+DENSE_GEMV_MAX_ROWS = 8
 
 
 def _one_row_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -43,7 +43,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """`F.linear(x, weight, bias)`. The matrix-vector paths (no bias: F.linear adds it before rounding) also
     accumulate each output in fp32 and round once, so they differ by the order of the additions only."""
     inference = not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    if bias is None and inference and x.numel() <= _NATIVE_MAX_ROWS * x.shape[-1] and native.gemv_ok(x, weight):
+    if bias is None and inference and x.numel() <= DENSE_GEMV_MAX_ROWS * x.shape[-1] and native.gemv_ok(x, weight):
         out = native.gemv(x.reshape(-1, x.shape[-1]), weight)
         return out.view(*x.shape[:-1], weight.shape[0])
     if bias is None and _one_row_inference(x, weight):
@@ -54,11 +54,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # Many rows through a large bf16 weight (a prompt's logits, [2048, 1024] x [1024, 32000]): oneDNN multiplies
 # by the stored [out, in] weight only after reordering it, on every call; by a K x N copy it does not need to.
 # On the 2-core CPU: 2048 rows 120 -> 77 ms, 512 rows 28.7 -> 24.0 ms; a [1024, 1024] weight gains nothing.
-# So inference with at least _KN_MIN_ROWS rows through a weight of at least _KN_MIN_WEIGHT elements (the output
+# So inference with at least KN_COPY_MIN_ROWS rows through a weight of at least KN_COPY_MIN_WEIGHT elements (the output
 # head) multiplies by a cached K x N copy: memory for one more copy of that weight (65 MB for a 32000 x 1024
 # head in bf16), rebuilt whenever the weight changes (new storage, or an in-place update: its version).
-_KN_MIN_ROWS = 512
-_KN_MIN_WEIGHT = 1 << 24
+KN_COPY_MIN_ROWS = 512
+KN_COPY_MIN_WEIGHT = 1 << 24
 
 
 class Linear(nn.Linear):
@@ -71,8 +71,8 @@ class Linear(nn.Linear):
         weight = self.weight
         if (
             self.bias is None
-            and weight.numel() >= _KN_MIN_WEIGHT
-            and x.numel() >= _KN_MIN_ROWS * x.shape[-1]
+            and weight.numel() >= KN_COPY_MIN_WEIGHT
+            and x.numel() >= KN_COPY_MIN_ROWS * x.shape[-1]
             and x.dtype == weight.dtype == torch.bfloat16
             and x.is_cpu
             and weight.is_cpu

@@ -85,21 +85,21 @@ def grouped_weight_grad_reference(grad_out: torch.Tensor, x: torch.Tensor, offse
 # Sapphire Rapids CPU for a [~256, 1024] x [1024, 2816] bf16 product that then runs in 0.8 ms. An expert's
 # row count changes with every routing decision, so a training step met ~1000 new shapes and spent 3.6 s
 # where the same step with repeated routing took 1.3 s. Rounding each group's rows up to a multiple of
-# _BUCKET_ROWS keeps the set of shapes small (a handful per layer shape, all warm after a step or two), for
-# at most _BUCKET_ROWS - 1 wasted rows per expert. fp32 goes through MKL, which needs no per-shape kernel.
+# EXPERT_BUCKET_ROWS keeps the set of shapes small (a handful per layer shape, all warm after a step or two), for
+# at most EXPERT_BUCKET_ROWS - 1 wasted rows per expert. fp32 goes through MKL, which needs no per-shape kernel.
 # Groups of one row (decoding) use a matrix-vector product, which read bf16 weights at 21-26 GB/s here
 # against 16-17 GB/s for a one-row matmul.
 
-_BUCKET_ROWS = 64
+EXPERT_BUCKET_ROWS = 64
 # A few rows (batched decoding) run faster as weight @ rows.T: at 2-16 rows of a [2816, 1024] bf16 expert on the
 # 2-core CPU, 299-338 us against 400-424 us for rows @ weight.T (weights read from memory each time).
-_WEIGHT_FIRST_MAX_ROWS = 16
+WEIGHT_FIRST_MAX_ROWS = 16
 _ONEDNN_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _bucketed(rows: int) -> int:
     """Row count to compute: exact up to one bucket (few shapes there), else the next multiple of a bucket."""
-    return rows if rows <= _BUCKET_ROWS else -(-rows // _BUCKET_ROWS) * _BUCKET_ROWS
+    return rows if rows <= EXPERT_BUCKET_ROWS else -(-rows // EXPERT_BUCKET_ROWS) * EXPERT_BUCKET_ROWS
 
 
 def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _cpu_lowp_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [r, in] @ weight.T for 1 <= r <= _WEIGHT_FIRST_MAX_ROWS: a matrix-vector product, or weight-first."""
+    """x [r, in] @ weight.T for 1 <= r <= WEIGHT_FIRST_MAX_ROWS: a matrix-vector product, or weight-first."""
     if x.shape[0] == 1:
         return torch.mv(weight, x[0])[None]
     return (weight @ x.T).T
@@ -140,7 +140,7 @@ def _cpu_lowp_padded_bmm(
 # batch 16 (32 rows) 155-203 vs 136-179 ms (a noisy hour; alternating in one process). In fp32 the kernel also
 # beats F.grouped_mm on larger groups (eight [2816, 1024] experts, 8 rows each: 4.0 vs 8.7 ms; 64 rows each
 # 14.2 vs 17.3), but prompts keep MKL's products, the reference's: fp32 prompts give its logits bit for bit.
-_NATIVE_MAX_ROWS = 16
+EXPERT_GEMV_MAX_ROWS = 16
 
 
 def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -153,14 +153,14 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
     total = x.shape[0]
     bounds = _group_bounds(offsets)
     counts = [end - start for start, end in bounds]
-    if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
+    if max(counts, default=0) <= WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
         return _cpu_lowp_padded_bmm(x, weight, bounds, max(counts))
     out = x.new_empty(total, weight.shape[1])
     for e, (start, end) in enumerate(bounds):
         rows = end - start
         if rows == 0:
             continue
-        if rows <= _WEIGHT_FIRST_MAX_ROWS:
+        if rows <= WEIGHT_FIRST_MAX_ROWS:
             out[start:end] = _cpu_lowp_few_rows(x[start:end], weight[e])
             continue
         padded = _bucketed(rows)
@@ -175,7 +175,7 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
 # faster with the transposed gradient as a contiguous [out, rows] matrix than as a transposed view, for groups
 # of up to ~1000 rows ([2816, 1024] bf16 experts on the 2-core CPU: 283 rows 2.57 -> 1.85 ms copy included,
 # bit for bit the same sums); over more rows the two were even or the view won.
-_CONTIGUOUS_GRAD_MAX_ROWS = 1024
+CONTIGUOUS_GRAD_MAX_ROWS = 1024
 
 
 def _transposed(rows: torch.Tensor, padded: int) -> torch.Tensor:
@@ -197,7 +197,7 @@ def _cpu_lowp_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torc
         padded = _bucketed(rows)
         if rows == 0:
             out[e].zero_()
-        elif padded <= _CONTIGUOUS_GRAD_MAX_ROWS:
+        elif padded <= CONTIGUOUS_GRAD_MAX_ROWS:
             grad_t = _transposed(grad_out[start:end], padded)  # [out, padded], contiguous
             torch.mm(grad_t, _padded_rows(x[start:end], padded), out=out[e])
         elif padded == rows:
@@ -214,7 +214,7 @@ def _use_cpu_lowp(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _grouped_linear_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out_features, in_features = weight.shape[1], weight.shape[2]
-    if x.shape[0] <= _NATIVE_MAX_ROWS and native.gemv_ok(x, weight):  # decoding: one call
+    if x.shape[0] <= EXPERT_GEMV_MAX_ROWS and native.gemv_ok(x, weight):  # decoding: one call
         return native.gemv(x, weight, native.ends_groups([end for _, end in _group_bounds(offsets)]))
     if _use_cpu_lowp(x, weight):
         return _cpu_lowp_grouped_linear(x, weight, offsets)
@@ -321,9 +321,9 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, slot_experts: tuple[int, 
     expert)."""
     if len(slot_experts) != x.shape[0]:
         raise ValueError(f"slot_linear: {x.shape[0]} rows but {len(slot_experts)} slot experts")
-    if x.shape[0] <= _NATIVE_MAX_ROWS and native.gemv_ok(x, weight):
+    if x.shape[0] <= EXPERT_GEMV_MAX_ROWS and native.gemv_ok(x, weight):
         return native.gemv(x, weight, native.slot_groups(slot_experts))
-    if _use_cpu_lowp(x, weight) and x.shape[0] <= _WEIGHT_FIRST_MAX_ROWS:
+    if _use_cpu_lowp(x, weight) and x.shape[0] <= WEIGHT_FIRST_MAX_ROWS:
         return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: _cpu_lowp_few_rows(rows, weight[e]))
     return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: F.linear(rows, weight[e]))
 
