@@ -2,13 +2,10 @@
 
 Decoding streams every weight a token uses from memory, so how fast a weight can be read decides the speed,
 and that depends on where its pages landed in physical memory. A tensor allocated on the heap gets whatever
-4 KiB pages the kernel has free: on a machine that has run for a while, scattered ones. On the 2-core
-Sapphire Rapids machine the first model a process loaded got its pages in physically contiguous runs of 2.7
-pages on average (read from /proc/self/pagemap), the second and third in runs of 22 and 47; the first then
-decoded a token of the "small" config in 36-45 ms, the others in 32-36 ms (two copies of the same model,
-alternating in one process). Memory advised with MADV_HUGEPAGE is backed by 2 MiB pages wherever the kernel
-allows it (`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise` or `always`): contiguous in blocks
-of 2 MiB whatever the state of the machine, and 512 times fewer TLB entries.
+4 KiB pages the kernel has free: on a machine that has run for a while, scattered ones, which a model decodes
+from measurably slower (docs/performance.md). Memory advised with MADV_HUGEPAGE is backed by 2 MiB pages
+wherever the kernel allows it (`/sys/kernel/mm/transparent_hugepage/enabled` set to `madvise` or `always`):
+contiguous in blocks of 2 MiB whatever the state of the machine, and 512 times fewer TLB entries.
 
 `huge_page_empty` allocates such a tensor (an anonymous private mapping, started on a 2 MiB boundary and freed
 when its last view goes); `place_on_huge_pages` gives a module's CPU parameters and buffers private copies one

@@ -3,19 +3,18 @@
 1. Freed memory goes back to the kernel (glibc). glibc serves every allocation above its mmap threshold
    (at most 32 MiB) with a fresh `mmap` and unmaps it when freed, so each large tensor a step creates (expert
    activations, gradients, logits) starts as untouched pages the kernel must fault in and zero, 4 KiB at a
-   time. On the 2-core Sapphire Rapids machine that ran at about 5 GB/s: allocating and filling a 46 MB bf16
-   gradient took 10 ms, against 1.1 ms once the memory is reused. `retain_freed_memory()` makes glibc serve
-   everything from its heap (`M_MMAP_MAX = 0`) and never trim it (`M_TRIM_THRESHOLD`): the process then
-   keeps its peak heap, the trade jemalloc and tcmalloc make too. (A 2 GiB trim threshold was not enough:
+   time, several times slower than filling reused memory (docs/performance.md). `retain_freed_memory()`
+   makes glibc serve everything from its heap (`M_MMAP_MAX = 0`) and never trim it (`M_TRIM_THRESHOLD`): the
+   process then keeps its peak heap, the trade jemalloc and tcmalloc make too. (A 2 GiB trim threshold was not enough:
    a reference model's training step freed more than that at once, and ours then faulted it back in.)
 
 2. oneDNN keeps 1024 compiled matmul kernels, one per shape. An expert's row count changes with every routing
-   decision, and a new shape costs 2-3 ms of JIT compilation (ops/grouped_matmul.py buckets row counts to
-   keep the set small). Once more shapes than the cache holds are in play (a training run with prefill and
-   decode, or two models in one process), kernels are evicted and compiled again: revisiting 10 shapes after
-   1200 others took 10 ms instead of 0.6 ms. `enlarge_kernel_cache()` raises the capacity to 8192 through
-   `ONEDNN_PRIMITIVE_CACHE_CAPACITY`, which oneDNN reads when it builds its first kernel, so it must run
-   before the first bf16 matmul; a value the user set is kept.
+   decision, and a new shape costs a JIT compilation (ops/grouped_matmul.py buckets row counts to keep the set
+   small). Once more shapes than the cache holds are in play (a training run with prefill and decode, or two
+   models in one process), kernels are evicted and compiled again (docs/performance.md).
+   `enlarge_kernel_cache()` raises the capacity to 8192 through `ONEDNN_PRIMITIVE_CACHE_CAPACITY`, which
+   oneDNN reads when it builds its first kernel, so it must run before the first bf16 matmul; a value the
+   user set is kept.
 
 Both are process-wide, so importing jetmoe changes nothing: the `jetmoe` command line applies them (unless
 `JETMOE_CPU_DEFAULTS=0`), and programs opt in with `apply_cpu_defaults()` at start-up.

@@ -154,7 +154,7 @@ def test_second_derivatives_through_the_recomputed_backward_are_the_explicit_for
 
 @requires_native
 def test_which_attention_calls_take_the_recomputed_backward():
-    """bf16, causal without a mask, autograd, no dropout, at most _RECOMPUTED_MAX_KEYS keys; else SDPA's own."""
+    """bf16, causal without a mask, autograd, no dropout, at most RECOMPUTED_BACKWARD_MAX_KEYS keys; else SDPA's own."""
 
     def node(length=16, dtype=torch.bfloat16, mask=None, dropout=0.0, grad=True, q_len=None):
         (query, key, value), _ = _causal_inputs(1, 2, 2, length, 16, dtype)
@@ -166,7 +166,7 @@ def test_which_attention_calls_take_the_recomputed_backward():
 
     assert node() == "_CausalAttentionBackward"
     assert node(dtype=torch.float32) != "_CausalAttentionBackward"  # SDPA's backward is faster in fp32
-    assert node(length=attention_ops._RECOMPUTED_MAX_KEYS + 16) != "_CausalAttentionBackward"
+    assert node(length=attention_ops.RECOMPUTED_BACKWARD_MAX_KEYS + 16) != "_CausalAttentionBackward"
     assert node(mask=torch.ones(16, 16, dtype=torch.bool).tril()) != "_CausalAttentionBackward"
     assert node(dropout=0.1) != "_CausalAttentionBackward"
     assert node(q_len=4) != "_CausalAttentionBackward"  # queries after a cache: not the square causal case

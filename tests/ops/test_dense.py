@@ -12,8 +12,8 @@ from jetmoe.ops import dense
 @pytest.fixture
 def small_thresholds(monkeypatch):
     """The K x N path for a test-sized weight and prompt."""
-    monkeypatch.setattr(dense, "_KN_MIN_WEIGHT", 64 * 96)
-    monkeypatch.setattr(dense, "_KN_MIN_ROWS", 8)
+    monkeypatch.setattr(dense, "KN_COPY_MIN_WEIGHT", 64 * 96)
+    monkeypatch.setattr(dense, "KN_COPY_MIN_ROWS", 8)
 
 
 def test_prompts_use_a_cached_copy_that_follows_the_weight(small_thresholds):

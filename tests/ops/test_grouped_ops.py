@@ -110,14 +110,14 @@ def test_permute_and_repeat_rows_match_indexing_forward_and_backward():
 def test_cpu_bucketed_groups_match_the_loop(monkeypatch, dtype, contiguous_grad):
     """Low-precision CPU path: groups over one bucket are computed on rounded-up row counts, reading the
     next groups' rows (or a zero-padded copy at the end); one-row groups take a matrix-vector product.
-    Weight gradients of groups up to _CONTIGUOUS_GRAD_MAX_ROWS take a contiguous transposed gradient, larger
+    Weight gradients of groups up to CONTIGUOUS_GRAD_MAX_ROWS take a contiguous transposed gradient, larger
     ones a transposed view (forced here by a limit of 0)."""
     from jetmoe.ops import grouped_matmul
 
     if not contiguous_grad:
-        monkeypatch.setattr(grouped_matmul, "_CONTIGUOUS_GRAD_MAX_ROWS", 0)
+        monkeypatch.setattr(grouped_matmul, "CONTIGUOUS_GRAD_MAX_ROWS", 0)
     torch.manual_seed(0)
-    bucket = grouped_matmul._BUCKET_ROWS
+    bucket = grouped_matmul.EXPERT_BUCKET_ROWS
     # A group spilling into a one-row group, an empty one and a five-row one (computed weight-first), then a
     # last group running past the end.
     ends = [bucket + 6, bucket + 7, bucket + 7, bucket + 12, 3 * bucket + 8]

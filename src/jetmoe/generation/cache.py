@@ -65,7 +65,7 @@ class SlotKVCache(Cache):
             rows, view_len, width = self._positions.shape[0], self._mask.shape[-1], keys.shape[-1]
             if self._decode_rows is None:
                 # Where row r's new K/V go in each layer's buffer seen as [slots * heads * max_len, D]: one
-                # `index_copy_` per buffer and layer (an indexed assignment with two index tensors cost 3x as much).
+                # `index_copy_` per buffer and layer (cheaper than an indexed assignment with two index tensors).
                 heads = keys.shape[1]
                 head_starts = torch.arange(rows * heads, device=keys.device) * self.max_len
                 self._decode_rows = head_starts + self._positions.repeat_interleave(heads)

@@ -120,10 +120,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
 def _inductor_keeping_mv(graph_module, example_inputs):
     """torch.compile's inductor backend, except that matrix-vector products stay aten calls.
 
-    Inductor rewrites `mv` as a reduction of its own, which read bf16 weights 15-20% slower than aten's kernel
-    on the 2-core CPU (16 chained [2816, 1024] products: 481-525 vs 407-427 us each). For the jetmoe-8b
-    geometry, whose decode step is nearly all such products, the compiled engine decoded 2.83 tok/s that way,
-    3.56 tok/s this way (eager: 3.21, same hour); the "small" config is within noise either way.
+    Inductor rewrites `mv` as a reduction of its own, which reads bf16 weights slower than aten's kernel, and a
+    large model's decode step is nearly all such products (docs/performance.md).
     (inductor's caches key on the graph, not on this table: a graph cached by plain inductor is reused as is.)
 
     `mv` is registered as an explicit fallback (an aten call in the generated code). Left to inductor's implicit
@@ -142,8 +140,8 @@ def _inductor_keeping_mv(graph_module, example_inputs):
 
 
 # Guards dynamo keeps on the compiled decode step. By default it re-checks the whole model before every call
-# (~2,200 guards: each module's hooks, attributes and parameters), which cost 2.4-5.3 ms of a 22-30 ms batch-1
-# step of the "small" config here; these keep 0.14 ms of it. Kept: the guards on tensors that are not parameters
+# (each module's hooks, attributes and parameters), a large part of a small model's step; these keep a small
+# fraction of that cost (docs/performance.md). Kept: the guards on tensors that are not parameters
 # (the step's inputs and the K/V cache: their shapes decide the graph), and the global state (grad mode and the
 # like). Dropped: the guards on the model's modules, parameters and code. The engine owns its model in eval mode
 # for its lifetime; parameters are read afresh at every call (so in-place weight updates are seen), but a model
@@ -272,7 +270,7 @@ class Engine:
     def _compile_decode(self):
         """The decode step through torch.compile. The routers read their few experts to the host (few-token
         routing plans, no sort); with `capture_scalar_outputs` dynamo traces those reads as symbolic ints
-        instead of breaking the graph: 23.8 vs 27.8 ms a batch-1 step of the "small" config here."""
+        instead of breaking the graph, which is faster (docs/performance.md)."""
         compiled = torch.compile(
             self._decode_eager,
             dynamic=True,
@@ -282,7 +280,7 @@ class Engine:
         )
 
         def decode(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            # Set and restored by hand: `config.patch` cost 1.2 ms a call here, this 4 us.
+            # Set and restored by hand: `config.patch` costs far more per call (docs/performance.md).
             config, before = torch._dynamo.config, torch._dynamo.config.capture_scalar_outputs
             config.capture_scalar_outputs = True
             try:

@@ -3,7 +3,7 @@
 W [out, in] is stored as int8 Q = round(W / s) with s = max|W[row]| / 127 per output row; y = (x @ Q.T) * s.
 Activations stay in the model dtype. Decoding is bound by reading weights, and int8 weights are read as they
 are, half the bytes of bf16. A few rows on CPU go through jetmoe's own kernel where it builds
-(`jetmoe.ops.native`: AVX-512 VNNI, the weights read at memory speed, 1.7-2x `aten._weight_int8pack_mm`),
+(`jetmoe.ops.native`: AVX-512 VNNI, the weights read at memory speed, faster than `aten._weight_int8pack_mm`),
 else through that aten kernel; more rows, and other devices, dequantise the weight on the fly.
 
 What is quantised: every nn.Linear except the routers (their few weights decide which experts run, so they
@@ -43,8 +43,8 @@ _QUANTIZE_CHUNK_ELEMENTS = 2**23  # fp32 temporaries of at most 32 MiB
 def _int8_buffer(shape: torch.Size, device: torch.device) -> torch.Tensor:
     """Where a quantised weight goes: large ones on the CPU straight onto huge-page memory, where decoding
     reads them fastest (jetmoe/cpu_memory.py). Made on the heap and moved there afterwards, their heap copies
-    stayed in the process, which keeps freed memory (jetmoe.cpu_runtime): jetmoe-8b quantised on load then held
-    16.8 GiB of its own memory for 8.5 GiB of int8 weights (and 24 GiB at the peak, all of this machine's RAM)."""
+    would stay in the process, which keeps freed memory (jetmoe.cpu_runtime), about doubling its own memory
+    (docs/performance.md)."""
     if (
         device.type == "cpu"
         and cpu_memory.huge_pages_supported()
@@ -57,10 +57,9 @@ def _int8_buffer(shape: torch.Size, device: torch.device) -> torch.Tensor:
 def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., out, in] float -> (int8 of the same shape, fp32 scales [..., out]).
 
-    Works through the rows in chunks, so the fp32 temporaries stay small: converting a whole [8, 11264, 2048]
-    expert weight at once would take 0.7 GiB per temporary, and a process that keeps its freed memory
-    (jetmoe.cpu_runtime) would carry that fragmentation on: quantising jetmoe-8b on load then left 22.5 GiB
-    resident instead of the 8.5 GiB of int8 weights.
+    Works through the rows in chunks, so the fp32 temporaries stay small: converting a whole expert weight at
+    once makes temporaries as large as the weight in fp32, and a process that keeps its freed memory
+    (jetmoe.cpu_runtime) would carry that fragmentation on (docs/performance.md).
     """
     rows = weight.detach().reshape(-1, weight.shape[-1])
     q = _int8_buffer(rows.shape, weight.device)
@@ -74,29 +73,27 @@ def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(weight.shape), scale.view(weight.shape[:-1])
 
 
-# aten's int8 kernel is a matrix-vector design: for a [2816, 1024] expert in bf16 on the 2-core CPU it took
-# 249 us at 1 row (bf16 weights: 305 us), but 1.6 ms at 32 rows and 18.5 ms at 512, where converting the int8
-# weights to bf16 and using the bf16 matmul took 1.2 ms and 2.3 ms. Prompts (prefill) take the second way.
-_INT8_KERNEL_MAX_ROWS = 24
+# aten's int8 kernel is a matrix-vector design: fast for a few rows, but by a few dozen rows slower than converting
+# the int8 weights to bf16 for the bf16 matmul (docs/performance.md). Prompts (prefill) take the second way.
+INT8_ATEN_MAX_ROWS = 24
 
 
 # jetmoe's kernel reads the weights once for all rows and takes them four at a time against each block of
-# weights: up to ~64 rows a weight it beats converting the weights to bf16 for a matmul. A prompt's int8 forward
-# on the "small" config (2-core CPU), with this limit at 16 / 64 / 128 rows: 128 tokens 173 / 122 / 123 ms,
-# 512 tokens 327 / 322 / 354 ms; 32 tokens 70 -> 58 ms (16 -> 64).
-_NATIVE_MAX_ROWS = 64
+# weights: up to this many rows a weight it beats converting the weights to bf16 for a matmul
+# (docs/performance.md).
+INT8_GEMV_MAX_ROWS = 64
 _CPU_KERNEL_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 
 def _int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ dequant(q [out, in], scale [out]).T -> [M, out] in x's dtype."""
-    if x.shape[0] <= _NATIVE_MAX_ROWS and native.int8_ok(x, q, scale):
+    if x.shape[0] <= INT8_GEMV_MAX_ROWS and native.int8_ok(x, q, scale):
         return native.int8_gemv(x, q, scale)
     if (
         x.device.type == "cpu"
         and x.dtype in _CPU_KERNEL_DTYPES
         and q.shape[1] % 16 == 0
-        and x.shape[0] <= _INT8_KERNEL_MAX_ROWS
+        and x.shape[0] <= INT8_ATEN_MAX_ROWS
     ):
         # The CPU kernel wants the scales in the activation dtype and needs `in` a multiple of 16 (it
         # crashes on other widths in bf16).
@@ -139,7 +136,7 @@ def _int8_grouped_linear_impl(
     """Rows of x grouped by expert (group e ends at ends[e]) times expert e's int8 weight q[e] [out, in]."""
     # Group sizes on the host: on CPU that read is cheap, and only experts with rows cost anything.
     ends = ends.tolist()
-    if max(b - a for a, b in zip([0, *ends], ends)) <= _NATIVE_MAX_ROWS and native.int8_ok(x, q, scale):
+    if max(b - a for a, b in zip([0, *ends], ends)) <= INT8_GEMV_MAX_ROWS and native.int8_ok(x, q, scale):
         return native.int8_gemv(x, q, scale, native.ends_groups(ends))  # batched decoding: one call
     outputs, start = [], 0
     for expert, end in enumerate(ends):

@@ -23,8 +23,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
 # Positions a layer allocates at most beyond what it needs at once, whatever its capacity hint: generate() hints
-# its max_length, which can be far more than a run that stops at an end-of-sequence token uses (jetmoe-8b: 0.2 MB
-# a position at batch 1 over 24 layers, 0.8 GB for 4096).
+# its max_length, which can be far more than a run that stops at an end-of-sequence token uses (each position
+# costs K and V rows in every layer).
 PREALLOCATE = 4096
 
 

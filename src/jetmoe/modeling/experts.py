@@ -60,8 +60,9 @@ def combine(grouped_outputs: torch.Tensor, plan: RoutingPlan, bias: torch.Tensor
 
 # Decoding: a few-token plan's expert product and the step that follows it (the GLU, or the gated sum) in one
 # call of jetmoe's C kernels, with the same values as the two steps apart: run apart, the second step began
-# right after the product had streamed its weights through the caches and paid ~80 us to reload its own code
-# and data (ops/native/gemv.c). Under torch.compile (the engine's compiled decode step) the call is one operator.
+# right after the product had streamed its weights through the caches and paid to reload its own code and data
+# (ops/native/gemv.c, docs/performance.md). Under torch.compile (the engine's compiled decode step) the call is
+# one operator.
 # Elsewhere (training, sorted plans, fp16, other devices) the two steps run as they are.
 
 

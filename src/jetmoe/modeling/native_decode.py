@@ -1,7 +1,7 @@
 """A decoder layer while decoding on the CPU (bf16 or fp32, weights alike or int8) in C: two calls around attention.
 
-The operator path of a decoding layer is ~45 PyTorch calls around its 7 weight products; on the 2-core CPU
-their overhead cost about as much as the products themselves. `layer_forward` runs the same steps through
+The operator path of a decoding layer is ~45 PyTorch calls around its 7 weight products, whose overhead costs
+about as much as the products themselves (docs/performance.md). `layer_forward` runs the same steps through
 ops/native/decode.c: one call from the layer's input to the rotated queries and keys; the cache update and
 attention (one C call for the engine's cache, which lets its caller write the new rows; `cache.update` and
 the attention implementation otherwise); one call from the attention output to the layer's output. The
@@ -11,10 +11,10 @@ hang on a tie or a non-finite logit, that part of the layer runs the operator pa
 
 For a decoding step with one new token a row and a cache the C calls can write into (`decode_buffers`: the
 engine's, and the model's own JetMoeCache), `layers_forward` runs all the layers in one C call: the same steps,
-without returning to Python between layers (batch-1 engine step of "small": 11.6 vs 14.4 ms).
+without returning to Python between layers (docs/performance.md).
 
-It runs for CPU inference in bf16 or fp32 outside torch.compile, up to 8 tokens (a decoding batch) and 16
-slots, where the operator path runs all of a layer's products through the same C kernels, for layers whose
+It runs for CPU inference in bf16 or fp32 outside torch.compile, up to MAX_TOKENS tokens (a decoding batch) and
+MAX_SLOTS slots, where the operator path runs all of a layer's products through the same C kernels, for layers whose
 modules are the model's own with weights in the activations' dtype, or int8 projections from
 generation/quantize.py (not other replacements), SiLU experts and widths the kernels take. The slots are
 grouped by expert as the sorted plan groups them, so each expert's weights are read once.
@@ -91,12 +91,12 @@ def _prepare(layer) -> _Layer | None:
     """The layer's C-call inputs, or None where the C calls do not take this layer. Cached on the layer with
     guards: every module and tensor on the way, by identity where it is stored (`_modules`, `_parameters`,
     `_buffers`), and the tensors' dtypes and addresses (`.to()` there and back keeps the Parameter objects but
-    moves their storage); rebuilt, as a new object, when any guard fails. The guards cost ~5 us a layer and
-    step, half of walking the modules again."""
+    moves their storage); rebuilt, as a new object, when any guard fails. Checking the guards costs about half
+    of walking the modules again."""
     cached = layer.__dict__.get("_native_decode")  # (stores, names, held, tensors, dtypes, addresses, prepared)
     if cached is not None:
         stores, names, held, tensors, dtypes, addresses, prepared = cached
-        if (  # map() over C functions: ~3x faster than generator expressions here
+        if (  # map() over C functions: much cheaper than generator expressions, in every layer and step
             all(map(operator.is_, map(dict.get, stores, names), held))
             and all(map(operator.is_, map(_dtype_of, tensors), dtypes))
             and list(map(_data_ptr, tensors)) == addresses
@@ -105,7 +105,7 @@ def _prepare(layer) -> _Layer | None:
     modules, operands, guards = [], [], {}
     for path, role in _PARTS:
         module = layer
-        for name in path:  # nn.Module's attribute lookup costs ~1 us a name; this runs in every layer and step
+        for name in path:  # `_modules[name]`, not nn.Module's slower attribute lookup: runs in every layer and step
             guards[id(module._modules), name] = (module._modules, name, module._modules[name])
             module = module._modules[name]
         operand = _operand(module, role)
@@ -167,8 +167,8 @@ def _stored(module, operand) -> list[tuple[dict, str]]:
 # Up to this many tokens and slots the operator path runs every product of a layer through the C kernel the
 # C calls use (dense layers: ops/dense.py; expert products: ops/grouped_matmul.py), so the two agree bit for
 # bit; beyond, it takes other kernels (oneDNN), and so does a prompt.
-MAX_TOKENS = dense._NATIVE_MAX_ROWS
-MAX_SLOTS = min(grouped_matmul._NATIVE_MAX_ROWS, kernels.MAX_SLOTS)
+MAX_TOKENS = dense.DENSE_GEMV_MAX_ROWS
+MAX_SLOTS = min(grouped_matmul.EXPERT_GEMV_MAX_ROWS, kernels.MAX_SLOTS)
 
 
 def _tokens_taken(hidden_states: torch.Tensor, output_attentions: bool) -> int:

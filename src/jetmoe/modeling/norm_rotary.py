@@ -65,9 +65,9 @@ class JetMoeRotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     # Eager CPU calls with the default RoPE read the tables of positions 0..TABLE_POSITIONS-1, computed once by
-    # `_compute` itself (so the same values bit for bit: each entry is one fp32 product, then cos/sin): the
-    # five operators of `_compute` took ~0.14 ms of a ~7 ms int8 decoding step of the "small" config on the
-    # 2-core CPU, two lookups ~0.02. Rebuilt when inv_freq changes (new storage or an in-place update).
+    # `_compute` itself (so the same values bit for bit: each entry is one fp32 product, then cos/sin): two
+    # lookups instead of `_compute`'s five operators per step (docs/performance.md). Rebuilt when inv_freq
+    # changes (new storage or an in-place update).
     TABLE_POSITIONS = 8192
     _table_cache: tuple | None = None  # (key, (cos, sin))
 

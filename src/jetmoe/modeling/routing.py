@@ -9,8 +9,8 @@ Slots: token n's j-th choice is slot `n * k + j` (j = 0 is the highest logit). S
 
 Few-token plans (CPU inference, at most FEW_SLOTS slots: decoding) skip the sort: the rows stay in slot order,
 the plan carries each slot's expert as host ints (`slot_experts`, one read of a few values), and each expert
-product takes just its own rows. On the 2-core CPU the sort, the grouped-order bookkeeping and the row moves
-into and out of that order were ~25 small ops per layer of a batch-1 decode step (5% of its time).
+product takes just its own rows: the sort, the grouped-order bookkeeping and the row moves into and out of that
+order are ~25 small ops per layer, a measurable part of a batch-1 decode step (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -58,9 +58,8 @@ class RoutingPlan:
         return self.router_logits.shape[1]
 
 
-# Up to this many slots (tokens x top-k), CPU inference uses a few-token plan. Decoding the "small" config in
-# bf16 on the 2-core CPU: batch 1 (2 slots) 23.7 vs 25.1 ms a step, batch 2 even, batch 8 (16 slots) 3% slower
-# (gathering each expert's scattered rows costs more than the sort saves).
+# Up to this many slots (tokens x top-k), CPU inference uses a few-token plan; beyond, gathering each expert's
+# scattered rows costs more than the sort saves (docs/performance.md).
 FEW_SLOTS = 4
 
 

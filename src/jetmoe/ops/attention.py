@@ -61,9 +61,9 @@ def _causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Te
 def additive_inference_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean "may attend" mask in SDPA's own additive form (0 / -inf in `dtype`), made once for all layers.
 
-    SDPA turns a boolean mask into that form in every call (two `where`s and two scalar tensors): a decode
-    step's attention call in the "small" config took 24.7 us with the boolean mask, 19.3 us with this one,
-    bit for bit the same output. Only for CPU inference, and only where every query may attend to some key:
+    SDPA turns a boolean mask into that form in every call (two `where`s and two scalar tensors), a measurable
+    part of a decoding attention call; the output is the same bit for bit. Only for CPU inference, and only
+    where every query may attend to some key:
     SDPA gives a row that sees nothing 0 from a boolean mask, NaN from an additive one; and not under
     torch.compile (that check would break the graph; inductor fuses the conversion anyway). Otherwise the mask
     is returned as is.
@@ -136,23 +136,21 @@ def shared_kv_attention(
     return out.view(batch, kv_heads, groups, q_len, head_dim)
 
 
-# Training on the CPU in bf16: SDPA's flash-attention backward ran at ~0.1 TFLOP/s here (2 x 512 tokens, 16
-# query heads over 8 K/V heads of 64: 20.5 ms a layer after a 3.5 ms forward). _CausalAttention keeps SDPA's
+# Training on the CPU in bf16: SDPA's flash-attention backward is slow there. _CausalAttention keeps SDPA's
 # forward (the same kernel, so the same output) and computes the backward from the probabilities recomputed
-# with the forward's log-sum-exp: five bmm (oneDNN, AMX) and two C passes (ops/native/elementwise.c), 10.3 ms
-# for that layer. The bmm compute the masked half of the causal scores too, so the gain shrinks with length:
-# 1 x 1024 tokens 23.6 vs 27.7 ms, 1 x 2048 106 vs 86 ms (slower); fp32 lost at every length (28.9 vs
-# 21.6 ms at 2 x 512). Hence bf16 and at most _RECOMPUTED_MAX_KEYS keys. Precision: the scores are recomputed
-# in bf16 and the score gradients rounded to bf16 before their two products; against float64 gradients the
-# error is SDPA's order (rms: dq 6.2e-4 vs 3.5e-4, dk 8.8e-4 vs 1.1e-3, dv 8.8e-4 vs 1.3e-3 at 2 x 512).
-_RECOMPUTED_MAX_KEYS = 1024
-_RECOMPUTED_CHUNK_ELEMENTS = 1 << 23  # scores per chunk of K/V heads (16 MB in bf16; three such buffers live)
+# with the forward's log-sum-exp: five bmm (oneDNN, AMX) and two C passes (ops/native/elementwise.c). The bmm
+# compute the masked half of the causal scores too, so the gain shrinks with length, and in fp32 SDPA's
+# backward wins: hence bf16 and at most RECOMPUTED_BACKWARD_MAX_KEYS keys (docs/performance.md). Precision: the
+# scores are recomputed in bf16 and the score gradients rounded to bf16 before their two products; against
+# float64 gradients the error is of SDPA's order.
+RECOMPUTED_BACKWARD_MAX_KEYS = 1024
+_RECOMPUTED_CHUNK_ELEMENTS = 1 << 23  # scores per chunk of K/V heads (three such bf16 buffers live at once)
 
 
 def _recomputed_backward_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     return (
         query.dtype == torch.bfloat16
-        and key.shape[2] <= _RECOMPUTED_MAX_KEYS
+        and key.shape[2] <= RECOMPUTED_BACKWARD_MAX_KEYS
         and native.fused_ok(query, key, value)
         and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
     )

@@ -3,11 +3,9 @@
 Each function is defined by its PyTorch op chain (`*_reference`). On the CPU (fp32 or bf16) it runs instead
 as one pass of jetmoe's C kernels (ops/native/elementwise.c) that gives the chain's values bit for bit: it
 rounds where the chain rounds and follows PyTorch's order where that decides an fp32 result (the norm's sum of
-squares, silu's exp), so fp32 models stay bit-identical to transformers' JetMoe. The "small" config in bf16
-on the 2-core CPU, a prompt of 4 x 512 tokens: a norm 2.3 -> 0.42 ms, the GLU 3.1 -> 2.0 ms, rotary of the
-queries 1.8 -> 0.44 ms, the gated sum 2.3 -> 0.83 ms; decoding one token: a norm 27 -> 8 us, rotary 21 -> 10
-us, the GLU 10 -> 8 us, the gated sum 12 -> 7 us (there the cost is dispatch: one C call in place of up to
-eight operators). Elsewhere (CUDA, fp16, fp64, kernels not built) and under torch.compile, which fuses the
+squares, silu's exp), so fp32 models stay bit-identical to transformers' JetMoe. One pass saves the chain's
+memory traffic on prompts and its dispatch while decoding (one C call in place of up to eight operators;
+docs/performance.md). Elsewhere (CUDA, fp16, fp64, kernels not built) and under torch.compile, which fuses the
 chains itself, the chains run.
 
 Training: RMSNorm, GLU and rotary have autograd Functions with fused backward kernels (the GLU's and rotary's
@@ -68,7 +66,7 @@ class _RMSNormFunction(torch.autograd.Function):
     """A hand-written backward that keeps only the input and one fp32 scale per row.
 
     Autograd through the chain keeps the fp32 copy of the input and the normalised rows as well: 6 more bytes
-    per element, 4 MB per norm for 1024 tokens of 1024 features, 17 norms in the "small" model.
+    per element, for every norm of the model.
     """
 
     @staticmethod

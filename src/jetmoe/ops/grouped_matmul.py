@@ -6,16 +6,15 @@ that stays on the device). The result equals a per-expert loop of `F.linear`: ea
 fp32-accumulated dot product rounded once (bit for bit in fp32; in bf16 a kernel may order the additions
 differently, within a rounding).
 
-Paths, picked per call by `_grouped_linear_impl` (measured on the 2-core Sapphire Rapids CPU):
+Paths, picked per call by `_grouped_linear_impl` (the measurements behind each choice: docs/performance.md):
 - CPU, bf16/fp16: a loop over the experts with bucketed row counts and a matrix-vector product for one-row
-  groups (see the section below: oneDNN compiles a kernel per new shape); when every group has at most 16
-  rows and most experts have some (batched decoding), one `bmm` over zero-padded groups.
-- `torch.nn.functional.grouped_mm`: one call for all experts, no host sync (CPU fp32: it beat a loop of
-  `F.linear` by 10-25% from 2 to 2048 rows; gathering each row's expert weight for a `bmm` cost 4-6x more at
-  decode sizes). Needs 16-byte aligned row strides and a dtype the device's kernel accepts.
+  groups (see the section below: oneDNN compiles a kernel per new shape); when every group has at most
+  WEIGHT_FIRST_MAX_ROWS rows and most experts have some (batched decoding), one `bmm` over zero-padded groups.
+- `torch.nn.functional.grouped_mm`: one call for all experts, no host sync (on CPU in fp32 it beats a loop of
+  `F.linear`, and gathering each row's expert weight for a `bmm` is slower still). Needs 16-byte aligned row
+  strides and a dtype the device's kernel accepts.
 - `triton` (CUDA, dtypes grouped_mm lacks there, e.g. fp32): the kernels of `ops/triton` in grouped mode.
-  For bf16 on an H100 `grouped_mm` measured faster (MoE forward+backward 7.9 ms vs 14.0 ms at 8192
-  tokens of the jetmoe-8b shapes; benchmarks/triton_experts.py), so it stays first there.
+  For bf16 on CUDA `grouped_mm` is faster (benchmarks/triton_experts.py), so it stays first there.
 - `loop`: `F.linear` per expert on host-known group sizes; the fallback for any other case.
 
 `slot_linear(x, weight, slot_experts)` is the few-token counterpart (routing's few-token plans, CPU decoding):
@@ -81,25 +80,22 @@ def grouped_weight_grad_reference(grad_out: torch.Tensor, x: torch.Tensor, offse
 
 # --- CPU, bf16/fp16: oneDNN builds a kernel for every new row count ------------------------------------------
 #
-# oneDNN JIT-compiles a matmul kernel the first time it sees a shape: 2-3 ms per new row count on the 2-core
-# Sapphire Rapids CPU for a [~256, 1024] x [1024, 2816] bf16 product that then runs in 0.8 ms. An expert's
-# row count changes with every routing decision, so a training step met ~1000 new shapes and spent 3.6 s
-# where the same step with repeated routing took 1.3 s. Rounding each group's rows up to a multiple of
-# _BUCKET_ROWS keeps the set of shapes small (a handful per layer shape, all warm after a step or two), for
-# at most _BUCKET_ROWS - 1 wasted rows per expert. fp32 goes through MKL, which needs no per-shape kernel.
-# Groups of one row (decoding) use a matrix-vector product, which read bf16 weights at 21-26 GB/s here
-# against 16-17 GB/s for a one-row matmul.
+# oneDNN JIT-compiles a matmul kernel the first time it sees a shape, which costs several times the product
+# itself, and an expert's row count changes with every routing decision. Rounding each group's rows up to a
+# multiple of EXPERT_BUCKET_ROWS keeps the set of shapes small (a handful per layer shape, all warm after a step
+# or two), for at most EXPERT_BUCKET_ROWS - 1 wasted rows per expert. fp32 goes through MKL, which needs no
+# per-shape kernel. Groups of one row (decoding) use a matrix-vector product, which reads bf16 weights faster
+# than a one-row matmul (docs/performance.md).
 
-_BUCKET_ROWS = 64
-# A few rows (batched decoding) run faster as weight @ rows.T: at 2-16 rows of a [2816, 1024] bf16 expert on the
-# 2-core CPU, 299-338 us against 400-424 us for rows @ weight.T (weights read from memory each time).
-_WEIGHT_FIRST_MAX_ROWS = 16
+EXPERT_BUCKET_ROWS = 64
+# A few rows (batched decoding) run faster as weight @ rows.T than as rows @ weight.T (docs/performance.md).
+WEIGHT_FIRST_MAX_ROWS = 16
 _ONEDNN_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _bucketed(rows: int) -> int:
     """Row count to compute: exact up to one bucket (few shapes there), else the next multiple of a bucket."""
-    return rows if rows <= _BUCKET_ROWS else -(-rows // _BUCKET_ROWS) * _BUCKET_ROWS
+    return rows if rows <= EXPERT_BUCKET_ROWS else -(-rows // EXPERT_BUCKET_ROWS) * EXPERT_BUCKET_ROWS
 
 
 def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -111,7 +107,7 @@ def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _cpu_lowp_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [r, in] @ weight.T for 1 <= r <= _WEIGHT_FIRST_MAX_ROWS: a matrix-vector product, or weight-first."""
+    """x [r, in] @ weight.T for 1 <= r <= WEIGHT_FIRST_MAX_ROWS: a matrix-vector product, or weight-first."""
     if x.shape[0] == 1:
         return torch.mv(weight, x[0])[None]
     return (weight @ x.T).T
@@ -121,9 +117,9 @@ def _cpu_lowp_padded_bmm(
     x: torch.Tensor, weight: torch.Tensor, bounds: list[tuple[int, int]], rows: int
 ) -> torch.Tensor:
     """Few rows per expert and most experts in use (batched decoding): every group padded with zero rows to
-    `rows`, all experts in one weight-first `bmm`. Decoding 16 slots of the "small" config on the 2-core CPU
-    ([8, 2816, 1024] bf16 experts): 2.25 ms against 3.2 ms for the loop; same values (the zero rows add
-    nothing). Activations are what gets padded: a few rows, while the weights are read once, in place."""
+    `rows`, all experts in one weight-first `bmm`: faster than the loop (docs/performance.md), same values (the
+    zero rows add nothing). Activations are what gets padded: a few rows, while the weights are read once, in
+    place."""
     num_experts, in_features = weight.shape[0], weight.shape[2]
     padded_row = [e * rows + i for e, (start, end) in enumerate(bounds) for i in range(end - start)]
     index = torch.tensor(padded_row, device=x.device)
@@ -135,12 +131,9 @@ def _cpu_lowp_padded_bmm(
 # Up to this many rows in all (a decoding batch of up to 8 with top-2), bf16 and fp32 products go through
 # jetmoe's C kernel (ops/native) in one call (fp32: MKL's products of a few rows read the weights slower). In
 # bf16 its cost grows with each row (AVX-512 dot products) where oneDNN's bmm (AMX) hardly notices a few more,
-# so larger batches keep the padded bmm. Engine decode step of the "small"
-# config on the 2-core CPU, kernel vs padded bmm for the experts: batch 8 (16 rows) 104-129 vs 140-167 ms,
-# batch 16 (32 rows) 155-203 vs 136-179 ms (a noisy hour; alternating in one process). In fp32 the kernel also
-# beats F.grouped_mm on larger groups (eight [2816, 1024] experts, 8 rows each: 4.0 vs 8.7 ms; 64 rows each
-# 14.2 vs 17.3), but prompts keep MKL's products, the reference's: fp32 prompts give its logits bit for bit.
-_NATIVE_MAX_ROWS = 16
+# so larger batches keep the padded bmm. fp32 prompts keep MKL's products, the reference's, for its logits bit
+# for bit, although the kernel is faster there too (docs/performance.md).
+EXPERT_GEMV_MAX_ROWS = 16
 
 
 def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -153,14 +146,14 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
     total = x.shape[0]
     bounds = _group_bounds(offsets)
     counts = [end - start for start, end in bounds]
-    if max(counts, default=0) <= _WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
+    if max(counts, default=0) <= WEIGHT_FIRST_MAX_ROWS and 4 * sum(map(bool, counts)) >= 3 * len(counts):
         return _cpu_lowp_padded_bmm(x, weight, bounds, max(counts))
     out = x.new_empty(total, weight.shape[1])
     for e, (start, end) in enumerate(bounds):
         rows = end - start
         if rows == 0:
             continue
-        if rows <= _WEIGHT_FIRST_MAX_ROWS:
+        if rows <= WEIGHT_FIRST_MAX_ROWS:
             out[start:end] = _cpu_lowp_few_rows(x[start:end], weight[e])
             continue
         padded = _bucketed(rows)
@@ -171,16 +164,15 @@ def _cpu_lowp_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: tor
     return out
 
 
-# A weight gradient sums over a group's rows: grad_out[group].T @ x[group]. oneDNN ran that product up to 1.6x
-# faster with the transposed gradient as a contiguous [out, rows] matrix than as a transposed view, for groups
-# of up to ~1000 rows ([2816, 1024] bf16 experts on the 2-core CPU: 283 rows 2.57 -> 1.85 ms copy included,
-# bit for bit the same sums); over more rows the two were even or the view won.
-_CONTIGUOUS_GRAD_MAX_ROWS = 1024
+# A weight gradient sums over a group's rows: grad_out[group].T @ x[group]. Up to this many rows oneDNN runs that
+# product faster with the transposed gradient as a contiguous [out, rows] matrix than as a transposed view (bit
+# for bit the same sums); over more rows the two are even or the view wins (docs/performance.md).
+CONTIGUOUS_GRAD_MAX_ROWS = 1024
 
 
 def _transposed(rows: torch.Tensor, padded: int) -> torch.Tensor:
     """F.pad(rows.T, (0, padded - len(rows))), contiguous: jetmoe's C transpose where it is built (PyTorch's
-    strided copy moved bf16 at ~1.5 GB/s here, a third of the product's own time for a [283, 2816] group)."""
+    strided copy is slow enough to matter next to the product itself: docs/performance.md)."""
     if native.available():
         return native_elementwise.transposed(rows, padded)
     return F.pad(rows.T, (0, padded - rows.shape[0]))
@@ -197,7 +189,7 @@ def _cpu_lowp_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torc
         padded = _bucketed(rows)
         if rows == 0:
             out[e].zero_()
-        elif padded <= _CONTIGUOUS_GRAD_MAX_ROWS:
+        elif padded <= CONTIGUOUS_GRAD_MAX_ROWS:
             grad_t = _transposed(grad_out[start:end], padded)  # [out, padded], contiguous
             torch.mm(grad_t, _padded_rows(x[start:end], padded), out=out[e])
         elif padded == rows:
@@ -214,7 +206,7 @@ def _use_cpu_lowp(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _grouped_linear_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out_features, in_features = weight.shape[1], weight.shape[2]
-    if x.shape[0] <= _NATIVE_MAX_ROWS and native.gemv_ok(x, weight):  # decoding: one call
+    if x.shape[0] <= EXPERT_GEMV_MAX_ROWS and native.gemv_ok(x, weight):  # decoding: one call
         return native.gemv(x, weight, native.ends_groups([end for _, end in _group_bounds(offsets)]))
     if _use_cpu_lowp(x, weight):
         return _cpu_lowp_grouped_linear(x, weight, offsets)
@@ -282,8 +274,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     if not torch.compiler.is_compiling() and not (
         torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     ):
-        # Eager inference: the custom op's dispatch alone cost ~80 us a call here, 2.6 ms of a 31 ms decode
-        # step (32 calls); it is only needed for autograd and for torch.compile to trace through.
+        # Eager inference: skip the custom op's dispatch, a measurable part of a decode step
+        # (docs/performance.md); it is only needed for autograd and for torch.compile to trace through.
         return _grouped_linear_impl(x, weight, offsets)
     return _grouped_linear(x, weight, offsets)
 
@@ -321,9 +313,9 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, slot_experts: tuple[int, 
     expert)."""
     if len(slot_experts) != x.shape[0]:
         raise ValueError(f"slot_linear: {x.shape[0]} rows but {len(slot_experts)} slot experts")
-    if x.shape[0] <= _NATIVE_MAX_ROWS and native.gemv_ok(x, weight):
+    if x.shape[0] <= EXPERT_GEMV_MAX_ROWS and native.gemv_ok(x, weight):
         return native.gemv(x, weight, native.slot_groups(slot_experts))
-    if _use_cpu_lowp(x, weight) and x.shape[0] <= _WEIGHT_FIRST_MAX_ROWS:
+    if _use_cpu_lowp(x, weight) and x.shape[0] <= WEIGHT_FIRST_MAX_ROWS:
         return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: _cpu_lowp_few_rows(rows, weight[e]))
     return slot_products(x, slot_experts, weight.shape[1], lambda rows, e: F.linear(rows, weight[e]))
 

@@ -1,9 +1,8 @@
 """Row moves between token order, slot order and the expert-grouped order of a routing plan.
 
 All of them are gathers, forward and backward. The obvious `index_add`/`index_copy` formulations scatter, and
-a bf16 scatter-add on CPU ran at ~0.5 GB/s here (18 ms for one [4096, 1024] reduce, ~10% of a whole
-prefill), while a gather of the same rows takes ~2 ms. The gathers are `index_select` (0.4 ms for 4096 rows
-of 1024 bf16 on the 2-core CPU, against 1.1 ms for the same gather written `x[index]`; the same values).
+a bf16 scatter-add on CPU is many times slower than a gather of the same rows. The gathers are `index_select`,
+faster than the same gather written `x[index]`, with the same values (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def _needs_autograd(x: torch.Tensor) -> bool:
 
 def permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """`x[index]` for a permutation `index` whose inverse permutation is `inverse`."""
-    # Without autograd the Function's bookkeeping is pure overhead (~20 us a call while decoding).
+    # Without autograd the Function's bookkeeping is pure overhead, paid at every call while decoding.
     return _PermuteRows.apply(x, index, inverse) if _needs_autograd(x) else _gather(x, index)
 
 
@@ -67,8 +66,8 @@ def repeat_rows_reference(x: torch.Tensor, index: torch.Tensor, inverse: torch.T
 
 def sum_slots(t: torch.Tensor) -> torch.Tensor:
     """[N, k, D] -> [N, D]: each token's k slot rows summed. For k = 2 an add of the two halves: the same values
-    as `.sum(1)` (one rounding either way) at 0.6 ms instead of 2.1 ms for [2048, 2, 1024] bf16 on the 2-core
-    CPU (a middle-dimension reduction of size 2 is a slow case of the reduction kernel)."""
+    as `.sum(1)` (one rounding either way), faster on CPU (a middle-dimension reduction of size 2 is a slow case
+    of the reduction kernel; docs/performance.md)."""
     if t.shape[1] == 2:
         first, second = t.unbind(1)  # unbind: its backward is one stack, where select's zero-fills k copies
         return first + second

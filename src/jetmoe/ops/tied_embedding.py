@@ -2,8 +2,8 @@
 
 With tied weights, autograd gives the shared weight two gradients: the head's, a dense [vocab, hidden] product,
 and the embedding's, which PyTorch builds as a zero-filled [vocab, hidden] tensor with the used rows added in;
-the two are then summed into a third. For the "small" config (32000 x 1024 bf16) that is two fresh 65 MB buffers
-and two passes over them in every training step, for a gradient that touches 1024 rows. Here the head's
+the two are then summed into a third: two fresh vocab x hidden buffers and two passes over them in every
+training step, for a gradient that touches only the batch's rows. Here the head's
 backward returns its product as a fresh contiguous tensor, and the embedding's backward, when the head has
 already given the weight that dense term in the same backward pass, returns its rows as a sparse gradient:
 autograd adds them into the head's tensor in place (and the sum is dense, as optimizers need). Autograd does

@@ -30,10 +30,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _fused_adamw_ok(param: torch.Tensor) -> bool:
-    """The fused AdamW kernel runs on CUDA, and on CPU for plain tensors (not FSDP2's sharded DTensors).
-
-    On the 2-core CPU it stepped 250 M bf16 parameters in 0.15 s against 0.82 s for the default per-tensor loop.
-    """
+    """The fused AdamW kernel runs on CUDA, and on CPU for plain tensors (not FSDP2's sharded DTensors), where
+    it is much faster than the default per-tensor loop (docs/performance.md)."""
     if param.is_cuda:
         return True
     return param.device.type == "cpu" and type(param.data) is torch.Tensor

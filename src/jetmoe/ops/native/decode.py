@@ -201,12 +201,8 @@ def attention_out(
 
 _MASK_KINDS = {torch.bool: 1, torch.bfloat16: 2, torch.float32: 3}
 # Up to this many query-key products per call (batch x kv heads x query groups x queries x positions) the C
-# kernel runs, beyond it SDPA. Warm and alone, SDPA's flash kernel (oneDNN blocks) wins on long rows (16
-# queries: 19 vs 21 us over 20 positions, 34 vs 27 over 100, 280 vs 100 over 1000, the C kernel then on one
-# thread); while decoding it runs just after the projections have evicted the caches, and with the cache
-# update in the same call and no operators around it the C kernel (its (row, kv head) pairs over the threads)
-# won throughout: engine steps of "small", alternating, batch 1 at 576-870 positions 12.1 vs 16.1 ms, batch 8
-# at 32-330 positions 44.0 vs 48.7 ms and at 576-870 positions (115k products) 47.0 vs 51.8 ms.
+# kernel runs, beyond it SDPA. Warm and alone SDPA's flash kernel wins on long rows, but while decoding (caches
+# just evicted by the projections, the cache update in the same call) the C kernel won (docs/performance.md).
 MAX_ATTENTION_PRODUCTS = 1 << 18
 
 
