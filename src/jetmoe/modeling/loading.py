@@ -13,8 +13,8 @@ Keys the model does not have are reported under `unexpected_keys`, never an erro
 
 Placement (`align_cpu_weights`, default True): CPU tensors read in their saved dtype are views of the memory-mapped
 files, usually off cache-line alignment (48 bytes off for a typical transformers checkpoint), which slowed
-the matrix-vector products of decoding by ~13%, and tensors converted on load sit on whatever heap pages
-were free (scattered pages decoded up to 20% slower). Every CPU tensor gets a private copy, one at a time:
+the matrix-vector products of decoding, and tensors converted on load sit on whatever heap pages were free
+(scattered pages decode slower; docs/performance.md). Every CPU tensor gets a private copy, one at a time:
 those of 2 MiB or more on memory advised for transparent huge pages (jetmoe.cpu_memory), the others on the
 heap; no file mapping stays referenced. False keeps them as loaded: instant loading and no memory of the
 process's own for mapped weights (the page cache holds them), e.g. for a model larger than RAM or one about
