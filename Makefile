@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench bench-avx2
 install: $(VENV)/.installed
 
 # The whole suite at this CPU's best kernel level, then the kernel tests at every lower level it runs and with
@@ -21,7 +21,7 @@ KERNEL_TESTS := tests/ops tests/modeling tests/generation/test_generation_engine
 	tests/generation/test_generation_quantize.py
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 tests
-	$(PY) tests/kernel_levels.py -n 2 -q $(KERNEL_TESTS)
+	$(PY) tests/kernel_levels.py -n 2 $(KERNEL_TESTS)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/jetmoe generate "The Python language"
@@ -32,3 +32,11 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_model.py --configs small
 	$(PY) benchmarks/bench_model.py --configs 8b-layers --dtypes bf16 --append
 	$(PY) benchmarks/bench_model.py --configs 8b-layers --dtypes fp32 --append
+
+# The model and engine benchmarks on an emulated AVX2-only CPU: PyTorch, oneDNN, MKL and jetmoe's kernels all held
+# to AVX2 (benchmarks/RESULTS_avx2.md).
+AVX2_CPU := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+bench-avx2: $(VENV)/.installed
+	$(AVX2_CPU) $(PY) benchmarks/bench_model.py --configs small --measures prefill,decode1,decode8 \
+		--out benchmarks/RESULTS_avx2.md
+	$(AVX2_CPU) $(PY) benchmarks/bench_engine.py --no-int8 --results benchmarks/RESULTS_avx2.md

@@ -31,8 +31,10 @@ from pathlib import Path
 import torch
 
 from cost_model import Geometry
-from inference_common import GEOMETRIES, median, random_checkpoint, random_prompt, table, write_section
+from inference_common import GEOMETRIES, RESULTS, median, random_checkpoint, random_prompt, table, write_section
 from machine import memory_bandwidth
+
+from jetmoe.ops import native
 
 
 def engine_run(engine, prompts, new_tokens):
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
     parser.add_argument("--quick", action="store_true", help="tiny config, 8 tokens, 1 repeat; writes nothing")
     parser.add_argument("--out", action="store_true", help="write the section even with --quick")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the markdown file the section goes to")
     args = parser.parse_args()
     if args.quick:
         args.config, args.new_tokens, args.repeats, args.ttft_len, args.prompt_len = "tiny", 8, 1, 16, 8
@@ -154,14 +157,15 @@ def main() -> None:
         f"Config `{args.config}` ({', '.join(f'{k}={v}' for k, v in GEOMETRIES[args.config].items())}), bf16 "
         f"activations, {torch.get_num_threads()} threads, prompt {args.prompt_len} tokens, {args.new_tokens} new "
         f"tokens, median of {args.repeats}. Memory bandwidth {bandwidth / 1e9:.1f} GB/s. "
+        f"CPU level: torch {torch.backends.cpu.get_cpu_capability()}, jetmoe kernels {native.level()}. "
         "Command: `python benchmarks/bench_engine.py" + (" --compile" if args.compile else "") + "`.",
         table(["batch", "implementation", "end-to-end tok/s", "decode tok/s", "e2e vs reference",
                "decode vs reference", "fraction of roofline"], rows),
         table(["implementation", "prompt tokens", "time to first token (ms)"], ttft_rows),
     ])  # fmt: skip
     if not args.quick or args.out:
-        write_section(f"Engine decode ({args.config})", body)
-        print("written to benchmarks/RESULTS_inference.md")
+        write_section(f"Engine decode ({args.config})", body, args.results)
+        print(f"written to {args.results}")
 
 
 if __name__ == "__main__":
