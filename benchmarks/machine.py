@@ -10,6 +10,7 @@ import time
 import torch
 
 from jetmoe import cpu_memory
+from jetmoe.environment import bf16_arithmetic
 
 # Nominal dense bf16 tensor-core peak of the GPUs this project is lent (H100 SXM and H200 share it).
 NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12}
@@ -41,6 +42,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, quick: bool = False) -
         sizes, repeats, inner = [256], 2, 2
     elif device.type == "cuda":
         sizes, repeats, inner = [4096, 8192], 5, 20
+    elif dtype == torch.bfloat16 and not bf16_arithmetic():  # emulated bf16: far slower, smaller sizes do
+        sizes, repeats, inner = [1024, 2048], 3, 1
     else:
         sizes, repeats, inner = [2048, 4096], 5, 1
     best = {"flops_per_s": 0.0, "n": 0}

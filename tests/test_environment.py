@@ -53,3 +53,16 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_warns_once(monkeypatch):
         environment.warn_if_bf16_emulated(torch.float32)  # fp32: nothing to say
         monkeypatch.setattr(environment, "bf16_arithmetic", lambda: True)
         environment.warn_if_bf16_emulated(torch.bfloat16)  # a CPU with bf16 arithmetic: nothing to say
+
+
+def test_onednn_held_below_bf16_instructions_counts_as_emulated(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (emulating an AVX2-only CPU) takes bf16 arithmetic away whatever the CPU has."""
+    monkeypatch.setattr(environment.build, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not environment.bf16_arithmetic()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert environment.bf16_arithmetic()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert environment.bf16_arithmetic()
+    monkeypatch.setattr(environment.build, "_cpu_flags", lambda: {"avx2", "fma"})
+    assert not environment.bf16_arithmetic()

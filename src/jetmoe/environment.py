@@ -6,6 +6,7 @@ a user once when bf16 arithmetic would run emulated.
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import warnings
@@ -17,11 +18,18 @@ from .ops.native import build
 _warned = False
 
 
+# oneDNN instruction sets (ONEDNN_MAX_CPU_ISA) that multiply bf16 in hardware.
+_ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
+
+
 def bf16_arithmetic() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX on x86-64, the bf16 extension on Arm);
-    elsewhere PyTorch's bf16 matrix products convert to fp32 first and run slower than fp32's."""
-    flags = build._cpu_flags()
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    """Whether bf16 is multiplied in hardware here (AVX-512 BF16 or AMX on x86-64, the bf16 extension on Arm, and
+    oneDNN not held below them by ONEDNN_MAX_CPU_ISA); elsewhere bf16 matrix products are emulated and run
+    slower than fp32's."""
+    held = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if held and not held.startswith(_ONEDNN_BF16_ISAS):
+        return False
+    return bool(build._cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def warn_if_bf16_emulated(dtype: torch.dtype, device: str | torch.device = "cpu") -> None:

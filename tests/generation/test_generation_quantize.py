@@ -13,7 +13,8 @@ from toy_checkpoint import PROMPTS, load_toy
 import jetmoe
 from jetmoe import cpu_memory
 from jetmoe.generation import Engine, SamplingParams, load_model, load_quantized, quantize_model, save_quantized
-from jetmoe.generation.quantize import SPEC_FILE, Int8Linear, Int8ParallelExperts, quantize_tensor
+from jetmoe.generation.quantize import SPEC_FILE
+from jetmoe.modeling.int8 import Int8Linear, Int8ParallelExperts, quantize_tensor
 
 VALIDATION_TEXT = (
     "The Python language is a programming language. A mixture of experts routes every token to two experts. "
@@ -119,13 +120,13 @@ def test_engine_on_int8_equals_generate_on_int8(toy_dir, toy_tokenizer):
 # jetmoe's native kernel up to 16 rows (where it builds), aten's int8 kernel up to 24, bf16 matmul above
 @pytest.mark.parametrize("rows", [1, 16, 17, 24, 25, 64])
 def test_int8_matmul_equals_the_dequantized_product_on_both_paths(rows):
-    from jetmoe.generation.quantize import _int8_matmul, quantize_tensor
+    from jetmoe.ops.int8 import int8_matmul
 
     torch.manual_seed(0)
     weight = torch.randn(48, 32)
     q, scale = quantize_tensor(weight)
     x = torch.randn(rows, 32, dtype=torch.bfloat16)
-    got = _int8_matmul(x, q, scale.to(torch.bfloat16))
+    got = int8_matmul(x, q, scale.to(torch.bfloat16))
     want = x.double() @ (q.double() * scale.to(torch.bfloat16).double()[:, None]).T
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 48)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)

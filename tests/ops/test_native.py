@@ -234,7 +234,8 @@ def test_int8_gemv_takes_strided_inputs_and_rejects_bad_shapes():
 
 
 def test_switched_off_by_the_environment_and_int8_layers_still_work(fresh_native_state):
-    from jetmoe.generation.quantize import _int8_matmul, quantize_tensor
+    from jetmoe.modeling.int8 import quantize_tensor
+    from jetmoe.ops.int8 import int8_matmul
 
     fresh_native_state.setenv("JETMOE_NATIVE_KERNELS", "0")
     assert native.load() is None and not native.available()
@@ -242,7 +243,7 @@ def test_switched_off_by_the_environment_and_int8_layers_still_work(fresh_native
     q, scale = quantize_tensor(torch.randn(40, 64))
     x = torch.randn(1, 64).bfloat16()
     exact, bound = _bound(x, q, scale.bfloat16(), torch.bfloat16)
-    got = _int8_matmul(x, q, scale.bfloat16())  # aten's int8 kernel
+    got = int8_matmul(x, q, scale.bfloat16())  # aten's int8 kernel
     assert ((got.double() - exact).abs() <= bound + 0.02 * exact.abs()).all()
 
 
@@ -269,14 +270,15 @@ def test_the_library_is_built_into_the_cache_directory_once(fresh_native_state, 
 @requires_native
 def test_int8_layers_compile_to_one_graph_through_the_kernel():
     """Under torch.compile the kernel is an opaque custom op: no graph break, eager's values."""
-    from jetmoe.generation.quantize import _int8_matmul, quantize_tensor
+    from jetmoe.modeling.int8 import quantize_tensor
+    from jetmoe.ops.int8 import int8_matmul
 
     torch.manual_seed(4)
     q, scale = quantize_tensor(torch.randn(96, 64))
     scale = scale.bfloat16()
     x = torch.randn(2, 64).bfloat16()
     torch._dynamo.reset()
-    compiled = torch.compile(lambda x: _int8_matmul(x, q, scale) * 2, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda x: int8_matmul(x, q, scale) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), native.int8_gemv(x, q, scale) * 2)
 
 

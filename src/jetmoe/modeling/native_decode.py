@@ -22,7 +22,6 @@ grouped by expert as the sorted plan groups them, so each expert's weights are r
 
 from __future__ import annotations
 
-import functools
 import operator
 from typing import NamedTuple
 
@@ -32,6 +31,7 @@ from ..ops import dense, grouped_matmul, native
 from ..ops.dense import Linear
 from ..ops.native import decode as kernels
 from .experts import ParallelExperts
+from .int8 import Int8Linear, Int8ParallelExperts
 from .norm_rotary import JetMoeRMSNorm
 
 
@@ -52,11 +52,7 @@ _PARTS = (
 )
 
 
-@functools.cache
-def _int8_types() -> dict[str, type]:
-    from ..generation.quantize import Int8Linear, Int8ParallelExperts  # generation builds on modeling: import late
-
-    return {_DENSE: Int8Linear, _EXPERTS: Int8ParallelExperts}
+_INT8_TYPES = {_DENSE: Int8Linear, _EXPERTS: Int8ParallelExperts}
 
 
 def _operand(module, role: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -66,7 +62,7 @@ def _operand(module, role: str) -> tuple[torch.Tensor, torch.Tensor | None] | No
         return module._parameters["weight"], None
     if role in (_ROUTER, _DENSE) and kind is Linear:
         return (module._parameters["weight"], None) if module.bias is None else None
-    if kind is _int8_types().get(role) and getattr(module, "bias", None) is None:
+    if kind is _INT8_TYPES.get(role) and getattr(module, "bias", None) is None:
         return module._buffers["weight_int8"], module._buffers["scale"]
     return None
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import functools
 import hashlib
 import logging
@@ -35,6 +34,11 @@ import warnings
 from pathlib import Path
 
 from .signatures import SIGNATURES
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: builds are not serialised between processes
+    fcntl = None
 
 logger = logging.getLogger("jetmoe.native")
 
@@ -143,12 +147,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.unlink(partial)
 
 
-def compile_library(compiler: str, level: str, target: Path, extra_flags: tuple[str, ...] = ()) -> None:
+def compile_library(compiler: str, level: str, target: Path) -> None:
     """Compile the sources for `level` into `target` (atomically) and record its digest beside it."""
     handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".partial")
     os.close(handle)
     try:
-        command = [compiler, *_BASE_FLAGS, *LEVEL_FLAGS[level], *extra_flags, *map(str, SOURCES), "-o", partial, "-lm"]
+        command = [compiler, *_BASE_FLAGS, *LEVEL_FLAGS[level], *map(str, SOURCES), "-o", partial, "-lm"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             names = ", ".join(source.name for source in SOURCES)
@@ -179,7 +183,8 @@ def _verified(target: Path) -> bool:
 def _locked(directory: Path):
     """One process at a time checks and builds in `directory`."""
     with open(directory / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 

@@ -304,10 +304,12 @@ float jetmoe_exp_shifted(float *x, int64_t n, float shift);
 static inline float dot(const void *a, const void *b, int64_t dim, int dtype) {
     vf acc = v_zero();
     if (dtype == F32) {
-        for (int64_t d = 0; d < dim; d += LANES) acc = v_fma(v_loadu((const float *)a + d), v_loadu((const float *)b + d), acc);
+        const float *x = a, *y = b;
+        for (int64_t d = 0; d < dim; d += LANES) acc = v_fma(v_loadu(x + d), v_loadu(y + d), acc);
     } else {
         const uint16_t *x = a, *y = b;
-        for (int64_t d = 0; d < dim; d += 2 * LANES) acc = v_dot_bf16(acc, bf16_pairs_load(x + d), bf16_pairs_load(y + d));
+        for (int64_t d = 0; d < dim; d += 2 * LANES)
+            acc = v_dot_bf16(acc, bf16_pairs_load(x + d), bf16_pairs_load(y + d));
     }
     return v_sum(acc);
 }

@@ -7,7 +7,7 @@
  * operations decides the fp32 result, the kernel follows it:
  * - rms_norm sums the squares, and combine's backward the gate gradients, in the order of PyTorch's CPU sum
  *   (see ordered_sum);
- * - silu uses PyTorch's vector exp (SLEEF's expf_u10, see exp16) with the same fused multiply-adds; PyTorch
+ * - silu uses PyTorch's vector exp (SLEEF's expf_u10, see v_exp) with the same fused multiply-adds; PyTorch
  *   computes a row's last (width mod 32) elements with the C library's scalar exp instead, so callers give
  *   this kernel widths that are multiples of 32 (ops/fused.py);
  * - rotary and combine multiply and add as the chain does.
@@ -15,8 +15,8 @@
  * PyTorch formula, not bit for bit. tests/ops/test_fused.py checks all of this against the chains.
  *
  * Shapes are checked by the Python wrappers (ops/native/elementwise.py); the feature dimensions are multiples
- * of 16 (one vector of simd.h) and contiguous. Rows are split over `threads` OpenMP threads when there is
- * enough work to pay for waking them.
+ * of 16 (whole simd.h vectors at every level) and contiguous. Rows are split over `threads` OpenMP threads when
+ * there is enough work to pay for waking them.
  */
 #include "simd.h"
 
@@ -29,9 +29,9 @@
 
 static inline int64_t element_size(int dtype) { return dtype == F32 ? 4 : 2; }
 
-/* exp(x) as PyTorch computes it on AVX-512 CPUs (SLEEF's expf_u10, which its vectorised exp calls): x = q ln2 + s
- * with ln2 in two parts, a degree-6 polynomial in s with fused multiply-adds, times 2^q in two steps; 0 below
- * -104, inf above 100. The same operations in the same order give the same fp32 value, bit for bit. */
+/* exp(x) as PyTorch computes it on AVX2 and AVX-512 CPUs (SLEEF's expf_u10, which its vectorised exp calls):
+ * x = q ln2 + s with ln2 in two parts, a degree-6 polynomial in s with fused multiply-adds, times 2^q in two
+ * steps; 0 below -104, inf above 100. The same operations in the same order give the same fp32 value, bit for bit. */
 static inline vf v_exp(vf x) {
     vi q = v_round_int(v_mul(x, v_set(1.442695040888963407359924681001892137f)));
     vf qf = __builtin_convertvector(q, vf);
@@ -52,7 +52,7 @@ static inline vf v_exp(vf x) {
     return v_select(v_set(100.0f) < x, v_set(INFINITY), u);
 }
 
-/* One value of exp16 (the router's gates, decode.c). */
+/* One value of v_exp (the router's gates, decode.c). */
 float jetmoe_exp(float x) { return v_exp(v_set(x))[0]; }
 
 float jetmoe_exp_shifted(float *x, int64_t n, float shift) {
@@ -275,7 +275,7 @@ int jetmoe_rotary(const void *x, int64_t sb, int64_t st, int64_t sh, const void 
                   void *out, int64_t batch, int64_t length, int64_t heads, int64_t dim, int inverse, int dtype,
                   int threads) {
     const int64_t size = element_size(dtype), half = dim / 2;
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)                                             \
     if (batch * length * heads * dim >= PARALLEL_MIN_ELEMENTS)
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t t = 0; t < length; t++) {
@@ -400,7 +400,7 @@ int jetmoe_cross_entropy_backward(const void *x, int64_t row_stride, const float
  * q_len. lse: the forward's log-sum-exp of the scaled scores per row (fp32). A key a row cannot see gets 0.
  *   probs[r, j]       = exp(scale * scores[r, j] - lse[r])
  *   grad_scores[r, j] = probs[r, j] * (grad_probs[r, j] - delta[r]) * scale,  delta[r] = sum(grad_out * out)[r]
- * grad_scores may be grad_probs (in place). The tail of a row (keys mod 16) is handled with partial loads. */
+ * grad_scores may be grad_probs (in place). The tail of a row (keys mod LANES) is handled with partial loads. */
 static void causal_attention_rows(const void *scores, const void *grad_probs, const float *lse, const float *delta,
                                   void *out, int64_t blocks, int64_t rows, int64_t q_len, int64_t keys, float scale,
                                   int dtype, int threads) {

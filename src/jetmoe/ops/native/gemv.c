@@ -38,26 +38,27 @@ static inline void prefetch_next_block(const void *block, int64_t row_bytes, int
 }
 
 /* R activation rows (m .. m + R - 1) against a whole block of BLOCK_ROWS weight rows: R x BLOCK_ROWS independent
- * fp32 chains sharing each weight load. Every chain sums over k in the same order as a row alone, so the values
- * do not depend on how rows are batched; rows in fours keep enough independent chains to hide the latency of
- * the dot product (docs/performance.md). */
-#define DEFINE_BLOCK_ROWS(R)                                                                                       \
-    static inline void block_rows##R(const uint16_t *block, int64_t cols, const uint16_t *x, int64_t m,        \
-                                     int prefetching, uint16_t *y, int64_t rows, int64_t first) {                \
-        vf acc[R][BLOCK_ROWS];                                                                                     \
-        for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                             \
-        for (int64_t k = 0; k < cols; k += 2 * LANES) {                                                                   \
-            bf16_pairs v[R];                                                                                          \
-            for (int r = 0; r < R; r++) v[r] = bf16_pairs_load(x + (m + r) * cols + k);                               \
-            if (prefetching) prefetch_next_block(block, cols * 2, k * 2);                                          \
-            for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
-                bf16_pairs weights = bf16_pairs_load(block + i * cols + k);                                              \
-                for (int r = 0; r < R; r++) acc[r][i] = v_dot_bf16(acc[r][i], weights, v[r]);                      \
-            }                                                                                                      \
-        }                                                                                                          \
-        for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) store_float(y, BF16, (m + r) * rows + first + i, v_sum(acc[r][i])); \
+ * fp32 chains sharing each weight load (where MANY_REGISTERS hold them). Every chain sums over k in the same order
+ * as a row alone, so the values do not depend on how rows are batched; rows in fours keep enough independent
+ * chains to hide the latency of the dot product (docs/performance.md). */
+#define DEFINE_BLOCK_ROWS(R)                                                                                           \
+    static inline void block_rows##R(const uint16_t *block, int64_t cols, const uint16_t *x, int64_t m,                \
+                                     int prefetching, uint16_t *y, int64_t rows, int64_t first) {                      \
+        vf acc[R][BLOCK_ROWS];                                                                                         \
+        for (int r = 0; r < R; r++)                                                                                    \
+            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                                 \
+        for (int64_t k = 0; k < cols; k += 2 * LANES) {                                                                \
+            bf16_pairs v[R];                                                                                           \
+            for (int r = 0; r < R; r++) v[r] = bf16_pairs_load(x + (m + r) * cols + k);                                \
+            if (prefetching) prefetch_next_block(block, cols * 2, k * 2);                                              \
+            for (int i = 0; i < BLOCK_ROWS; i++) {                                                                     \
+                bf16_pairs weights = bf16_pairs_load(block + i * cols + k);                                            \
+                for (int r = 0; r < R; r++) acc[r][i] = v_dot_bf16(acc[r][i], weights, v[r]);                          \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int r = 0; r < R; r++)                                                                                    \
+            for (int i = 0; i < BLOCK_ROWS; i++)                                                                       \
+                store_float(y, BF16, (m + r) * rows + first + i, v_sum(acc[r][i]));                                    \
     }
 DEFINE_BLOCK_ROWS(4)
 DEFINE_BLOCK_ROWS(2)
@@ -84,7 +85,8 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
                 for (int64_t k = 0; k < cols; k += 2 * LANES) {
                     bf16_pairs av = bf16_pairs_load(a + k);
                     if (m == m0) prefetch_next_block(block, cols * 2, k * 2);
-                    for (int i = 0; i < count; i++) acc[i] = v_dot_bf16(acc[i], bf16_pairs_load(block + i * cols + k), av);
+                    for (int i = 0; i < count; i++)
+                        acc[i] = v_dot_bf16(acc[i], bf16_pairs_load(block + i * cols + k), av);
                 }
                 for (int i = 0; i < count; i++) store_float(y, BF16, m * rows + first + i, v_sum(acc[i]));
             }
@@ -93,25 +95,25 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
     return 0;
 }
 
-/* fp32: the same blocks and row batching with fused multiply-adds (one rounding a product and sum), 16 columns a
- * step, each (row, weight row) one chain of 16 lanes summed at the end. */
-#define DEFINE_F32_BLOCK_ROWS(R)                                                                                   \
-    static inline void f32_block_rows##R(const float *block, int64_t cols, const float *x, int64_t m,            \
-                                         int prefetching, float *y, int64_t rows, int64_t first) {                \
-        vf acc[R][BLOCK_ROWS];                                                                                     \
-        for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                             \
-        for (int64_t k = 0; k < cols; k += LANES) {                                                                   \
-            vf v[R];                                                                                               \
-            for (int r = 0; r < R; r++) v[r] = v_loadu(x + (m + r) * cols + k);                                    \
-            if (prefetching) prefetch_next_block(block, cols * 4, k * 4);                                          \
-            for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
-                vf weights = v_loadu(block + i * cols + k);                                                        \
-                for (int r = 0; r < R; r++) acc[r][i] = v_fma(weights, v[r], acc[r][i]);                           \
-            }                                                                                                      \
-        }                                                                                                          \
-        for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) y[(m + r) * rows + first + i] = v_sum(acc[r][i]);                 \
+/* fp32: the same blocks and row batching with fused multiply-adds (one rounding a product and sum), a vector of
+ * columns a step, each (row, weight row) one chain of LANES lanes summed at the end. */
+#define DEFINE_F32_BLOCK_ROWS(R)                                                                                       \
+    static inline void f32_block_rows##R(const float *block, int64_t cols, const float *x, int64_t m,                  \
+                                         int prefetching, float *y, int64_t rows, int64_t first) {                     \
+        vf acc[R][BLOCK_ROWS];                                                                                         \
+        for (int r = 0; r < R; r++)                                                                                    \
+            for (int i = 0; i < BLOCK_ROWS; i++) acc[r][i] = v_zero();                                                 \
+        for (int64_t k = 0; k < cols; k += LANES) {                                                                    \
+            vf v[R];                                                                                                   \
+            for (int r = 0; r < R; r++) v[r] = v_loadu(x + (m + r) * cols + k);                                        \
+            if (prefetching) prefetch_next_block(block, cols * 4, k * 4);                                              \
+            for (int i = 0; i < BLOCK_ROWS; i++) {                                                                     \
+                vf weights = v_loadu(block + i * cols + k);                                                            \
+                for (int r = 0; r < R; r++) acc[r][i] = v_fma(weights, v[r], acc[r][i]);                               \
+            }                                                                                                          \
+        }                                                                                                              \
+        for (int r = 0; r < R; r++)                                                                                    \
+            for (int i = 0; i < BLOCK_ROWS; i++) y[(m + r) * rows + first + i] = v_sum(acc[r][i]);                     \
     }
 DEFINE_F32_BLOCK_ROWS(4)
 DEFINE_F32_BLOCK_ROWS(2)
@@ -129,8 +131,10 @@ int jetmoe_f32_gemv(const float *w, int64_t rows, int64_t cols, const float *x, 
             const int64_t m0 = groups[3 * g + 1], m_end = groups[3 * g + 2];
             int64_t m = m0;
             if (count == BLOCK_ROWS) {
-                for (; MANY_REGISTERS && m + 4 <= m_end; m += 4) f32_block_rows4(block, cols, x, m, m == m0, y, rows, first);
-                for (; MANY_REGISTERS && m + 2 <= m_end; m += 2) f32_block_rows2(block, cols, x, m, m == m0, y, rows, first);
+                for (; MANY_REGISTERS && m + 4 <= m_end; m += 4)
+                    f32_block_rows4(block, cols, x, m, m == m0, y, rows, first);
+                for (; MANY_REGISTERS && m + 2 <= m_end; m += 2)
+                    f32_block_rows2(block, cols, x, m, m == m0, y, rows, first);
                 for (; m < m_end; m++) f32_block_rows1(block, cols, x, m, m == m0, y, rows, first);
             }
             for (; m < m_end; m++) { /* the last, partial block */
@@ -155,7 +159,7 @@ int jetmoe_gemv(const void *w, int64_t rows, int64_t cols, const void *x, const 
 }
 
 /* One activation row onto the int16 grid; returns its step s (0 for an all-zero row, nan/inf if it holds one).
- * bf16 rows (decoding) take 16 lanes at a time: the same largest magnitude and the same roundings (x times a
+ * bf16 rows (decoding) take a vector at a time: the same largest magnitude and the same roundings (x times a
  * power of two, rounded to nearest even as lrintf does), so the same grid as the scalar loop. */
 static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols, int16_t *xq) {
     const int lanes = dtype == BF16 && cols % LANES == 0;
@@ -198,38 +202,38 @@ static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols
 
 /* R activation rows (m ..) against a whole block of int8 weight rows, each weight widened once for all R rows:
  * the same chains, partial sums and roundings per (row, weight row) as one row alone (the loop below). */
-#define DEFINE_INT8_BLOCK_ROWS(R)                                                                                  \
-    static inline void int8_block_rows##R(const int8_t *block, int64_t cols, const int16_t *xq,                  \
-                                          const float *steps, int64_t m, int prefetching, const void *scale,      \
-                                          int scale_dtype, int64_t scale_offset, void *y, int y_dtype,            \
-                                          int64_t rows, int64_t first) {                                          \
-        vf total[R][BLOCK_ROWS];                                                                                   \
-        for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) total[r][i] = v_zero();                                           \
-        for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {                                                             \
-            int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;                                                    \
-            vi part[R][BLOCK_ROWS];                                                                                \
-            for (int r = 0; r < R; r++)                                                                            \
-                for (int i = 0; i < BLOCK_ROWS; i++) part[r][i] = vi_set(0);                                       \
-            for (int64_t k = c0; k < c1; k += 2 * LANES) {                                                                \
-                vs2 v[R];                                                                                         \
-                for (int r = 0; r < R; r++) v[r] = i16_pairs_load(xq + (m + r) * cols + k);                           \
-                if (prefetching) prefetch_next_block(block, cols, k);                                              \
-                for (int i = 0; i < BLOCK_ROWS; i++) {                                                             \
-                    vs2 weights = i16_pairs_widen(block + i * cols + k);                                             \
-                    for (int r = 0; r < R; r++) part[r][i] = v_dot_i16(part[r][i], v[r], weights);                 \
-                }                                                                                                  \
-            }                                                                                                      \
-            for (int r = 0; r < R; r++)                                                                            \
-                for (int i = 0; i < BLOCK_ROWS; i++)                                                               \
-                    total[r][i] += __builtin_convertvector(part[r][i], vf);                                        \
-        }                                                                                                          \
-        for (int r = 0; r < R; r++)                                                                                \
-            for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
-                float dot = v_sum(total[r][i]) * steps[m + r];                                                     \
-                store_float(y, y_dtype, (m + r) * rows + first + i,                                                \
-                            dot * load_float(scale, scale_dtype, scale_offset + i));                               \
-            }                                                                                                      \
+#define DEFINE_INT8_BLOCK_ROWS(R)                                                                                      \
+    static inline void int8_block_rows##R(const int8_t *block, int64_t cols, const int16_t *xq,                        \
+                                          const float *steps, int64_t m, int prefetching, const void *scale,           \
+                                          int scale_dtype, int64_t scale_offset, void *y, int y_dtype,                 \
+                                          int64_t rows, int64_t first) {                                               \
+        vf total[R][BLOCK_ROWS];                                                                                       \
+        for (int r = 0; r < R; r++)                                                                                    \
+            for (int i = 0; i < BLOCK_ROWS; i++) total[r][i] = v_zero();                                               \
+        for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {                                                                 \
+            int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;                                                        \
+            vi part[R][BLOCK_ROWS];                                                                                    \
+            for (int r = 0; r < R; r++)                                                                                \
+                for (int i = 0; i < BLOCK_ROWS; i++) part[r][i] = vi_set(0);                                           \
+            for (int64_t k = c0; k < c1; k += 2 * LANES) {                                                             \
+                vs2 v[R];                                                                                              \
+                for (int r = 0; r < R; r++) v[r] = i16_pairs_load(xq + (m + r) * cols + k);                            \
+                if (prefetching) prefetch_next_block(block, cols, k);                                                  \
+                for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
+                    vs2 weights = i16_pairs_widen(block + i * cols + k);                                               \
+                    for (int r = 0; r < R; r++) part[r][i] = v_dot_i16(part[r][i], v[r], weights);                     \
+                }                                                                                                      \
+            }                                                                                                          \
+            for (int r = 0; r < R; r++)                                                                                \
+                for (int i = 0; i < BLOCK_ROWS; i++)                                                                   \
+                    total[r][i] += __builtin_convertvector(part[r][i], vf);                                            \
+        }                                                                                                              \
+        for (int r = 0; r < R; r++)                                                                                    \
+            for (int i = 0; i < BLOCK_ROWS; i++) {                                                                     \
+                float dot = v_sum(total[r][i]) * steps[m + r];                                                         \
+                store_float(y, y_dtype, (m + r) * rows + first + i,                                                    \
+                            dot * load_float(scale, scale_dtype, scale_offset + i));                                   \
+            }                                                                                                          \
     }
 DEFINE_INT8_BLOCK_ROWS(4)
 DEFINE_INT8_BLOCK_ROWS(2)
