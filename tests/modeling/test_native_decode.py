@@ -213,6 +213,20 @@ def test_the_routers_softmax_is_pytorchs_bit_for_bit(k, values):
     assert torch.equal(kernels.softmax_sorted(top), torch.softmax(top, dim=-1))
 
 
+def test_the_routers_softmax_leaves_an_unknown_summation_order_to_the_caller():
+    """Where PyTorch's vector width is unknown (or implausible), more than 3 gates are not computed in C."""
+    library = kernels._library()
+    top = torch.tensor([[3.0, 2.0, 1.0, 0.5]])
+    try:
+        for lanes in (0, 1000):
+            library.jetmoe_set_aten_lanes(lanes)
+            with pytest.raises(ValueError, match="order of summing 4 values is not known"):
+                kernels.softmax_sorted(top)
+            assert torch.equal(kernels.softmax_sorted(top[:, :3]), torch.softmax(top[:, :3], dim=-1))
+    finally:
+        library.jetmoe_set_aten_lanes(kernels._ATEN_FLOAT_LANES.get(torch.backends.cpu.get_cpu_capability(), 0))
+
+
 def test_applicable_only_where_the_operator_path_takes_a_few_token_plan_in_the_layers_dtype():
     model = _model()
     layer = model.model.layers[0]

@@ -64,9 +64,10 @@ static inline float bf16_to_float(uint16_t bits) { return bits_float((uint32_t)b
 
 /* The width of PyTorch's fp32 vectors on this CPU (its ATEN_CPU_CAPABILITY), which decides the order in which its
  * softmax sums a row; 0 where that order is not known here (decode.py sets it from torch). */
+#define MAX_ATEN_LANES 64
 static int aten_lanes = 0;
 
-void jetmoe_set_aten_lanes(int lanes) { aten_lanes = lanes; }
+void jetmoe_set_aten_lanes(int lanes) { aten_lanes = lanes > 0 && lanes <= MAX_ATEN_LANES ? lanes : 0; }
 
 /* sum of a row as ATen's vectorised reduction adds it: a row shorter than a vector in order; a longer one
  * into a vector's lanes (later vectors and the tail added lane-wise), then the lanes halved in a tree. */
@@ -76,7 +77,7 @@ static float aten_sum(const float *v, int64_t count, int lanes) {
         for (int64_t j = 1; j < count; j++) sum += v[j];
         return sum;
     }
-    float acc[LANES];
+    float acc[MAX_ATEN_LANES];
     for (int i = 0; i < lanes; i++) acc[i] = v[i];
     for (int64_t j = lanes; j < count; j++) acc[(j - lanes) % lanes] += v[j];
     for (int half = lanes / 2; half > 0; half /= 2)
