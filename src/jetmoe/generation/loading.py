@@ -102,10 +102,10 @@ def load_model(path: Path, dtype: str | torch.dtype = "bfloat16", int8: bool = F
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     check_model_dir(Path(path), force_model_type)
-    warn_if_bf16_emulated(torch_dtype, device)
     if is_quantized_checkpoint(path):
         model = load_quantized(path, dtype=torch_dtype, device=device).eval()
         release_free_memory()
+        warn_if_bf16_emulated(torch_dtype, device)
         return model
     # from_pretrained maps the safetensors files and gives the weights private copies on huge-page memory one
     # tensor at a time: one copy in RAM. Weights about to be quantised stay mapped (their copies would be
@@ -119,6 +119,7 @@ def load_model(path: Path, dtype: str | torch.dtype = "bfloat16", int8: bool = F
         quantize_model(model)
         place_on_huge_pages(model)
     release_free_memory()  # loading's temporaries (2.9 GB of them when quantising jetmoe-8b on load)
+    warn_if_bf16_emulated(torch_dtype, device)  # once the model loaded: a refused directory says only why
     return model
 
 
