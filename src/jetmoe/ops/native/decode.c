@@ -60,8 +60,6 @@ static inline int64_t element_bytes(int dtype) { return dtype == F32 ? 4 : 2; }
 /* Element i of an array of the dtype. */
 static inline void *at(const void *p, int64_t i, int dtype) { return (char *)p + i * element_bytes(dtype); }
 
-static inline float bf16_to_float(uint16_t bits) { return bits_float((uint32_t)bits << 16); }
-
 /* The width of PyTorch's fp32 vectors on this CPU (its ATEN_CPU_CAPABILITY), which decides the order in which its
  * softmax sums a row; 0 where that order is not known here (decode.py sets it from torch). */
 #define MAX_ATEN_LANES 64

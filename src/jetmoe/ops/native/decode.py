@@ -10,7 +10,6 @@ the shapes they rely on and raise ValueError naming the problem. No autograd, no
 from __future__ import annotations
 
 import ctypes
-import functools
 from typing import NamedTuple
 
 import torch
@@ -29,10 +28,12 @@ MAX_SLOTS = 16  # tokens x top-k per call (decode.c's stack buffers)
 _ATEN_FLOAT_LANES = {"AVX512": 16, "AVX2": 8}
 
 
-@functools.cache
 def _library() -> ctypes.CDLL:
+    """The loaded kernels, told ATen's vector width once (per library: load() may be reloaded at another level)."""
     library = _kernels.load()
-    library.jetmoe_set_aten_lanes(_ATEN_FLOAT_LANES.get(torch.backends.cpu.get_cpu_capability(), 0))
+    if not getattr(library, "_aten_lanes_set", False):
+        library.jetmoe_set_aten_lanes(_ATEN_FLOAT_LANES.get(torch.backends.cpu.get_cpu_capability(), 0))
+        library._aten_lanes_set = True
     return library
 
 

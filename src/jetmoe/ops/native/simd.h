@@ -85,9 +85,11 @@ static inline uint16_t bf16_bits(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+static inline float bf16_to_float(uint16_t bits) { return bits_float((uint32_t)bits << 16); }
+
 static inline float load_float(const void *p, int dtype, int64_t i) {
     if (dtype == F32) return ((const float *)p)[i];
-    if (dtype == BF16) return bits_float((uint32_t)((const uint16_t *)p)[i] << 16);
+    if (dtype == BF16) return bf16_to_float(((const uint16_t *)p)[i]);
     _Float16 h;
     memcpy(&h, (const uint16_t *)p + i, sizeof h);
     return (float)h;
