@@ -48,6 +48,7 @@ def warn_if_bf16_emulated(dtype: torch.dtype, device: str | torch.device = "cpu"
 def report() -> dict[str, str]:
     """The facts `jetmoe env` prints."""
     from . import ops
+    from .modeling.backends import selected_backend
 
     native = ops.native
     kernel_level = native.level()
@@ -64,7 +65,8 @@ def report() -> dict[str, str]:
         "C compiler": build.compiler() or "none",
         "kernel cache": str(build.cache_dir() / "native"),
         "CUDA": torch.version.cuda if torch.cuda.is_available() else "not available",
-    }
+        "jetmoe backend for cpu tensors": selected_backend("cpu"),
+    } | ({"jetmoe backend for cuda tensors": selected_backend("cuda")} if torch.cuda.is_available() else {})
 
 
 def register(subparsers) -> None:

@@ -48,6 +48,7 @@ def test_generate_stats_report_the_tokens_and_memory(toy_dir, toy_tokenizer, cap
     prompt_tokens = len(Engine(load_toy(toy_dir), toy_tokenizer).encode("Hello"))
     assert f"{prompt_tokens} prompt + 5 generated tokens in" in err, err
     assert "tok/s" in err and "tok/s after the first token" in err
+    assert "[stats] backend cpu;" in err  # which backend ran
     if sys.platform.startswith("linux"):
         assert "GiB own" in err and "GiB mapped files" in err
 

@@ -220,7 +220,7 @@ def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_
     path."""
     from oracle_pair import TINY, build_pair
 
-    from jetmoe.modeling import native_decode
+    from jetmoe.modeling.backends import cpu_decode as native_decode
     from jetmoe.ops.native import decode as kernels
 
     model, _ = build_pair(dict(TINY, hidden_size=64, kv_channels=32, intermediate_size=64))

@@ -8,7 +8,8 @@ import torch
 from oracle_pair import TINY, WIDE, build_pair, random_ids
 
 from jetmoe.generation.quantize import quantize_model
-from jetmoe.modeling import experts, routing
+from jetmoe.modeling import routing
+from jetmoe.modeling.backends import kernels as backend_kernels
 from jetmoe.ops import native
 from jetmoe.modeling.routing import make_plan, use_few_token_plan
 
@@ -82,7 +83,7 @@ def test_decode_step_runs_each_expert_product_with_its_next_step_in_one_call(mon
     fused = _decode_logits(model, ids)
     layers = TINY["num_hidden_layers"]
     assert calls == {"gemv_silu_mul": layers, "gemv_combine": 2 * layers}  # the decode step only
-    monkeypatch.setattr(experts, "_fused_decode", lambda *args: False)
+    monkeypatch.setattr(backend_kernels, "_fused_decode", lambda *args: False)
     assert torch.equal(fused, _decode_logits(model, ids))
 
 

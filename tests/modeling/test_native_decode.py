@@ -1,4 +1,4 @@
-"""A decoder layer for a few bf16 or fp32 tokens in two C calls (modeling/native_decode.py, ops/native/decode.c): the
+"""A decoder layer for a few bf16 or fp32 tokens in two C calls (modeling/backends/cpu_decode.py, ops/native/decode.c): the
 operator path's values bit for bit, the operator path wherever a router's choice hangs on a tie, and only
 where the operator path would take its few-token plan."""
 
@@ -9,8 +9,9 @@ import torch
 from oracle_pair import TINY, build_pair, padding_mask, random_ids
 
 from jetmoe.generation.quantize import quantize_model
-from jetmoe.modeling import native_decode
+from jetmoe.modeling.backends import cpu_decode as native_decode
 from jetmoe.modeling.cache import JetMoeCache
+from jetmoe.modeling.routing import make_plan
 from jetmoe.ops import native
 from jetmoe.ops.native import decode as kernels
 
@@ -198,6 +199,66 @@ def test_router_gates_are_pytorchs_softmax(seed, dtype):
         assert torch.equal(logits, plan.router_logits)
         assert torch.equal(chosen, plan.expert_ids)
         assert torch.equal(gates, plan.gates)
+
+
+def _undecided(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows whose top-k PyTorch decides by its own tie-breaking (a tie at the cut, or among choices after the
+    first two), or that hold a non-finite logit."""
+    ordered = logits.sort(dim=-1, descending=True).values
+    cut_tie = (ordered[:, k - 1] == ordered[:, k]) if k < logits.shape[1] else torch.zeros(len(logits), dtype=torch.bool)
+    inner_tie = torch.zeros_like(cut_tie)
+    for j in range(2, k):
+        inner_tie |= (ordered[:, j - 1] == ordered[:, j]) | (ordered[:, j] == ordered[:, j + 1] if j + 1 < logits.shape[1] else False)
+    return cut_tie | inner_tie | ~torch.isfinite(logits).all(-1)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_the_c_routing_is_make_plans_routing(k, dtype):
+    """Routing is defined once: the C steps' choice of experts and their gates equal routing.make_plan's, row
+    by row, and the C steps decline exactly the rows whose choice rests on PyTorch's tie-breaking or a
+    non-finite logit."""
+    generator = torch.Generator().manual_seed(k)
+    logits = torch.randn(4096, 8, generator=generator).to(torch.bfloat16).float()  # bf16 values: many ties
+    logits[::97, 3] = logits[::97, 5]
+    logits[::89, 0] = float("inf")
+    logits[::83, 1] = float("nan")
+    undecided = _undecided(logits, k)
+    assert 0 < int(undecided.sum()) < len(logits)
+    for row in range(len(logits)):
+        one = logits[row : row + 1]
+        routed = kernels.route(one, k, dtype)
+        assert (routed is None) == bool(undecided[row]), (row, one)
+        if routed is not None:
+            plan = make_plan(one, k, dtype)
+            assert torch.equal(_first_tie_sorted(one, routed[0]), _first_tie_sorted(one, plan.expert_ids)), row
+            assert torch.equal(routed[1], plan.gates), row
+    decided = logits[~undecided]
+    chosen, gates = kernels.route(decided, k, dtype)  # many rows in one call
+    plan = make_plan(decided, k, dtype)
+    assert torch.equal(_first_tie_sorted(decided, chosen), _first_tie_sorted(decided, plan.expert_ids))
+    assert torch.equal(gates, plan.gates)
+
+
+def _first_tie_sorted(logits: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The choices with the first two in index order where their logits tie: either order gives two equal gates
+    and the same (commutative) sum of two terms, so the C steps may take either."""
+    if chosen.shape[1] < 2:
+        return chosen
+    picked = logits.gather(1, chosen[:, :2])
+    tie = picked[:, 0] == picked[:, 1]
+    out = chosen.clone()
+    out[tie, :2] = chosen[tie, :2].sort(dim=1).values
+    return out
+
+
+def test_routing_from_the_routers_top_k():
+    """Top-k has one source: the config, held by the routers; the attention reads its router's."""
+    model = _model(NATIVE_K3)
+    for layer in model.model.layers:
+        assert layer.self_attention.top_k == layer.self_attention.experts.router.top_k == 3
+        assert layer.mlp.router.top_k == 3
+    assert model.experts_per_token() == 3
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8])

@@ -77,7 +77,7 @@ class SlotKVCache(Cache):
     def decode_buffers(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
         """In a decode step: (this layer's key and value buffers [slots, heads, max_len, D], each row's new
         position, the positions attention reads), for a caller that writes the new K/V itself and attends over
-        rows 0..n-1 and positions 0..view-1 (modeling/native_decode.py's C calls) instead of calling `update`;
+        rows 0..n-1 and positions 0..view-1 (modeling/backends/cpu_decode.py's C calls) instead of calling `update`;
         None otherwise."""
         if self._mode != "decode":
             return None

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from ..modeling.backends import selected_backend
 from .loading import DTYPES
 from .model_options import add_model_arguments, build_engine, quiet_transformers
 
@@ -48,12 +49,12 @@ def _memory_gib() -> dict[str, float]:
     return {key: int(value.split()[0]) / 2**20 for key, value in fields.items()}
 
 
-def _print_stats(load_s: float, completions, generate_s: float) -> None:
+def _print_stats(load_s: float, completions, generate_s: float, device) -> None:
     prompt_tokens = sum(c.prompt_tokens for c in completions)
     tokens = sum(c.completion_tokens for c in completions)
     line = (
-        f"[stats] load {load_s:.1f} s; {prompt_tokens} prompt + {tokens} generated tokens in {generate_s:.2f} s "
-        f"({tokens / max(generate_s, 1e-9):.2f} tok/s)"
+        f"[stats] backend {selected_backend(device)}; load {load_s:.1f} s; {prompt_tokens} prompt + {tokens} "
+        f"generated tokens in {generate_s:.2f} s ({tokens / max(generate_s, 1e-9):.2f} tok/s)"
     )
     if len(completions) == 1 and completions[0].decode_tokens_per_s is not None:
         line += f", {completions[0].decode_tokens_per_s:.2f} tok/s after the first token"
@@ -84,7 +85,8 @@ def run_generate(args) -> int:
             if len(args.prompt) > 1:
                 print("-" * 40)
     if args.stats:
-        _print_stats(loaded - started, completions, time.perf_counter() - loaded)
+        device = next(engine.model.parameters()).device
+        _print_stats(loaded - started, completions, time.perf_counter() - loaded, device)
     return 0
 
 

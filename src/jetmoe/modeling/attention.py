@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..ops.attention import shared_kv_attention, shared_kv_attention_reference
+from ..ops.attention import shared_kv_attention_reference
 from ..ops.dense import Linear
-from ..ops.fused import rotary
-from .experts import ParallelExperts, experts_combine, grouped_to_slots, slots_to_grouped, tokens_to_grouped
-from .routing import RoutingPlan, TopKRouter
+from .backends import backend_for
+from .experts import ParallelExperts, experts_combine
+from .routing import RoutingPlan, TopKRouter, grouped_to_slots, slots_to_grouped, tokens_to_grouped
 
 
 class JetMoeMoA(nn.Module):
@@ -45,17 +45,24 @@ class JetMoeAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.top_k = config.num_experts_per_tok
         self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = config.kv_channels
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        # For attention backends from transformers' registry: queries are passed kv-head-major, so the
-        # usual grouped-query convention (query head i reads kv head i // groups) is the right one.
-        self.num_key_value_groups = self.top_k
         self.experts = JetMoeMoA(config)
         self.kv_proj = Linear(config.hidden_size, 2 * config.num_key_value_heads * config.kv_channels, bias=False)
+
+    @property
+    def top_k(self) -> int:
+        """Experts per token: the router's (from config.num_experts_per_tok), the one source."""
+        return self.experts.router.top_k
+
+    @property
+    def num_key_value_groups(self) -> int:
+        """For attention functions from transformers' registry: queries are passed kv-head-major, so the usual
+        grouped-query convention (query head i reads kv head i // groups) is the right one."""
+        return self.top_k
 
     def forward(
         self,
@@ -72,11 +79,12 @@ class JetMoeAttention(nn.Module):
         x = hidden_states.reshape(-1, hidden)
         plan = self.experts.router(x)
 
+        ops = backend_for(x)
         cos, sin = position_embeddings  # [B or 1, T, D]
-        query = rotary(self.experts.map(x, plan).view(batch, length, k * kv_heads, head_dim), cos, sin)
+        query = ops.rotary(self.experts.map(x, plan).view(batch, length, k * kv_heads, head_dim), cos, sin)
         query = query.view(batch, length, k, kv_heads, head_dim)
         key, value = self.kv_proj(hidden_states).view(batch, length, 2, kv_heads, head_dim).unbind(2)
-        key, value = rotary(key, cos, sin).transpose(1, 2), value.transpose(1, 2)  # [B, Nkv, T, D]
+        key, value = ops.rotary(key, cos, sin).transpose(1, 2), value.transpose(1, 2)  # [B, Nkv, T, D]
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
@@ -102,7 +110,7 @@ class JetMoeAttention(nn.Module):
                 query, key, value, attention_mask, self.scaling, dropout_p=dropout, training=self.training
             )
         if implementation == "sdpa":
-            return shared_kv_attention(query, key, value, attention_mask, self.scaling, dropout_p=dropout), None
+            return backend_for(query).attention(query, key, value, attention_mask, self.scaling, dropout), None
         batch, kv_heads, k, length, head_dim = query.shape
         attention = ALL_ATTENTION_FUNCTIONS[implementation]
         out, _ = attention(

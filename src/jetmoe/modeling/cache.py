@@ -11,7 +11,7 @@ crop / reorder / select behaviour): anything that replaces a layer's `keys` or `
 decoding's crop, a user) is picked up at the next update, which copies that content into fresh buffers.
 
 While decoding on the CPU, `decode_buffers` / `decode_written` let the C decoder layers
-(modeling/native_decode.py) write the new row and attend in one call, as they do for the engine's cache.
+(modeling/backends/cpu_decode.py) write the new row and attend in one call, as they do for the engine's cache.
 """
 
 from __future__ import annotations

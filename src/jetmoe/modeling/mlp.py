@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..ops import fused
-from .experts import ParallelExperts, experts_combine, experts_silu_glu, tokens_to_grouped
+from .backends import backend_for
+from .experts import ParallelExperts, experts_combine, experts_silu_glu
+from .routing import tokens_to_grouped
 from .routing import TopKRouter
 
 
@@ -26,7 +27,7 @@ class JetMoeMoE(nn.Module):
     def glu(self, h: torch.Tensor) -> torch.Tensor:
         """[rows, 2I] = [gate | up] -> activation(gate) * up."""
         if self.silu:
-            return fused.silu_glu(h)
+            return backend_for(h).silu_glu(h)
         gate, up = h.chunk(2, dim=-1)
         return self.activation(gate) * up
 

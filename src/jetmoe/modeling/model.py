@@ -26,10 +26,11 @@ from ..ops.dense import Linear
 from .attention import JetMoeAttention, JetMoeMoA
 from .cache import JetMoeCache
 from .experts import ParallelExperts
-from . import loading, native_decode
+from . import loading
+from .backends import backend_for
 from .mlp import JetMoeMoE
 from .norm_rotary import JetMoeRMSNorm, JetMoeRotaryEmbedding
-from .routing import reference_balancing_loss, switch_balancing_loss
+from .routing import TopKRouter, reference_balancing_loss, switch_balancing_loss
 
 logger = logging.get_logger(__name__)
 
@@ -113,12 +114,10 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-        prepared = native_decode.applicable(self, hidden_states, output_attentions)
-        if prepared is not None:  # decoding: the same steps in C calls
-            args = (hidden_states, position_embeddings, attention_mask, cache)
-            done = native_decode.layer_forward(self, prepared, *args, **kwargs)
-            if done is not None:
-                return done
+        args = (hidden_states, position_embeddings, attention_mask, cache, output_attentions)
+        done = backend_for(hidden_states).decoder_layer(self, *args, **kwargs)
+        if done is not None:  # the backend's whole-layer step (the same values as the modules')
+            return done
         attn_out, attn_probs, moa_logits = self.self_attention(
             self.input_layernorm(hidden_states),
             position_embeddings,
@@ -295,8 +294,8 @@ class JetMoeModel(JetMoePreTrainedModel):
         hidden_states = inputs_embeds
         all_hidden, all_attentions, all_router_logits = [], [], []
         decoded = None
-        if not (output_hidden_states or output_attentions):  # a decoding step: every layer in one C call
-            decoded = native_decode.layers_forward(
+        if not (output_hidden_states or output_attentions):  # the backend's step of every layer, if it has one
+            decoded = backend_for(hidden_states).decoder_stack(
                 self.layers, hidden_states, position_embeddings, mask, cache, output_router_logits
             )
         if decoded is not None:
@@ -400,17 +399,17 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         config = self.config
         if attention_mask is not None and attention_mask.dim() != 2:
             attention_mask = None  # a prepared 4-D mask has no per-token padding flags to weight by
+        top_k = self.experts_per_token()
         if config.router_aux_loss_type == "switch":
             return switch_balancing_loss(
-                router_logits,
-                config.num_local_experts,
-                config.num_experts_per_tok,
-                attention_mask,
-                z_loss_coef=config.router_z_loss_coef,
+                router_logits, config.num_local_experts, top_k, attention_mask, z_loss_coef=config.router_z_loss_coef
             )
-        return reference_balancing_loss(
-            router_logits, config.num_local_experts, config.num_experts_per_tok, attention_mask
-        )
+        return reference_balancing_loss(router_logits, config.num_local_experts, top_k, attention_mask)
+
+    def experts_per_token(self) -> int:
+        """Top-k as the routers hold it (from config.num_experts_per_tok when they were built): the one source."""
+        router = next((m for m in self.modules() if isinstance(m, TopKRouter)), None)
+        return self.config.num_experts_per_tok if router is None else router.top_k
 
     def forward(
         self,

@@ -1,6 +1,6 @@
 """RMSNorm and the rotary embedding's cos/sin tables (rotate-half, full head dimension).
 
-Both layers' arithmetic lives in ops/fused (rms_norm, rotary): fused kernels on the CPU, operator chains elsewhere.
+The norm's arithmetic is the backend's `rms_norm` (modeling/backends); rotary is applied by the attention.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from ..ops import fused
+from .backends import backend_for
 
 
 class JetMoeRMSNorm(nn.Module):
@@ -21,7 +21,7 @@ class JetMoeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return fused.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return backend_for(hidden_states).rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..ops.dense import Linear
+from ..ops.permute import permute_rows, repeat_rows
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,27 @@ def make_plan(
         sorted_tokens=sorted_slots // top_k,
         expert_ends=expert_ends,
     )
+
+
+def tokens_to_grouped(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Token rows [N, H] -> each token's k slots in the plan's grouped order [N*k, H]."""
+    if plan.in_slot_order:
+        return x.repeat_interleave(plan.top_k, dim=0)
+    return repeat_rows(x, plan.sorted_tokens, plan.slot_to_grouped, plan.top_k)
+
+
+def slots_to_grouped(slot_rows: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Slot order [N*k, D] -> grouped order."""
+    if plan.in_slot_order:
+        return slot_rows
+    return permute_rows(slot_rows, plan.sorted_slots, plan.slot_to_grouped)
+
+
+def grouped_to_slots(grouped_rows: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Grouped order [N*k, D] -> slot order (token-major, best choice first)."""
+    if plan.in_slot_order:
+        return grouped_rows
+    return permute_rows(grouped_rows, plan.slot_to_grouped, plan.sorted_slots)
 
 
 class TopKRouter(nn.Module):

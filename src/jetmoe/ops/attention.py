@@ -78,7 +78,7 @@ def additive_inference_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> to
 
 
 # Decoding on the CPU in bf16 or fp32 (a few queries over a short cache) runs jetmoe's C kernel
-# (ops/native/decode.c) in place of SDPA; the C decoder layers (modeling/native_decode.py) call the same kernel,
+# (ops/native/decode.c) in place of SDPA; the C decoder layers (modeling/backends/cpu_decode.py) call the same kernel,
 # so the two paths agree.
 DECODE_MAX_QUERIES = 8
 

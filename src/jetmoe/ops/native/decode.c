@@ -98,20 +98,16 @@ int jetmoe_softmax_sorted(const float *values, int64_t rows, int64_t count, floa
     return 0;
 }
 
-/* Router for rows of `normed` [N, H]: logits (fp32 [N, E], the product in the dtype read as fp32), each row's
- * top k experts best first and their gates (in the dtype). Returns 1 (and leaves experts and gates unset) where
- * a row's choice is not decided by distinct finite logits. */
-static int route(const void *normed, int64_t tokens, int64_t hidden, const void *router_w, int64_t experts, int64_t k,
-                 float *logits, int64_t *chosen, void *gates, int dtype, int threads) {
-    float scores[MAX_SLOTS * MAX_EXPERTS]; /* room for N x E values of either dtype */
-    int64_t dense[3] = {0, 0, tokens};
-    jetmoe_gemv(router_w, experts, hidden, normed, dense, 1, scores, dtype, threads);
+/* The routing rule of modeling/routing.make_plan for fp32 logits [N, E]: each row's top k experts best first
+ * and the softmax of their logits as gates (in the dtype). Returns 1 (and leaves experts and gates unset) where
+ * a row's choice is not decided by distinct finite logits: PyTorch's topk breaks such ties its own way. */
+int jetmoe_route_logits(const float *logits, int64_t tokens, int64_t experts, int64_t k, int64_t *chosen,
+                        void *gates, int dtype) {
+    if (k < 1 || k > experts || k > MAX_SLOTS) return 1;
     for (int64_t n = 0; n < tokens; n++) {
-        float *row = logits + n * experts;
-        for (int64_t e = 0; e < experts; e++) {
-            row[e] = load_float(scores, dtype, n * experts + e);
+        const float *row = logits + n * experts;
+        for (int64_t e = 0; e < experts; e++)
             if (!isfinite(row[e])) return 1;
-        }
         int64_t *best = chosen + n * k;
         for (int64_t j = 0; j < k; j++) { /* selection: the largest logit not taken yet, lowest index first */
             int64_t pick = -1;
@@ -138,6 +134,17 @@ static int route(const void *normed, int64_t tokens, int64_t hidden, const void 
         for (int64_t j = 0; j < k; j++) store_float(gates, dtype, n * k + j, probabilities[j]);
     }
     return 0;
+}
+
+/* Router for rows of `normed` [N, H]: logits (fp32 [N, E], the product in the dtype read as fp32), then
+ * jetmoe_route_logits. */
+static int route(const void *normed, int64_t tokens, int64_t hidden, const void *router_w, int64_t experts, int64_t k,
+                 float *logits, int64_t *chosen, void *gates, int dtype, int threads) {
+    float scores[MAX_SLOTS * MAX_EXPERTS]; /* room for N x E values of either dtype */
+    int64_t dense[3] = {0, 0, tokens};
+    jetmoe_gemv(router_w, experts, hidden, normed, dense, 1, scores, dtype, threads);
+    for (int64_t i = 0; i < tokens * experts; i++) logits[i] = load_float(scores, dtype, i);
+    return jetmoe_route_logits(logits, tokens, experts, k, chosen, gates, dtype);
 }
 
 /* The slots (token n's j-th choice is slot n * k + j) grouped by expert, as the operator path's sorted plan

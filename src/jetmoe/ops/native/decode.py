@@ -3,7 +3,7 @@ and one after it; the attention while decoding; and a whole stack of layers for 
 call. Bit for bit the operator path (the same kernels on the same inputs); see decode.c. The projections (not
 the routers) may be int8 with per-row scales, as generation/quantize.py makes them.
 
-The caller (modeling/native_decode.py) decides which layers and calls these take; the functions here check
+The caller (modeling/backends/cpu_decode.py) decides which layers and calls these take; the functions here check
 the shapes they rely on and raise ValueError naming the problem. No autograd, no torch.compile.
 """
 
@@ -78,6 +78,21 @@ def softmax_sorted(values: torch.Tensor) -> torch.Tensor:
     if _library().jetmoe_softmax_sorted(_ptr(values), values.shape[0], values.shape[1], _ptr(out)):
         raise ValueError(f"softmax_sorted: PyTorch's order of summing {values.shape[1]} values is not known on this CPU")
     return out
+
+
+def route(logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The C steps' routing of fp32 logits [N, E]: (experts int64 [N, k] best first, gates [N, k] in `dtype`),
+    the values of modeling/routing.make_plan; None where a tie or a non-finite logit leaves the choice to
+    PyTorch's topk (the C steps then hand the layer to the operator path)."""
+    ok = logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_cpu and dtype in _CODES
+    _check("route", ok and 1 <= top_k <= min(logits.shape[1], MAX_SLOTS), "fp32 CPU logits [N, E], 1 <= k <= E")
+    logits = logits.contiguous()
+    chosen = torch.empty(logits.shape[0], top_k, dtype=torch.int64)
+    gates = torch.empty(logits.shape[0], top_k, dtype=dtype)
+    status = _library().jetmoe_route_logits(
+        _ptr(logits), logits.shape[0], logits.shape[1], top_k, _ptr(chosen), _ptr(gates), _CODES[dtype]
+    )
+    return None if status else (chosen, gates)
 
 
 def attention_in(

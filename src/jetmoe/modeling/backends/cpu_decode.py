@@ -1,4 +1,4 @@
-"""A decoder layer while decoding on the CPU (bf16 or fp32, weights alike or int8) in C: two calls around attention.
+"""The CPU backend's decoder steps: a decoder layer while decoding on the CPU (bf16 or fp32, weights alike or int8) in C: two calls around attention.
 
 The operator path of a decoding layer is ~45 PyTorch calls around its 7 weight products, whose overhead costs
 about as much as the products themselves (docs/performance.md). `layer_forward` runs the same steps through
@@ -27,12 +27,12 @@ from typing import NamedTuple
 
 import torch
 
-from ..ops import dense, grouped_matmul, native
-from ..ops.dense import Linear
-from ..ops.native import decode as kernels
-from .experts import ParallelExperts
-from .int8 import Int8Linear, Int8ParallelExperts
-from .norm_rotary import JetMoeRMSNorm
+from ...ops import dense, grouped_matmul, native
+from ...ops.dense import Linear
+from ...ops.native import decode as kernels
+from ..experts import ParallelExperts
+from ..int8 import Int8Linear, Int8ParallelExperts
+from ..norm_rotary import JetMoeRMSNorm
 
 
 # The modules whose weights the C calls read, in this order, and what each may be: the model's own modules, or
