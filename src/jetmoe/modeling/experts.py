@@ -77,7 +77,7 @@ def _fused_decode(rows: torch.Tensor, experts: nn.Module, plan: RoutingPlan) -> 
 
 def experts_silu_glu(experts: ParallelExperts, grouped_inputs: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """silu_glu(experts(grouped_inputs, plan)): [N*k, in] -> [N*k, out / 2]."""
-    if experts.output_size % 64 == 0 and _fused_decode(grouped_inputs, experts, plan):
+    if _fused_decode(grouped_inputs, experts, plan) and experts.output_size % 64 == 0:  # type first: peft LoRA wraps experts
         return native.gemv_silu_mul(grouped_inputs, experts.weight, native.slot_groups(plan.slot_experts))
     return fused.silu_glu(experts(grouped_inputs, plan))
 
@@ -87,9 +87,9 @@ def experts_combine(
 ) -> torch.Tensor:
     """combine(experts(grouped_inputs, plan), plan, bias): [N*k, in] -> [N, out]."""
     if (
-        experts.output_size % 16 == 0
+        _fused_decode(grouped_inputs, experts, plan)  # first: a peft LoRA wrapper has no output_size
+        and experts.output_size % 16 == 0
         and plan.gates.dtype == bias.dtype == grouped_inputs.dtype
-        and _fused_decode(grouped_inputs, experts, plan)
     ):
         groups = native.slot_groups(plan.slot_experts)
         return native.gemv_combine(grouped_inputs, experts.weight, groups, plan.gates, bias)
