@@ -357,6 +357,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
     if isinstance(config.data, str):
         config.data = [config.data]
+    if config.lora and not (config.lora_target_modules or config.lora_target_experts):
+        raise ValueError("lora: no targets (lora_target_modules and lora_target_experts are both empty)")
+    if config.lora and config.lora_dropout and config.lora_target_experts:
+        raise ValueError(f"lora_dropout {config.lora_dropout}: peft applies no dropout to expert weights "
+                         "(lora_target_experts); set lora_dropout 0 or lora_target_experts to none")
     if config.lora and not config.init_from:
         raise ValueError("lora fine-tunes a trained model: set init_from to an HF-format JetMoE checkpoint")
 

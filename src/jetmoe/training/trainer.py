@@ -331,18 +331,26 @@ def _load_resumed(folder: str):
 
 
 def _add_lora(model, config: TrainConfig, resume_folder: str | None):
+    """peft LoRA on the dense `lora_target_modules` (lora.Linear) and the expert weights `lora_target_experts`
+    (peft's `target_parameters`: a ParamWrapper parametrizes the [E, out, in] weight as W + scaling * B_e @ A_e
+    during the forward, so the grouped kernels see the adapted weight and autograd reaches A and B)."""
     try:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     except ImportError:
         raise ValueError("lora needs peft: pip install 'jetmoe[train]'") from None
+    from .config import LORA_EXPERTS
+
     lora_config = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+        target_modules=list(config.lora_target_modules),
+        target_parameters=[LORA_EXPERTS[name] for name in config.lora_target_experts] or None,
+        bias="none", task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(model, lora_config)
     except ValueError as error:
-        raise ValueError(f"lora_target_modules {config.lora_target_modules}: {error}") from None
+        raise ValueError(f"lora_target_modules {config.lora_target_modules} / lora_target_experts "
+                         f"{config.lora_target_experts}: {error}") from None
     if resume_folder:
         from safetensors.torch import load_file
 
