@@ -357,6 +357,9 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
     if isinstance(config.data, str):
         config.data = [config.data]
+    from .mixture import parse_mixture
+
+    parse_mixture(list(config.data), list(config.data_phases))  # checks the weights and phases (errors name them)
     if config.lora and not (config.lora_target_modules or config.lora_target_experts):
         raise ValueError("lora: no targets (lora_target_modules and lora_target_experts are both empty)")
     if config.lora and config.lora_dropout and config.lora_target_experts:
