@@ -155,3 +155,11 @@ def test_a_value_outside_the_choices_is_a_usage_error(argv, flag, allowed, capsy
     assert done.value.code == 2
     error = capsys.readouterr().err
     assert f"argument {flag}: invalid choice" in error and allowed in error
+
+
+def test_list_flags_for_lora_targets_and_mixtures():
+    args = build_parser().parse_args(["train", "--lora-target-experts", "--lora-target-modules", "kv_proj", "lm_head",
+                                      "--data", "web/:0.7", "code.jsonl:0.3", "--data-phases", "50:web/=0,code.jsonl=1"])
+    config = build_config("tiny", None, _overrides(args))
+    assert config.lora_target_experts == [] and config.lora_target_modules == ["kv_proj", "lm_head"]
+    assert config.data == ["web/:0.7", "code.jsonl:0.3"] and config.data_phases == ["50:web/=0,code.jsonl=1"]
