@@ -57,6 +57,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         if spec.name == "model":
             continue
         meta = spec.metadata
+        if meta.get("group") not in groups or not meta.get("help"):
+            raise TypeError(f"TrainConfig.{spec.name} has no help or group: declare it with config.option(...)")
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         text = f"{meta['help']} (default: {_shown_default(default)})"
         choices = meta.get("choices")
