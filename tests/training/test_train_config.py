@@ -67,7 +67,8 @@ def test_unknown_model_key_lists_the_model_fields():
     [
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"batch_size": "many"}, "batch_size must be int"),
-        ({"schedule": "triangle"}, "schedule must be one of"),
+        ({"schedule": "triangle"}, r"schedule \(--schedule\) must be one of wsd, cosine, constant; got .triangle."),
+        ({"lora_target_experts": ["moe_input", "mlp"]}, r"--lora-target-experts\) must be one of moa_query.*got .mlp."),
         ({"lr": -1.0}, "lr must be > 0"),
         ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
         ({"lora": True}, "lora fine-tunes a trained model"),
@@ -110,3 +111,55 @@ def test_dumped_config_round_trips(tmp_path):
     path = tmp_path / "again.yaml"
     path.write_text(dump_yaml(config))
     assert build_config(None, str(path)) == config
+
+
+def test_every_field_has_help_and_a_group():
+    import dataclasses
+
+    from jetmoe.training.config import GROUPS, TrainConfig
+
+    for spec in dataclasses.fields(TrainConfig):
+        assert isinstance(spec.metadata.get("help"), str) and spec.metadata["help"].strip(), spec.name
+        assert spec.metadata.get("group") in GROUPS, spec.name
+        choices = spec.metadata.get("choices")
+        if choices is not None:  # the default is one of the allowed values
+            default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+            assert all(v in choices for v in default) if isinstance(default, list) else default in choices, spec.name
+
+
+def test_help_lists_each_flag_with_its_description_default_and_choices(capsys):
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines: compare with single spaces
+    from jetmoe.training.config import GROUPS
+
+    positions = [text.index(f"{group} (") for group in GROUPS]
+    assert positions == sorted(positions)  # the groups, in their order
+    assert "--lr VALUE peak learning rate (default: 0.003)" in text
+    assert "--schedule CHOICE learning-rate schedule (wsd: warmup-stable-decay) (default: wsd); one of: wsd, cosine, constant" in text
+    assert "--aux-loss-type CHOICE balancing loss (none = the model config's) (default: null); one of: null, reference, switch" in text
+    assert "--progress, --no-progress show a progress bar (default: True)" in text
+    # Each flag sits in its group: --device under parallelism, --save-every under checkpoints.
+    assert positions[3] < text.index("--device CHOICE where") < positions[4] < text.index("--save-every VALUE steps") < positions[5]
+
+
+@pytest.mark.parametrize("argv, flag, allowed", [
+    (["--schedule", "triangle"], "--schedule", "'wsd', 'cosine', 'constant'"),
+    (["--lora-target-experts", "moa_query", "mlp"], "--lora-target-experts", "'moa_query', 'moa_output'"),
+    (["--device", "tpu"], "--device", "'auto', 'cpu', 'cuda'"),
+])
+def test_a_value_outside_the_choices_is_a_usage_error(argv, flag, allowed, capsys):
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["train", *argv])
+    assert done.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice" in error and allowed in error
+
+
+def test_list_flags_for_lora_targets_and_mixtures():
+    args = build_parser().parse_args(["train", "--lora-target-experts", "--lora-target-modules", "kv_proj", "lm_head",
+                                      "--data", "web/:0.7", "code.jsonl:0.3", "--data-phases", "50:web/=0,code.jsonl=1"])
+    config = build_config("tiny", None, _overrides(args))
+    assert config.lora_target_experts == [] and config.lora_target_modules == ["kv_proj", "lm_head"]
+    assert config.data == ["web/:0.7", "code.jsonl:0.3"] and config.data_phases == ["50:web/=0,code.jsonl=1"]

@@ -88,23 +88,35 @@ def test_full_fine_tuning_starts_from_the_checkpoint(base_checkpoint, tmp_path, 
 
 def test_lora_fine_tuning(base_checkpoint, tmp_path, corpus, token_cache):
     pytest.importorskip("peft")
+    # The default targets: the MoA and MoE expert weights and kv_proj.
+    export = tmp_path / "export"
     summary = train(micro_config(corpus, token_cache, tmp_path, init_from=base_checkpoint, lora=True, lora_rank=4,
-                                 lr=5e-3, max_steps=6, save_every=3, keep_checkpoints=3))
+                                 lr=5e-3, max_steps=6, save_every=3, keep_checkpoints=3, export_dir=str(export)))
     final = summary["checkpoint"]
     assert os.path.exists(os.path.join(final, "adapter", "adapter_model.safetensors"))
     assert os.path.exists(os.path.join(final, "adapter", "adapter_config.json"))
     base = JetMoeForCausalLM.from_pretrained(base_checkpoint)
     merged = JetMoeForCausalLM.from_pretrained(final)  # the merged model loads as a plain checkpoint
     changed = {name for name, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[name])}
-    assert changed and all("kv_proj" in name for name in changed)  # only the LoRA targets moved
+    targets = ("experts.input_linear", "experts.output_linear", "mlp.input_linear", "mlp.output_linear", "kv_proj")
+    assert {t for t in targets for name in changed if t in name} == set(targets)  # every target moved
+    assert all(any(t in name for t in targets) for name in changed)  # and nothing else
 
-    # The merged weights compute what base + adapter computes.
+    # The adapter loads in peft on our model, and the merged weights compute what base + adapter computes.
     from peft import PeftModel
 
     adapted = PeftModel.from_pretrained(JetMoeForCausalLM.from_pretrained(base_checkpoint), os.path.join(final, "adapter"))
     ids = torch.randint(4, 200, (1, 16))
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-4, atol=1e-5)
+        expected = adapted(ids).logits
+        assert (expected - base(ids).logits).abs().max() > 1e-3  # the adapter changed the outputs
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-4, atol=1e-5)
+        # The export is the merged model: transformers' own JetMoeForCausalLM loads it and agrees.
+        import transformers
+
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(str(export))
+        assert type(theirs).__module__.startswith("transformers.models.jetmoe")
+        torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-4, atol=1e-5)
 
     # Resuming a LoRA run restores the adapter and continues.
     resumed = train(micro_config(corpus, token_cache, tmp_path, init_from=base_checkpoint, lora=True, lora_rank=4,

@@ -193,7 +193,10 @@ def _save_model(model, full_state: dict, folder: str, lora_scaling: float | None
 
 
 def merge_lora_state(state: dict, scaling: float) -> dict:
-    """peft's state dict -> the plain model's, with each LoRA update folded in: W + scaling * B @ A."""
+    """peft's state dict -> the plain model's, with each LoRA update folded in: W + scaling * B @ A.
+
+    An expert weight [E, out, in] (peft's ParamWrapper) has A [E*r, in] (expert e's rows e*r..e*r+r-1) and
+    B [out, r*E] (expert e's columns e, E+e, 2E+e, ...): W[e] + scaling * B[:, e::E] @ A[e*r:(e+1)*r]."""
     merged = {}
     for key, value in state.items():
         if ".lora_A." in key or ".lora_B." in key or "lora_dropout" in key:
@@ -203,7 +206,13 @@ def merge_lora_state(state: dict, scaling: float) -> dict:
             stem = key.rsplit(".base_layer.", 1)[0]
             a = next(v for k, v in state.items() if k.startswith(stem + ".lora_A.") and k.endswith(".weight"))
             b = next(v for k, v in state.items() if k.startswith(stem + ".lora_B.") and k.endswith(".weight"))
-            value = value + scaling * (b.float() @ a.float()).to(value.dtype)
+            if value.dim() == 3:
+                experts = value.shape[0]
+                a = a.float().reshape(experts, -1, a.shape[-1])  # [E, r, in]
+                b = b.float().reshape(b.shape[0], -1, experts).permute(2, 0, 1)  # [E, out, r]
+                value = value + scaling * torch.bmm(b, a).to(value.dtype)
+            else:
+                value = value + scaling * (b.float() @ a.float()).to(value.dtype)
         merged[plain] = value
     return merged
 

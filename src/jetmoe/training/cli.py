@@ -16,14 +16,16 @@ import json
 import os
 import sys
 
-from .config import TrainConfig, build_config, parse_value
+from .config import GROUPS, TrainConfig, build_config, flag_name, parse_value
 
 
 def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train", help="train or fine-tune a JetMoE model",
         description="Train a JetMoE model: a preset, then a YAML/TOML config file, then these flags. "
-        "Every config key is a flag; --set KEY=VALUE sets any key, model.<field> included.",
+        "Every config key is a flag; --set KEY=VALUE sets any key, model.<field> included. The defaults shown are "
+        "TrainConfig's; a preset (tiny unless --preset or the file names another) changes some of them: "
+        "--print-config shows the resolved values.",
     )
     train.add_argument("--preset", help="named starting point: tiny (this CPU, minutes) or jetmoe-8b")
     train.add_argument("--config", help="a .yaml / .yml / .toml file of settings (it may name a `preset`)")
@@ -35,17 +37,7 @@ def register(subparsers) -> None:
     train.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                        help="set any key, e.g. --set model.hidden_size=256 (repeatable)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    group = train.add_argument_group("config keys")
-    for spec in dataclasses.fields(TrainConfig):
-        if spec.name == "model":
-            continue
-        flag = "--" + spec.name.replace("_", "-")
-        if spec.type == "bool":
-            group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
-        elif spec.type == "list":
-            group.add_argument(flag, dest=spec.name, nargs="+", default=argparse.SUPPRESS, metavar="VALUE")
-        else:
-            group.add_argument(flag, dest=spec.name, type=parse_value, default=argparse.SUPPRESS, metavar="VALUE")
+    add_config_flags(train)
     train.set_defaults(run=run_train)
 
     evaluate = subparsers.add_parser("eval", help="perplexity of a model on a text file")
@@ -55,6 +47,43 @@ def register(subparsers) -> None:
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=run_eval)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, in argument groups, each with its help line, default and allowed values
+    (all from the field's metadata, see config.option); a value outside the choices is a usage error naming both."""
+    groups = {name: parser.add_argument_group(f"{name} ({about})") for name, about in GROUPS.items()}
+    for spec in dataclasses.fields(TrainConfig):
+        if spec.name == "model":
+            continue
+        meta = spec.metadata
+        if meta.get("group") not in groups or not meta.get("help"):
+            raise TypeError(f"TrainConfig.{spec.name} has no help or group: declare it with config.option(...)")
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        text = f"{meta['help']} (default: {_shown_default(default)})"
+        choices = meta.get("choices")
+        if choices:
+            text += f"; one of: {', '.join('null' if c is None else str(c) for c in choices)}"
+        group = groups[meta["group"]]
+        flag = flag_name(spec.name)
+        text = text.replace("%", "%%")
+        if spec.type == "bool":
+            group.add_argument(flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=text)
+        elif spec.type == "list":
+            group.add_argument(flag, dest=spec.name, nargs="*" if choices else "+", default=argparse.SUPPRESS,
+                               metavar="VALUE", choices=choices, help=text)
+        else:
+            group.add_argument(flag, dest=spec.name, type=parse_value, default=argparse.SUPPRESS, choices=choices,
+                               metavar="CHOICE" if choices else "VALUE", help=text)
+
+
+def _shown_default(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "none"
+    return str(value)
 
 
 def _overrides(args: argparse.Namespace) -> dict:

@@ -51,60 +51,103 @@ TINY_MODEL = dict(
 )
 
 
+# Groups of `jetmoe train --help`, in its order; every field names one.
+GROUPS = {
+    "model": "the model to train, fine-tuning and LoRA",
+    "data": "what to train on, mixtures, tokenisation, validation split",
+    "optimisation": "batch shape, optimiser, schedule, objective, precision",
+    "parallelism": "devices and processes",
+    "checkpoints": "where runs are written, how often, how many kept",
+    "logging": "metrics, validation, progress",
+}
+
+# LoRA's expert targets (peft's `target_parameters`): the 3-D [E, out, in] weights of the MoA and MoE experts.
+LORA_EXPERTS = {
+    "moa_query": "experts.input_linear.weight",
+    "moa_output": "experts.output_linear.weight",
+    "moe_input": "mlp.input_linear.weight",
+    "moe_output": "mlp.output_linear.weight",
+}
+
+
+def option(default: Any, help: str, group: str, choices: tuple | None = None) -> Any:
+    """A TrainConfig field with its `--help` line, its group and (optionally) its allowed values: one source
+    for the flag, the help text and the validation. A list or dict default is copied for every config."""
+    if group not in GROUPS:
+        raise ValueError(f"option group {group!r} is not one of {list(GROUPS)}")
+    metadata = {"help": help, "group": group, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
+    """Every field is a config key and a flag; add one as `name: type = option(default, help, group[, choices])`."""
+
     # Model: the JetMoeConfig fields of a fresh model, or `init_from` an HF-format checkpoint to fine-tune.
-    model: dict = field(default_factory=lambda: dict(TINY_MODEL))
-    init_from: str | None = None
-    # LoRA fine-tuning through peft (targets nn.Linear modules by name).
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: list = field(default_factory=lambda: ["kv_proj"])
+    model: dict = option(dict(TINY_MODEL), "JetMoeConfig fields of a fresh model (set with --set model.FIELD=V)", "model")
+    init_from: str | None = option(None, "an HF-format JetMoE checkpoint folder to fine-tune", "model")
+    lora: bool = option(False, "LoRA fine-tuning through peft (needs init_from); checkpoints hold the merged model",
+                        "model")
+    lora_rank: int = option(8, "LoRA rank r", "model")
+    lora_alpha: float = option(16.0, "LoRA alpha (the update is scaled by alpha / r)", "model")
+    lora_dropout: float = option(0.0, "LoRA dropout on dense targets (peft allows none on expert targets)", "model")
+    lora_target_modules: list = option(["kv_proj"], "dense (nn.Linear) modules LoRA adapts, by name", "model")
+    lora_target_experts: list = option(list(LORA_EXPERTS), "expert weights LoRA adapts (the flag with no value: none)", "model",
+                                       choices=tuple(LORA_EXPERTS))
     # Data: files or folders; none = the embedded Python documentation corpus.
-    data: list = field(default_factory=list)
-    data_format: str = "auto"  # auto | text | jsonl | chat
-    text_field: str = "text"
-    tokenizer: str | None = None  # an HF tokenizer path; none = the checkpoint's, or train a byte-level BPE
-    cache_dir: str | None = None  # token files; default ~/.cache/jetmoe/tokens
-    val_fraction: float = 0.02
+    data: list = option([], "files or folders; PATH:WEIGHT for a weighted mixture; none = the embedded corpus",
+                        "data")
+    data_phases: list = option([], "mixture changes: STEP:PATH=W,PATH=W (weights from that step on)", "data")
+    data_format: str = option("auto", "format of the data files", "data", choices=("auto", "text", "jsonl", "chat"))
+    text_field: str = option("text", "the JSONL field holding a document's text", "data")
+    tokenizer: str | None = option(None, "an HF tokenizer path; none = the checkpoint's, or train a byte-level BPE",
+                                   "data")
+    cache_dir: str | None = option(None, "folder of token files (none = ~/.cache/jetmoe/tokens)", "data")
+    val_fraction: float = option(0.02, "share of the sequences held out for validation, in [0, 1)", "data")
+    seq_len: int = option(256, "tokens per packed training sequence", "data")
     # Shape of a step: global batch = batch_size * grad_accum * processes sequences of seq_len tokens.
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    max_steps: int = 1000
-    # Optimiser and schedule.
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    schedule: str = "wsd"  # wsd | cosine | constant
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying
-    decay_type: str = "exponential"  # wsd decay: exponential | linear
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    batch_size: int = option(16, "sequences per micro-batch and process", "optimisation")
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step", "optimisation")
+    max_steps: int = option(1000, "optimizer steps of the run", "optimisation")
+    lr: float = option(3e-3, "peak learning rate", "optimisation")
+    min_lr_ratio: float = option(0.1, "final learning rate / peak, in [0, 1]", "optimisation")
+    schedule: str = option("wsd", "learning-rate schedule (wsd: warmup-stable-decay)", "optimisation",
+                           choices=("wsd", "cosine", "constant"))
+    warmup_steps: int = option(50, "linear warmup steps", "optimisation")
+    decay_fraction: float = option(0.2, "wsd: share of the steps spent decaying, in [0, 1]", "optimisation")
+    decay_type: str = option("exponential", "wsd: shape of the decay", "optimisation",
+                             choices=("exponential", "linear"))
+    weight_decay: float = option(0.1, "AdamW weight decay (not on norms, biases, the tied embedding)", "optimisation")
+    beta1: float = option(0.9, "AdamW beta1", "optimisation")
+    beta2: float = option(0.95, "AdamW beta2", "optimisation")
+    adam_eps: float = option(1e-8, "AdamW epsilon", "optimisation")
+    grad_clip: float = option(1.0, "gradient-norm clipping threshold (0 = off)", "optimisation")
     # Objective: None keeps the model config's value.
-    aux_loss_type: str | None = None  # reference | switch
-    aux_loss_coef: float | None = None
-    z_loss_coef: float | None = None
+    aux_loss_type: str | None = option(None, "balancing loss (none = the model config's)", "optimisation",
+                                       choices=(None, "reference", "switch"))
+    aux_loss_coef: float | None = option(None, "balancing-loss coefficient (none = the model config's)",
+                                         "optimisation")
+    z_loss_coef: float | None = option(None, "router z-loss coefficient (none = the model config's)", "optimisation")
+    bf16: bool = option(False, "bf16 autocast (weights stay fp32)", "optimisation")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)",
+                                          "optimisation")
+    seed: int = option(0, "seed of initialisation and data order", "optimisation")
     # Execution.
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    device: str = option("auto", "where to train (auto: CUDA when present)", "parallelism",
+                         choices=("auto", "cpu", "cuda"))
     # Output, checkpoints, logging.
-    out_dir: str = "runs/jetmoe"
-    export_dir: str | None = None  # at the end, copy the final model + tokenizer (no optimizer) here
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    val_every: int = 100
-    val_batches: int = 8
-    progress: bool = True
-    plots: bool = True
+    out_dir: str = option("runs/jetmoe", "the run's folder: checkpoints, metrics, plots", "checkpoints")
+    export_dir: str | None = option(None, "at the end, copy the final model + tokenizer (no optimizer) here; "
+                                    "with LoRA the merged model", "checkpoints")
+    save_every: int = option(200, "steps between checkpoints", "checkpoints")
+    keep_checkpoints: int = option(2, "checkpoints kept (older ones of this run are deleted)", "checkpoints")
+    log_every: int = option(10, "steps between metrics lines", "logging")
+    val_every: int = option(100, "steps between validations", "logging")
+    val_batches: int = option(8, "batches per validation", "logging")
+    progress: bool = option(True, "show a progress bar", "logging")
+    plots: bool = option(True, "write loss and expert-load plots at the end", "logging")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -141,17 +184,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-_CHOICES = {
-    "data_format": ("auto", "text", "jsonl", "chat"),
-    "schedule": ("wsd", "cosine", "constant"),
-    "decay_type": ("exponential", "linear"),
-    "aux_loss_type": (None, "reference", "switch"),
-    "device": ("auto", "cpu", "cuda"),
-}
-
-
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def choices_of(name: str) -> tuple | None:
+    return TrainConfig.__dataclass_fields__[name].metadata.get("choices")
+
+
+def _shown(choices: tuple) -> str:
+    return ", ".join("null" if c is None else str(c) for c in choices)
 
 
 @functools.lru_cache(maxsize=1)
@@ -286,9 +332,14 @@ def build_config(
 
 
 def validate(config: TrainConfig) -> None:
-    for name, choices in _CHOICES.items():
-        if getattr(config, name) not in choices:
-            raise ValueError(f"{name} must be one of {[c for c in choices if c]}, got {getattr(config, name)!r}")
+    for spec in dataclasses.fields(TrainConfig):
+        choices = spec.metadata.get("choices")
+        value = getattr(config, spec.name)
+        if choices is None:
+            continue
+        bad = [v for v in value if v not in choices] if isinstance(value, list) else [value] * (value not in choices)
+        if bad:
+            raise ValueError(f"{spec.name} ({flag_name(spec.name)}) must be one of {_shown(choices)}; got {bad[0]!r}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every", "val_every",
                  "val_batches", "keep_checkpoints", "lora_rank"):
         value = getattr(config, name)
@@ -306,6 +357,14 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
     if isinstance(config.data, str):
         config.data = [config.data]
+    from .mixture import parse_mixture
+
+    parse_mixture(list(config.data), list(config.data_phases))  # checks the weights and phases (errors name them)
+    if config.lora and not (config.lora_target_modules or config.lora_target_experts):
+        raise ValueError("lora: no targets (lora_target_modules and lora_target_experts are both empty)")
+    if config.lora and config.lora_dropout and config.lora_target_experts:
+        raise ValueError(f"lora_dropout {config.lora_dropout}: peft applies no dropout to expert weights "
+                         "(lora_target_experts); set lora_dropout 0 or lora_target_experts to none")
     if config.lora and not config.init_from:
         raise ValueError("lora fine-tunes a trained model: set init_from to an HF-format JetMoE checkpoint")
 

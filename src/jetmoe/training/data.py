@@ -231,15 +231,34 @@ def prepare_tokenizer(config, source: Source, out_dir: str, cache_dir: str, is_m
     return tokenizer
 
 
-def prepare_data(config, out_dir: str, is_main: bool = True, barrier=lambda: None, log=print):
-    """(tokenizer, PackedSequences) for a run; the main process tokenises, the others wait and reuse."""
+def prepare_data(config, out_dir: str, is_main: bool = True, barrier=lambda: None, log=print, global_batch: int = 1):
+    """(tokenizer, PackedSequences or MixedSequences) for a run; the main process tokenises, the others wait and
+    reuse. `global_batch` (sequences per step) places a mixture's phase changes."""
+    from .mixture import MixedSequences, SourceMix, describe, parse_mixture
     from .sources import resolve_source
 
-    source = resolve_source(list(config.data), config.data_format, config.text_field)
+    mixture = parse_mixture(list(config.data), list(config.data_phases))
+    if mixture is None:
+        sources = [resolve_source(list(config.data), config.data_format, config.text_field)]
+    else:
+        sources = [resolve_source([path], config.data_format, config.text_field) for path in mixture[0]]
     cache_dir = config.cache_dir or default_cache_dir()
-    tokenizer = prepare_tokenizer(config, source, out_dir, cache_dir, is_main, barrier, log)
+    tokenizer = prepare_tokenizer(config, sources[0] if mixture is None else SourceMix(sources), out_dir, cache_dir,
+                                  is_main, barrier, log)
     if is_main:
-        build_token_file(source, tokenizer, cache_dir, log)
+        for source in sources:
+            build_token_file(source, tokenizer, cache_dir, log)
     barrier()
-    token_file = TokenFile.open(token_file_path(cache_dir, source, tokenizer))
-    return tokenizer, PackedSequences(token_file, config.seq_len, config.val_fraction, config.seed)
+    parts = []
+    for source, name in zip(sources, mixture[0] if mixture else ["data"]):
+        token_file = TokenFile.open(token_file_path(cache_dir, source, tokenizer))
+        try:
+            parts.append(PackedSequences(token_file, config.seq_len, config.val_fraction, config.seed))
+        except ValueError as error:
+            raise ValueError(f"data source {name!r}: {error}" if mixture else str(error)) from None
+    if mixture is None:
+        return tokenizer, parts[0]
+    paths, phases = mixture
+    for phase in phases:
+        log(f"data mixture from step {phase.step}: {describe(paths, phase.weights)}")
+    return tokenizer, MixedSequences(parts, paths, phases, global_batch, config.seed)

@@ -66,8 +66,8 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
         raise ckpt.CheckpointError(f"--resume: there is no checkpoint under {root} "
                                    "(pass --resume-or-start to start from scratch when there is none)")
 
-    tokenizer, data = prepare_data(config, out_dir, runtime.is_main, runtime.barrier, log)
     global_batch = config.batch_size * config.grad_accum * runtime.world
+    tokenizer, data = prepare_data(config, out_dir, runtime.is_main, runtime.barrier, log, global_batch)
     if data.num_train < global_batch:
         raise ValueError(
             f"a step needs {global_batch} sequences (batch_size {config.batch_size} x grad_accum "
@@ -127,6 +127,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
         return path
 
     saved_path = found.path if found else None
+    mixture = _MixtureLog(data, position)
     while step < config.max_steps:
         model.train()
         micro = [
@@ -180,9 +181,13 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
             last["tokens_per_s"] = rate = throughput.take()
             last["elapsed_s"] = elapsed_before + time.perf_counter() - started
             last["expert_load"] = expert_load.take(runtime)
+            if mixture.enabled:
+                last["mixture"] = mixture.take(position)
             metrics.write(last)
         progress.update(1, loss=loss, aux=aux, lr=lr, tok_s=rate)
 
+        if mixture.enabled and step < config.max_steps and data.phase_at(step + 1) is not data.phase_at(step):
+            progress.write(f"step {step}: data mixture now {mixture.describe(step + 1)}")
         if step % config.val_every == 0 or step == config.max_steps:
             val_result = validate(model, data, config, runtime, autocast)
             if val_result is not None:
@@ -194,7 +199,9 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
     progress.close()
     elapsed = elapsed_before + time.perf_counter() - started
     summary = {"step": step, "out_dir": out_dir, "checkpoint": saved_path, "elapsed_s": elapsed,
-               "tokens_seen": tokens_seen, **{k: v for k, v in last.items() if k != "expert_load"}}
+               "tokens_seen": tokens_seen, **{k: v for k, v in last.items() if k not in ("expert_load", "mixture")}}
+    if mixture.enabled:
+        summary["mixture"] = mixture.total(position)  # the realised shares of every sequence this run drew
     if val_result:
         summary.update(val_result)
     if runtime.is_main:
@@ -204,6 +211,30 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
             export(saved_path, config.export_dir)
             log(f"exported the model and tokenizer to {config.export_dir}")
     return summary
+
+
+class _MixtureLog:
+    """The realised mixture: each source's share of the sequences drawn (by all processes) since the last take."""
+
+    def __init__(self, data, position: int):
+        self.data, self.enabled = data, hasattr(data, "counts")
+        self.start = self.last = position
+
+    def _shares(self, begin: int, end: int) -> dict[str, float]:
+        drawn = self.data.counts(end) - self.data.counts(begin)
+        return {name: float(n) / max(1, int(drawn.sum())) for name, n in zip(self.data.names, drawn)}
+
+    def take(self, position: int) -> dict[str, float]:
+        shares, self.last = self._shares(self.last, position), position
+        return shares
+
+    def total(self, position: int) -> dict[str, float]:
+        return self._shares(self.start, position)
+
+    def describe(self, step: int) -> str:
+        from .mixture import describe
+
+        return describe(self.data.names, self.data.phase_at(step).weights)
 
 
 def _restore(config: TrainConfig, tokenizer, runtime: Runtime, log):
@@ -331,18 +362,26 @@ def _load_resumed(folder: str):
 
 
 def _add_lora(model, config: TrainConfig, resume_folder: str | None):
+    """peft LoRA on the dense `lora_target_modules` (lora.Linear) and the expert weights `lora_target_experts`
+    (peft's `target_parameters`: a ParamWrapper parametrizes the [E, out, in] weight as W + scaling * B_e @ A_e
+    during the forward, so the grouped kernels see the adapted weight and autograd reaches A and B)."""
     try:
         from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     except ImportError:
         raise ValueError("lora needs peft: pip install 'jetmoe[train]'") from None
+    from .config import LORA_EXPERTS
+
     lora_config = LoraConfig(
         r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+        target_modules=list(config.lora_target_modules),
+        target_parameters=[LORA_EXPERTS[name] for name in config.lora_target_experts] or None,
+        bias="none", task_type="CAUSAL_LM",
     )
     try:
         model = get_peft_model(model, lora_config)
     except ValueError as error:
-        raise ValueError(f"lora_target_modules {config.lora_target_modules}: {error}") from None
+        raise ValueError(f"lora_target_modules {config.lora_target_modules} / lora_target_experts "
+                         f"{config.lora_target_experts}: {error}") from None
     if resume_folder:
         from safetensors.torch import load_file
 
