@@ -192,16 +192,19 @@ class CheckpointSlices:
     def __init__(self, folder: str, error=MaterializeError):
         self.folder = folder
         self.error = error
+        self._open: dict[str, object] = {}
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index, encoding="utf-8") as handle:
-                self.files = dict(json.load(handle)["weight_map"])
+            try:
+                with open(index, encoding="utf-8") as handle:
+                    self.files = dict(json.load(handle)["weight_map"])
+            except (OSError, ValueError, KeyError, TypeError) as problem:
+                raise error(f"{index} is not a safetensors index ({type(problem).__name__}: {problem})") from None
         else:
             single = os.path.join(folder, "model.safetensors")
             if not os.path.exists(single):
                 raise error(f"{folder} holds no model.safetensors (nor model.safetensors.index.json)")
             self.files = {key: "model.safetensors" for key in self._keys("model.safetensors")}
-        self._open: dict[str, object] = {}
 
     def _handle(self, file: str):
         from safetensors import safe_open
@@ -211,7 +214,10 @@ class CheckpointSlices:
         return self._open[file]
 
     def _keys(self, file: str) -> list[str]:
-        return list(self._handle(file).keys())
+        try:
+            return list(self._handle(file).keys())
+        except Exception as error:  # safetensors' own errors for an unreadable file
+            raise self.error(f"{file} in {self.folder} does not read ({type(error).__name__}: {error})") from None
 
     def fill(self, name: str, local: torch.Tensor, shape: tuple[int, ...], offset: tuple[int, ...]) -> None:
         file = self.files.get(name)
