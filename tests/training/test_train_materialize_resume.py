@@ -131,32 +131,42 @@ def _kill_after_checkpoint(command: list[str], out, step: int) -> None:
         process.wait()
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
-def test_sigkilled_run_resumes_with_another_process_count(tmp_path, corpus, token_cache, first, then):
-    steps = 16
-    config = write_config(tmp_path / "run.yaml", micro_settings(corpus, token_cache, max_steps=steps, save_every=4,
-                                                                keep_checkpoints=10, val_every=8))
+RESUME_STEPS = 16
 
-    def command(processes: int, out, *extra: str) -> list[str]:
-        # The same global batch (4 sequences) either way: 2 processes x 1 micro-batch, or 1 x 2.
-        args = ("train", "--config", config, "--out-dir", str(out), "--grad-accum", str(3 - processes), *extra)
-        return torchrun_command(processes, *args) if processes > 1 else jetmoe_command(*args)
 
-    whole = run_command(command(1, tmp_path / "whole"))
+def _resume_command(config: str, processes: int, out, *extra: str) -> list[str]:
+    # The same global batch (4 sequences) either way: 2 processes x 1 micro-batch, or 1 x 2.
+    args = ("train", "--config", config, "--out-dir", str(out), "--grad-accum", str(3 - processes), *extra)
+    return torchrun_command(processes, *args) if processes > 1 else jetmoe_command(*args)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus, token_cache):
+    """(config file, losses of the uninterrupted single-process run): computed once for both directions."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    config = write_config(folder / "run.yaml", micro_settings(corpus, token_cache, max_steps=RESUME_STEPS,
+                                                              save_every=4, keep_checkpoints=10, val_every=8))
+    whole = run_command(_resume_command(config, 1, folder / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
+    return config, losses(folder / "whole")
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+def test_sigkilled_run_resumes_with_another_process_count(tmp_path, uninterrupted, first, then):
+    config, expected = uninterrupted
     out = tmp_path / "killed"
-    _kill_after_checkpoint(command(first, out), out, 8)
+    _kill_after_checkpoint(_resume_command(config, first, out), out, 8)
     killed_at = max(losses(out))
-    assert killed_at < steps, "the kill came too late to test resuming"
-    resumed = run_command(command(then, out, "--resume"))
+    assert killed_at < RESUME_STEPS, "the kill came too late to test resuming"
+    resumed = run_command(_resume_command(config, then, out, "--resume"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "global batch" not in resumed.stdout
-    expected, got = losses(tmp_path / "whole"), losses(out)
-    assert sorted(got) == list(range(1, steps + 1))
+    got = losses(out)
+    assert sorted(got) == list(range(1, RESUME_STEPS + 1))
     worst = max(abs(got[s] - expected[s]) / abs(expected[s]) for s in expected)
     print(f"{first} -> {then} processes: max relative loss difference {worst:.2e}")
-    for step in range(1, steps + 1):
+    for step in range(1, RESUME_STEPS + 1):  # the same global batch: the same math up to the reduction order
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
     # The resumed run's checkpoint is an HF model like any other.
-    final = JetMoeForCausalLM.from_pretrained(os.path.join(checkpoint_root(out), f"step-{steps:08d}"))
+    final = JetMoeForCausalLM.from_pretrained(os.path.join(checkpoint_root(out), f"step-{RESUME_STEPS:08d}"))
     assert final.config.num_hidden_layers == MICRO_MODEL["num_hidden_layers"]
