@@ -1,9 +1,10 @@
 """Checkpoints: atomic (written under a temporary name, renamed when complete), resumable exactly.
 
 A checkpoint folder `OUT/checkpoints/step-00000100/` holds
-  - the model in HF format (config.json, model.safetensors via save_pretrained) and the tokenizer, so
-    `JetMoeForCausalLM.from_pretrained(folder)` (and transformers) load it; with LoRA, the merged model plus
-    the adapter in `adapter/` (peft format);
+  - the model in HF format (config.json, model.safetensors, or model-0000i-of-0000n.safetensors and an index,
+    written from any layout by save_hf_weights) and the tokenizer, so `JetMoeForCausalLM.from_pretrained(folder)`
+    (and transformers) load it, and a resume with any layout reads its slices (materialize.CheckpointSlices);
+    with LoRA, the merged model plus the adapter in `adapter/` (peft format);
   - optimizer/ (torch.distributed.checkpoint: each process writes its own shard, resharding on load),
     scheduler.json, rng-rank{N}.json (every process's RNG states), trainer_state.json (step, data position,
     ...), train_config.yaml: plain data, so resuming never unpickles what lies in the output folder;
