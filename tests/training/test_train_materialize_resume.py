@@ -66,6 +66,11 @@ def test_hf_weights_written_in_pieces_load_anywhere(tmp_path, monkeypatch):
         assert torch.equal(x, y) and torch.equal(x, z), name
 
 
+def test_materialize_takes_only_meta_models():
+    with pytest.raises(mat.MaterializeError, match="model.embed_tokens.weight is on cpu"):
+        mat.materialize(_fresh(JetMoeConfig(**MICRO_MODEL)), torch.device("cpu"), None)
+
+
 def test_checkpoint_that_does_not_fit_the_model_is_named(tmp_path):
     model = _fresh(JetMoeConfig(**MICRO_MODEL))
     model.save_pretrained(tmp_path / "hf")
@@ -158,7 +163,7 @@ def test_sigkilled_run_resumes_with_another_process_count(tmp_path, uninterrupte
     _kill_after_checkpoint(_resume_command(config, first, out), out, 8)
     killed_at = max(losses(out))
     assert killed_at < RESUME_STEPS, "the kill came too late to test resuming"
-    resumed = run_command(_resume_command(config, then, out, "--resume"))
+    resumed = run_command(_resume_command(config, then, out, "--resume", "--export-dir", str(tmp_path / "export")))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "global batch" not in resumed.stdout
     got = losses(out)
@@ -167,6 +172,9 @@ def test_sigkilled_run_resumes_with_another_process_count(tmp_path, uninterrupte
     print(f"{first} -> {then} processes: max relative loss difference {worst:.2e}")
     for step in range(1, RESUME_STEPS + 1):  # the same global batch: the same math up to the reduction order
         assert got[step] == pytest.approx(expected[step], rel=1e-4), step
-    # The resumed run's checkpoint is an HF model like any other.
+    # The resumed run's checkpoint and export are HF models like any other, whatever the layout that wrote them.
     final = JetMoeForCausalLM.from_pretrained(os.path.join(checkpoint_root(out), f"step-{RESUME_STEPS:08d}"))
+    exported = JetMoeForCausalLM.from_pretrained(str(tmp_path / "export"))
     assert final.config.num_hidden_layers == MICRO_MODEL["num_hidden_layers"]
+    for (name, x), (_, y) in zip(final.state_dict().items(), exported.state_dict().items()):
+        assert torch.equal(x, y), name

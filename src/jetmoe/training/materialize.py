@@ -89,6 +89,10 @@ def materialize(model: nn.Module, device: torch.device, source) -> nn.Module:
     """Allocate this process's part of every meta parameter on `device` and fill it from `source`
     (`RandomInit` or `CheckpointSlices`, or anything with `fill(name, local, global_shape, offset)`).
     Buffers keep their values. Returns the model."""
+    real = [name for name, param in model.named_parameters() if param.device.type != "meta"]
+    if real:
+        raise MaterializeError(f"materialize takes a model whose parameters are all on the meta device; "
+                               f"{real[0]} is on {dict(model.named_parameters())[real[0]].device}")
     buffers = {name: buffer for name, buffer in model.named_buffers()}
     owners: dict[int, list] = {}  # tied parameters: to_empty gives each module its own copy, tied again below
     for module in model.modules():
