@@ -291,7 +291,8 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
         return _build_lora_model(config, tokenizer, resume_folder, log, runtime)
     if resume_folder:
         model_config = _checkpoint_config(resume_folder)
-        _check_same_architecture(_fresh_config(config, tokenizer, log), model_config, resume_folder)
+        if not config.init_from or os.path.isdir(config.init_from):  # the fine-tuned model may be gone: no check
+            _check_same_architecture(_fresh_config(config, tokenizer, lambda _: None), model_config, resume_folder)
         source = CheckpointSlices(resume_folder, error=ckpt.DamagedCheckpoint)
     else:
         model_config = _fresh_config(config, tokenizer, log)
