@@ -41,7 +41,7 @@ def main() -> None:
     config = JetMoeConfig(**PRESETS[args.preset]["model"])
     started = time.perf_counter()
     model = shard_model(meta_model(config), runtime)
-    materialize(model, runtime.device, RandomInit(0, config, model))
+    materialize(model, runtime.device, RandomInit(0, model))
     seconds = time.perf_counter() - started
     local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())

@@ -25,7 +25,7 @@ ONE = Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
 def _fresh(config: JetMoeConfig, seed: int = 0) -> torch.nn.Module:
     model = mat.meta_model(config)
-    return mat.materialize(model, torch.device("cpu"), mat.RandomInit(seed, config, model))
+    return mat.materialize(model, torch.device("cpu"), mat.RandomInit(seed, model))
 
 
 def test_random_init_of_any_slice_is_the_slice_of_the_whole(monkeypatch):
@@ -34,7 +34,7 @@ def test_random_init_of_any_slice_is_the_slice_of_the_whole(monkeypatch):
     whole = _fresh(config)
     assert whole.lm_head.weight is whole.model.embed_tokens.weight
     assert not whole.model.embed_tokens.weight[5].any() and whole.model.embed_tokens.weight[6].any()
-    source = mat.RandomInit(0, config, whole)
+    source = mat.RandomInit(0, whole)
     for name, param in whole.named_parameters():
         if param.ndim == 0:
             continue

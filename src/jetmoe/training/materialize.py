@@ -3,7 +3,7 @@ what this process owns, initialised or read from an HF checkpoint.
 
     model = meta_model(JetMoeConfig(...))          # parameters on "meta": no memory; buffers real
     model = shard_model(model, runtime)            # FSDP2 (distributed.py), pipeline stages, expert shards...
-    materialize(model, runtime.device, RandomInit(seed, model.config))          # or CheckpointSlices(folder)
+    materialize(model, runtime.device, RandomInit(seed, model))          # or CheckpointSlices(folder)
 
 `materialize` takes any layout: each parameter is either a plain tensor (this process owns all of it, e.g. one
 process or a pipeline stage's layers) or a DTensor (this process owns its local shard, wherever the placements
@@ -85,10 +85,12 @@ def _local_region(param: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], t
     return param, tuple(param.shape), (0,) * param.ndim
 
 
-def materialize(model: nn.Module, device: torch.device, source) -> nn.Module:
+def materialize(model: nn.Module, device: torch.device, source, name_of=None) -> nn.Module:
     """Allocate this process's part of every meta parameter on `device` and fill it from `source`
     (`RandomInit` or `CheckpointSlices`, or anything with `fill(name, local, global_shape, offset)`).
-    Buffers keep their values. Returns the model."""
+    `name_of(fqn)` gives a parameter's name in the whole HF model (default `canonical_name`), for layouts
+    that rename modules (e.g. a stage that renumbers its layers). Buffers keep their values. Returns the model."""
+    name_of = name_of or canonical_name
     real = [name for name, param in model.named_parameters() if param.device.type != "meta"]
     if real:
         raise MaterializeError(f"materialize takes a model whose parameters are all on the meta device; "
@@ -111,7 +113,7 @@ def materialize(model: nn.Module, device: torch.device, source) -> nn.Module:
                 buffer.copy_(kept.to(buffer.device))
         for name, param in model.named_parameters():  # tied parameters appear once
             local, shape, offset = _local_region(param)
-            source.fill(canonical_name(name), local, shape, offset)
+            source.fill(name_of(name), local, shape, offset)
     return model
 
 
@@ -124,10 +126,10 @@ class RandomInit:
     projections, experts and the embedding, whose padding row is 0; zeros for biases; ones for norms), drawn
     per (seed, parameter name, block of rows) so that every layout gets the same values."""
 
-    def __init__(self, seed: int, config, model: nn.Module | None = None):
+    def __init__(self, seed: int, model: nn.Module):
         self.seed = int(seed)
-        self.std = float(config.initializer_range)
-        self.kinds = _kinds(model) if model is not None else {}
+        self.std = float(model.config.initializer_range)
+        self.kinds = _kinds(model)
 
     def kind(self, name: str) -> str:
         if name in self.kinds:

@@ -301,7 +301,7 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
     model = meta_model(model_config)
     _enable_gradient_checkpointing(model, config)
     model = shard_model(model, runtime)
-    materialize(model, runtime.device, source or RandomInit(config.seed, model_config, model))
+    materialize(model, runtime.device, source or RandomInit(config.seed, model))
     return model, None
 
 
@@ -381,8 +381,8 @@ def _build_lora_model(config: TrainConfig, tokenizer, resume_folder: str | None,
             raise FileNotFoundError(f"init_from {config.init_from!r} is not a folder holding an HF-format checkpoint")
         model = JetMoeForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
     else:
-        model = materialize(meta_model(_fresh_config(config, tokenizer, log)), torch.device("cpu"),
-                            RandomInit(config.seed, _fresh_config(config, tokenizer, lambda _: None)))
+        model = meta_model(_fresh_config(config, tokenizer, log))
+        model = materialize(model, torch.device("cpu"), RandomInit(config.seed, model))
     _configure(model.config, config, tokenizer)
     _enable_gradient_checkpointing(model, config)
     model, lora_scaling = _add_lora(model, config, resume_folder)
