@@ -91,6 +91,11 @@ def test_resume_with_another_model_config_is_an_error(tmp_path, corpus, token_ca
                                        "--max-steps", "4", "--set", "model.num_hidden_layers=3"))
     assert again.returncode != 0
     assert "its model differs from this run's config in num_hidden_layers 2 (this run: 3)" in again.stderr
+    # Another global batch resumes from the same data position, with a warning.
+    other = run_command(jetmoe_command("train", "--config", config, "--out-dir", str(tmp_path / "out"), "--resume",
+                                       "--max-steps", "3", "--grad-accum", "2"))
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "trained with a global batch of 2 sequences (1 processes), this run's is 4" in other.stdout
 
 
 def _peaks(stdout: str) -> list[float]:

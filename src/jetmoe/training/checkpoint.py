@@ -243,7 +243,8 @@ def save_hf_weights(model, folder: str, runtime) -> list[str]:
             if handle:
                 handle.write(_safetensors_header(members))
             for _, tensor in members:
-                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                with torch.no_grad():
+                    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
                 if handle:
                     data = full.detach().to("cpu").contiguous()
                     handle.write(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")
