@@ -88,3 +88,26 @@ def losses(out_dir) -> dict[int, float]:
     from jetmoe.training.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(str(out_dir)) if "loss" in r}
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """`torchrun --standalone --nproc_per_node NPROC -m jetmoe.cli ARGS` with this interpreter's torchrun."""
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    return [torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "jetmoe.cli", *args]
+
+
+def run_command(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run in its own process group, so that a hang is cleaned up whole (torchrun's workers would outlive it)."""
+    import signal
+
+    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -2,7 +2,8 @@
 
 Modules, one job each: config (run settings, presets), corpus (the embedded default corpus), sources (reading
 data files), tokenizer, data (token files, packing, split, order), objective, schedule, optim, distributed,
-checkpoint, metrics, trainer (the loop), evaluate (perplexity), cli.
+materialize (meta-device start-up: each process allocates only its shards), checkpoint, metrics, trainer (the
+loop), evaluate (perplexity), cli.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Checkpoints: atomic (written under a temporary name, renamed when complete), resumable exactly.
 
 A checkpoint folder `OUT/checkpoints/step-00000100/` holds
-  - the model in HF format (config.json, model.safetensors via save_pretrained) and the tokenizer, so
-    `JetMoeForCausalLM.from_pretrained(folder)` (and transformers) load it; with LoRA, the merged model plus
-    the adapter in `adapter/` (peft format);
+  - the model in HF format (config.json, model.safetensors, or model-0000i-of-0000n.safetensors and an index,
+    written from any layout by save_hf_weights) and the tokenizer, so `JetMoeForCausalLM.from_pretrained(folder)`
+    (and transformers) load it, and a resume with any layout reads its slices (materialize.CheckpointSlices);
+    with LoRA, the merged model plus the adapter in `adapter/` (peft format);
   - optimizer/ (torch.distributed.checkpoint: each process writes its own shard, resharding on load),
     scheduler.json, rng-rank{N}.json (every process's RNG states), trainer_state.json (step, data position,
     ...), train_config.yaml: plain data, so resuming never unpickles what lies in the output folder;
@@ -111,13 +112,20 @@ def save_checkpoint(
     _agree(runtime, error, temp, step)
 
     try:
-        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full_state = None
+        if lora_scaling is None:  # the weights, gathered one tensor at a time and written by their file's process
+            save_hf_weights(model, temp, runtime)
+        else:
+            full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
         with _single_process_ok():
             dcp.save(optim_state, checkpoint_id=os.path.join(temp, "optimizer"))
         _write_text(os.path.join(temp, f"rng-rank{runtime.rank}.json"), json.dumps(_rng_state()))
         if runtime.is_main:
-            _save_model(model, full_state, temp, lora_scaling)
+            if full_state is None:
+                _save_model_config(model, temp)
+            else:
+                _save_model(model, full_state, temp, lora_scaling)
             tokenizer.save_pretrained(temp)
             _write_text(os.path.join(temp, SCHEDULER), json.dumps(scheduler.state_dict(), indent=1))
             _write_text(os.path.join(temp, TRAINER_STATE), json.dumps(trainer_state, indent=2))
@@ -190,6 +198,92 @@ def _save_model(model, full_state: dict, folder: str, lora_scaling: float | None
     if getattr(base.config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
     base.save_pretrained(folder, state_dict=state)
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+MAX_FILE_BYTES = 5 << 30  # weights per safetensors file (more: files named model-0000i-of-0000n + an index)
+
+
+def save_hf_weights(model, folder: str, runtime) -> list[str]:
+    """Write the model's weights in HF format (safetensors) from any layout, holding one whole tensor at a time.
+
+    A collective call: every sharded tensor (DTensor) is gathered in turn on every process, and the process
+    that writes its file (files go round the processes) streams it out. Tied weights are written once. Returns
+    the file names."""
+    from torch.distributed.tensor import DTensor
+
+    from .materialize import canonical_name
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tied = getattr(base.config, "tie_word_embeddings", False)
+    entries, seen = [], set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        name = canonical_name(name)
+        if id(tensor) in seen or (tied and name == "lm_head.weight"):
+            continue
+        seen.add(id(tensor))
+        entries.append((name, tensor))
+    files: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in entries:
+        nbytes = tensor.numel() * tensor.element_size()
+        if files[-1] and size + nbytes > MAX_FILE_BYTES:
+            files.append([])
+            size = 0
+        files[-1].append((name, tensor))
+        size += nbytes
+    names = (["model.safetensors"] if len(files) == 1
+             else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
+    for index, (file_name, members) in enumerate(zip(names, files)):
+        writer = index % runtime.world == runtime.rank
+        handle = open(os.path.join(folder, file_name), "wb") if writer else None
+        try:
+            if handle:
+                handle.write(_safetensors_header(members))
+            for _, tensor in members:
+                with torch.no_grad():
+                    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                if handle:
+                    data = full.detach().to("cpu").contiguous()
+                    handle.write(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")
+                del full
+            if handle:
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            if handle:
+                handle.close()
+    if len(files) > 1 and runtime.is_main:
+        weight_map = {name: file_name for file_name, members in zip(names, files) for name, _ in members}
+        total = sum(t.numel() * t.element_size() for _, t in entries)
+        _write_text(os.path.join(folder, "model.safetensors.index.json"),
+                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return names
+
+
+def _safetensors_header(members: list) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in members:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name here")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _save_model_config(model, folder: str) -> None:
+    """config.json (and generation_config.json) beside weights written by save_hf_weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(folder)
+    generation = getattr(base, "generation_config", None)
+    if generation is not None and base.can_generate():
+        generation.save_pretrained(folder)
 
 
 def merge_lora_state(state: dict, scaling: float) -> dict:

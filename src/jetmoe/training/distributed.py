@@ -79,14 +79,19 @@ def shutdown(runtime: Runtime) -> None:
 
 
 def shard_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """FSDP2: each decoder layer is its own shard group (gathered just in time), the rest goes with the root."""
+    """FSDP2: each decoder layer is its own shard group (gathered just in time), the rest goes with the root.
+
+    A model on the meta device stays there, sharded (materialize.materialize then allocates each process's part);
+    a real one moves to the runtime's device first."""
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
     if not runtime.distributed:
-        return model.to(runtime.device)
+        return model if on_meta else model.to(runtime.device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(runtime.device.type, (runtime.world,))
-    model.to(runtime.device)
+    if not on_meta:
+        model.to(runtime.device)
     for layer in _decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

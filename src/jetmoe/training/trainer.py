@@ -19,6 +19,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, dump_yaml
 from .data import PackedSequences, prepare_data, step_positions
 from .distributed import Runtime, init_runtime, shard_model, shutdown
+from .materialize import CheckpointSlices, RandomInit, materialize, meta_model, peak_host_memory_bytes
 from .metrics import ExpertLoad, MetricsLog, Progress, Throughput, perplexity, plot
 from .objective import compute_terms, count_targets, micro_batch_loss
 from .optim import build_optimizer, clip_gradients
@@ -89,16 +90,21 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
         else:
             model, lora_scaling, optimizer, scheduler, state = restored
     if found is None:
-        model, lora_scaling = build_model(config, tokenizer, None, log)
-        model = shard_model(model, runtime)
+        model, lora_scaling = build_model(config, tokenizer, None, log, runtime)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         torch.manual_seed(config.seed)
 
+    peaks = runtime.gather(peak_host_memory_bytes())
+    log("model ready; peak host memory per process so far: " + ", ".join(f"{p / 2**20:.0f} MiB" for p in peaks))
     step, position, tokens_seen, elapsed_before = 0, 0, 0, 0.0
     if state is not None:
         step, position = state["step"], state["position"]
         tokens_seen, elapsed_before = state.get("tokens_seen", 0), state.get("elapsed_s", 0.0)
+        if state.get("global_batch", global_batch) != global_batch:
+            log(f"warning: the checkpoint was trained with a global batch of {state['global_batch']} sequences "
+                f"({state.get('world', '?')} processes), this run's is {global_batch}: the data order goes on from "
+                "the same position, but the steps differ from the original run's (set grad_accum to keep the batch)")
     owned = ckpt.lineage(found)  # the checkpoints this run may replace or prune
 
     top_k = _model_config(model).num_experts_per_tok
@@ -248,13 +254,12 @@ def _restore(config: TrainConfig, tokenizer, runtime: Runtime, log):
         log(f"resuming from {found.path}")
         error = None
         try:
-            model, lora_scaling = build_model(config, tokenizer, found.path, log)
+            model, lora_scaling = build_model(config, tokenizer, found.path, log, runtime)
         except ckpt.DamagedCheckpoint as caught:
             error = caught
         if _any_failed(runtime, error):
             ckpt.report_unusable(found, str(error or "another process could not load its model"), log, skipped)
             continue
-        model = shard_model(model, runtime)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         try:
@@ -304,25 +309,73 @@ def _model_config(model) -> JetMoeConfig:
     return model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
 
 
-def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=print):
-    """The model to train: a checkpoint to resume, a model to fine-tune, or a fresh one. Returns (model, lora scaling)."""
-    # Whatever is initialised randomly (a fresh model, LoRA's A matrices) is the same in every process and run.
+def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=print, runtime: Runtime | None = None):
+    """The model to train (a checkpoint to resume, a model to fine-tune, or a fresh one), sharded across the
+    processes. It is built on the meta device, sharded, then materialised (materialize.py): each process
+    allocates and initialises, or reads from the checkpoint, only the parameters it owns, with the same
+    values whatever the layout. LoRA runs still load the whole model in each process first.
+    Returns (model, lora scaling)."""
+    runtime = runtime or Runtime(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    # Whatever is initialised randomly (LoRA's A matrices) is the same in every process and run.
     torch.manual_seed(config.seed)
-    if resume_folder and not config.lora:
-        model = _load_resumed(resume_folder)
-    elif config.init_from:
+    if config.lora:
+        return _build_lora_model(config, tokenizer, resume_folder, log, runtime)
+    if resume_folder:
+        model_config = _checkpoint_config(resume_folder)
+        if not config.init_from or os.path.isdir(config.init_from):  # the fine-tuned model may be gone: no check
+            _check_same_architecture(_fresh_config(config, tokenizer, lambda _: None), model_config, resume_folder)
+        source = CheckpointSlices(resume_folder, error=ckpt.DamagedCheckpoint)
+    else:
+        model_config = _fresh_config(config, tokenizer, log)
+        source = CheckpointSlices(config.init_from) if config.init_from else None
+    _configure(model_config, config, tokenizer)
+    model = meta_model(model_config)
+    _enable_gradient_checkpointing(model, config)
+    model = shard_model(model, runtime)
+    materialize(model, runtime.device, source or RandomInit(config.seed, model))
+    return model, None
+
+
+def _fresh_config(config: TrainConfig, tokenizer, log=print) -> JetMoeConfig:
+    """The model config of a fresh start: the fine-tuned checkpoint's, or the run's fields fitted to the tokenizer."""
+    if config.init_from:
         if not os.path.isdir(config.init_from):
             raise FileNotFoundError(f"init_from {config.init_from!r} is not a folder holding an HF-format checkpoint")
-        model = JetMoeForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
-    else:
-        fields = dict(config.model)
-        if len(tokenizer) != fields.get("vocab_size"):
-            log(f"vocab_size set to the tokenizer's {len(tokenizer)} (was {fields.get('vocab_size')})")
-            fields["vocab_size"] = len(tokenizer)
-        fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
-        model = JetMoeForCausalLM(JetMoeConfig(**fields))
-    model_config = model.config
+        return JetMoeConfig.from_pretrained(config.init_from)
+    fields = dict(config.model)
+    if len(tokenizer) != fields.get("vocab_size"):
+        log(f"vocab_size set to the tokenizer's {len(tokenizer)} (was {fields.get('vocab_size')})")
+        fields["vocab_size"] = len(tokenizer)
+    fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    return JetMoeConfig(**fields)
+
+
+def _checkpoint_config(folder: str) -> JetMoeConfig:
+    try:
+        return JetMoeConfig.from_pretrained(folder)
+    except Exception as error:  # whatever transformers raises for a config that does not load
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        raise ckpt.DamagedCheckpoint(f"its config.json does not load ({reason})") from None
+
+
+# The fields that fix the parameters' shapes and names: a resumed run must agree with its checkpoint on them.
+_ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
+                 "intermediate_size", "num_local_experts", "num_experts_per_tok", "tie_word_embeddings")
+
+
+def _check_same_architecture(expected: JetMoeConfig, saved: JetMoeConfig, folder: str) -> None:
+    differ = [f"{key} {getattr(saved, key, None)!r} (this run: {getattr(expected, key, None)!r})"
+              for key in _ARCHITECTURE if getattr(saved, key, None) != getattr(expected, key, None)]
+    if differ:
+        raise ckpt.CheckpointError(
+            f"cannot resume from {folder}: its model differs from this run's config in " + ", ".join(differ)
+            + "; resume with the checkpoint's model settings, or start a new out_dir"
+        )
+
+
+def _configure(model_config: JetMoeConfig, config: TrainConfig, tokenizer) -> None:
+    """Check the model against the run, and record the objective's settings on the model config."""
     if len(tokenizer) > model_config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}")
     if config.seq_len > model_config.max_position_embeddings:
@@ -339,6 +392,9 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
         model_config.router_z_loss_coef = config.z_loss_coef
     model_config.validate_architecture()
     model_config.use_cache = True  # for whoever generates with the saved model; training passes use_cache=False
+
+
+def _enable_gradient_checkpointing(model, config: TrainConfig) -> None:
     if config.gradient_checkpointing:
         # transformers >= 5.x names it activation_checkpointing_enable (gradient_checkpointing_enable is its
         # deprecated alias, which older versions only have).
@@ -347,18 +403,21 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora_scaling = None
-    if config.lora:
-        model, lora_scaling = _add_lora(model, config, resume_folder)
-    return model, lora_scaling
 
 
-def _load_resumed(folder: str):
-    try:
-        return JetMoeForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except Exception as error:  # whatever transformers or safetensors raise for weights that do not load
-        reason = " ".join(f"{type(error).__name__}: {error}".split())
-        raise ckpt.DamagedCheckpoint(f"its model does not load ({reason})") from None
+def _build_lora_model(config: TrainConfig, tokenizer, resume_folder: str | None, log, runtime: Runtime):
+    """LoRA: the whole base model is loaded in each process (peft wraps real modules), then sharded."""
+    if config.init_from:
+        if not os.path.isdir(config.init_from):
+            raise FileNotFoundError(f"init_from {config.init_from!r} is not a folder holding an HF-format checkpoint")
+        model = JetMoeForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+    else:
+        model = meta_model(_fresh_config(config, tokenizer, log))
+        model = materialize(model, torch.device("cpu"), RandomInit(config.seed, model))
+    _configure(model.config, config, tokenizer)
+    _enable_gradient_checkpointing(model, config)
+    model, lora_scaling = _add_lora(model, config, resume_folder)
+    return shard_model(model, runtime), lora_scaling
 
 
 def _add_lora(model, config: TrainConfig, resume_folder: str | None):
