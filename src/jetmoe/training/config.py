@@ -95,6 +95,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
+    ep: int = 1  # expert parallelism: each expert lives on one of every ep processes (torchrun, ep divides it)
     # Output, checkpoints, logging.
     out_dir: str = "runs/jetmoe"
     export_dir: str | None = None  # at the end, copy the final model + tokenizer (no optimizer) here
@@ -290,7 +291,7 @@ def validate(config: TrainConfig) -> None:
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {[c for c in choices if c]}, got {getattr(config, name)!r}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every", "val_every",
-                 "val_batches", "keep_checkpoints", "lora_rank"):
+                 "val_batches", "keep_checkpoints", "lora_rank", "ep"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

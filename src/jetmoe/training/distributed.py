@@ -78,8 +78,15 @@ def shutdown(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    """FSDP2: each decoder layer is its own shard group (gathered just in time), the rest goes with the root."""
+def shard_model(model: torch.nn.Module, runtime: Runtime, ep: int = 1) -> torch.nn.Module:
+    """FSDP2: each decoder layer is its own shard group (gathered just in time), the rest goes with the root.
+    With `ep` > 1 the experts are sharded over groups of `ep` processes (expert_parallel.py)."""
+    if ep > 1:
+        from .expert_parallel import check_layout, shard_expert_parallel
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        check_layout(ep, runtime.world, base.config.num_local_experts)
+        return shard_expert_parallel(model, runtime.device, runtime.world, ep, _decoder_layers(model))
     if not runtime.distributed:
         return model.to(runtime.device)
     from torch.distributed.device_mesh import init_device_mesh

@@ -52,7 +52,33 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
+    meshes = {}
+    for p in params:
+        meshes.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(meshes) > 1:  # expert parallelism: the experts' DTensors live on another mesh than the dense ones
+        return _clip_over_meshes(list(meshes.values()), max_norm)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _clip_over_meshes(groups: list[list[torch.Tensor]], max_norm: float) -> float:
+    """clip_grad_norm_ for gradients sharded over several meshes of the same processes (FSDP2 over all, experts
+    over dp_mod_ep x ep): every process holds a distinct piece of each, so one all-reduce of the local squared
+    norms gives the global norm."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate
+
+    grads = [p.grad for group in groups for p in group]
+    if any(any(isinstance(x, Replicate) for x in g.placements) for g in grads):
+        raise NotImplementedError("gradient clipping over several meshes expects sharded gradients only")
+    local = [g.to_local() for g in grads]
+    squared = sum(torch.linalg.vector_norm(t, dtype=torch.float64).square() for t in local)
+    dist.all_reduce(squared)
+    total = float(squared.sqrt())
+    if max_norm > 0:
+        scale = min(1.0, max_norm / (total + 1e-6))
+        if scale < 1.0:
+            torch._foreach_mul_(local, scale)
+    return total

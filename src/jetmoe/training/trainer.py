@@ -90,7 +90,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
             model, lora_scaling, optimizer, scheduler, state = restored
     if found is None:
         model, lora_scaling = build_model(config, tokenizer, None, log)
-        model = shard_model(model, runtime)
+        model = shard_model(model, runtime, config.ep)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         torch.manual_seed(config.seed)
@@ -223,7 +223,7 @@ def _restore(config: TrainConfig, tokenizer, runtime: Runtime, log):
         if _any_failed(runtime, error):
             ckpt.report_unusable(found, str(error or "another process could not load its model"), log, skipped)
             continue
-        model = shard_model(model, runtime)
+        model = shard_model(model, runtime, config.ep)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         try:
