@@ -150,8 +150,10 @@ def shard_expert_parallel(model: nn.Module, device: torch.device, world: int, ep
         # Each process's loss carries a factor W (objective.micro_batch_loss, for FSDP's mean over W): the
         # expert gradients summed over the W/ep processes holding the same experts are divided by W too.
         module.set_gradient_divide_factor(float(world))
-        if device.type != "cuda":
-            module.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum: sum, then divide
+        if device.type != "cuda" and world > ep:
+            # gloo has no pre-multiplied sum: sum, then divide. Not with one holder per expert set (world == ep),
+            # where torch 2.13's FSDP2 would divide twice (its copy for a group of one divides, then the post-divide).
+            module.set_force_sum_reduction_for_comms(True)
     for layer in decoder_layers:
         fully_shard(layer, mesh=dense_mesh)
     fully_shard(model, mesh=dense_mesh)

@@ -64,21 +64,15 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
 
 
 def _clip_over_meshes(groups: list[list[torch.Tensor]], max_norm: float) -> float:
-    """clip_grad_norm_ for gradients sharded over several meshes of the same processes (FSDP2 over all, experts
-    over dp_mod_ep x ep): every process holds a distinct piece of each, so one all-reduce of the local squared
-    norms gives the global norm."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import Replicate
-
-    grads = [p.grad for group in groups for p in group]
-    if any(any(isinstance(x, Replicate) for x in g.placements) for g in grads):
-        raise NotImplementedError("gradient clipping over several meshes expects sharded gradients only")
-    local = [g.to_local() for g in grads]
-    squared = sum(torch.linalg.vector_norm(t, dtype=torch.float64).square() for t in local)
-    dist.all_reduce(squared)
-    total = float(squared.sqrt())
+    """The global norm from each mesh's own (full) norm, then every gradient scaled as clip_grad_norm_ does."""
+    norms = []
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = float(torch.stack([n.double() for n in norms]).norm())
     if max_norm > 0:
         scale = min(1.0, max_norm / (total + 1e-6))
         if scale < 1.0:
-            torch._foreach_mul_(local, scale)
+            for group in groups:
+                torch._foreach_mul_([p.grad for p in group], scale)
     return total
