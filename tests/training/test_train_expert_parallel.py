@@ -109,15 +109,17 @@ def test_ep_that_does_not_divide_the_processes_is_an_error(tmp_path, corpus, tok
 
 
 def test_ep_that_does_not_divide_the_experts_is_an_error(tmp_path, corpus, token_cache):
-    config = write_config(tmp_path / "run.yaml", micro_settings(corpus, token_cache, max_steps=2))
-    run = torchrun(2, "--config", config, "--out-dir", str(tmp_path / "out"), "--ep", "2",
-                   "--set", "model.num_local_experts=3")
-    assert run.returncode != 0
-    assert "ep 2 does not divide num_local_experts 3" in run.stderr, run.stderr[-2000:]
+    from jetmoe.training.trainer import train
+    from train_helpers import MICRO_MODEL, micro_config
+
+    config = micro_config(corpus, token_cache, tmp_path, max_steps=2, ep=2,
+                          model=dict(MICRO_MODEL, num_local_experts=3))
+    with pytest.raises(ValueError, match="ep 2 does not divide num_local_experts 3"):
+        train(config)
 
 
 def test_ep_must_be_a_positive_integer(tmp_path, corpus, token_cache):
-    from train_helpers import micro_config
+    from train_helpers import MICRO_MODEL, micro_config
 
     with pytest.raises(ValueError, match="ep must be a positive integer"):
         micro_config(corpus, token_cache, tmp_path, ep=0)

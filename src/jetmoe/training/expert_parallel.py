@@ -31,12 +31,12 @@ def check_layout(ep: int, world: int, num_experts: int) -> None:
         raise ValueError(f"ep must be a positive integer, got {ep!r}")
     if ep == 1:
         return
-    if world % ep:
-        raise ValueError(f"ep {ep} does not divide the number of processes {world}: launch a multiple of {ep} "
-                         "processes with torchrun, or pick an ep that divides it")
     if num_experts % ep:
         raise ValueError(f"ep {ep} does not divide num_local_experts {num_experts}: each process must hold the "
                          "same number of experts")
+    if world % ep:
+        raise ValueError(f"ep {ep} does not divide the number of processes {world}: launch a multiple of {ep} "
+                         "processes with torchrun, or pick an ep that divides it")
 
 
 class _AllToAll(torch.autograd.Function):
