@@ -123,3 +123,50 @@ def test_ep_must_be_a_positive_integer(tmp_path, corpus, token_cache):
 
     with pytest.raises(ValueError, match="ep must be a positive integer"):
         micro_config(corpus, token_cache, tmp_path, ep=0)
+
+
+def _dispatch_worker(rank: int, world: int, init_file: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from jetmoe.modeling.experts import ParallelExperts, tokens_to_grouped
+    from jetmoe.modeling.routing import make_plan
+    from jetmoe.training.expert_parallel import ExpertParallelExperts
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        reference = ParallelExperts(4, 8, 6)
+        torch.nn.init.normal_(reference.weight)
+        sharded = ExpertParallelExperts(reference, init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
+        generator = torch.Generator().manual_seed(1 + rank)
+        x = torch.randn(6, 8, generator=generator)
+        logits = torch.randn(6, 4, generator=generator)
+        logits[:, 2:] -= 100  # every token picks experts 0 and 1: process 1 (experts 2, 3) receives no rows
+        for tokens, few in ((6, False), (6, False), (2, True)):  # a sorted plan (skewed, then not), a few-token one
+            plan = make_plan(logits[:tokens], 2, torch.float32, few_tokens=few)
+            logits = torch.randn(6, 4, generator=generator)
+            rows = tokens_to_grouped(x[:tokens], plan)
+            mine, theirs = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+            upstream = torch.randn(rows.shape[0], 6, generator=generator)
+            expected, got = reference(theirs, plan), sharded(mine, plan)
+            torch.testing.assert_close(got, expected)
+            (expected * upstream).sum().backward()
+            (got * upstream).sum().backward()
+            torch.testing.assert_close(mine.grad, theirs.grad)
+            total = reference.weight.grad.clone()
+            dist.all_reduce(total)  # the sharded experts' gradients hold every process's rows
+            torch.testing.assert_close(sharded.weight.grad.to_local(), total.chunk(world)[rank])
+            reference.weight.grad = sharded.weight.grad = None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dispatch_matches_the_unsharded_experts_with_an_idle_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    import jetmoe.training.expert_parallel  # noqa: F401  imported once here: forked processes start at once
+
+    mp.start_processes(_dispatch_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True,
+                       start_method="fork")
