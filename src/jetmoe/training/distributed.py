@@ -4,6 +4,7 @@ Launch (the same command as a single process, behind torchrun):
     torchrun --nproc_per_node 8 -m jetmoe.cli train --preset jetmoe-8b ...            # one node, 8 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \\
              --rdzv_endpoint HOST:29500 --rdzv_id RUN -m jetmoe.cli train ...          # run on every node
+    torchrun --nproc_per_node 8 -m jetmoe.cli train ... --ep 8                        # experts split over 8 (expert_parallel.py)
 On GPUs the backend is NCCL (one GPU per process, LOCAL_RANK picks it); on CPU it is gloo.
 """
 
