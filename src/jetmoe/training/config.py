@@ -95,7 +95,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    ep: int = 1  # expert parallelism: each expert lives on one of every ep processes (torchrun, ep divides it)
+    ep: int = 1  # expert parallelism: experts split over groups of ep processes (divides processes and experts)
     # Output, checkpoints, logging.
     out_dir: str = "runs/jetmoe"
     export_dir: str | None = None  # at the end, copy the final model + tokenizer (no optimizer) here
