@@ -1,6 +1,7 @@
 """Expert parallelism (`--ep`) with real torchrun processes on gloo (CPU): the same global batch gives the
 single-process losses, router statistics and weights; its checkpoints resume in one process and export
-a whole model that transformers loads; layouts that cannot be built are clear errors. The dispatch itself is checked in two forked processes."""
+a whole model that transformers loads; layouts that cannot be built are clear errors. The dispatch itself is
+checked in two forked processes."""
 
 from __future__ import annotations
 
