@@ -78,7 +78,8 @@ class ExpertParallelExperts(nn.Module):
         from torch.distributed.tensor import Shard, distribute_tensor
 
         super().__init__()
-        self.num_experts, self.input_size, self.output_size = experts.num_experts, experts.input_size, experts.output_size
+        self.num_experts, self.input_size = experts.num_experts, experts.input_size
+        self.output_size = experts.output_size
         self.ep = ep_mesh.size()
         self.group = ep_mesh.get_group()
         self.weight = nn.Parameter(distribute_tensor(experts.weight.detach(), ep_mesh, [Shard(0)]),
