@@ -137,6 +137,8 @@ class TrainConfig:
     # Execution.
     device: str = option("auto", "where to train (auto: CUDA when present)", "parallelism",
                          choices=("auto", "cpu", "cuda"))
+    ep: int = option(1, "expert parallelism: each expert module's experts split over groups of ep processes "
+                     "(ep divides the process count and num_local_experts)", "parallelism")
     # Output, checkpoints, logging.
     out_dir: str = option("runs/jetmoe", "the run's folder: checkpoints, metrics, plots", "checkpoints")
     export_dir: str | None = option(None, "at the end, copy the final model + tokenizer (no optimizer) here; "
@@ -341,7 +343,7 @@ def validate(config: TrainConfig) -> None:
         if bad:
             raise ValueError(f"{spec.name} ({flag_name(spec.name)}) must be one of {_shown(choices)}; got {bad[0]!r}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every", "val_every",
-                 "val_batches", "keep_checkpoints", "lora_rank"):
+                 "val_batches", "keep_checkpoints", "lora_rank", "ep"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -4,6 +4,7 @@ Launch (the same command as a single process, behind torchrun):
     torchrun --nproc_per_node 8 -m jetmoe.cli train --preset jetmoe-8b ...            # one node, 8 GPUs
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d \\
              --rdzv_endpoint HOST:29500 --rdzv_id RUN -m jetmoe.cli train ...          # run on every node
+    torchrun --nproc_per_node 8 -m jetmoe.cli train ... --ep 8                        # experts split over 8 (expert_parallel.py)
 On GPUs the backend is NCCL (one GPU per process, LOCAL_RANK picks it); on CPU it is gloo.
 """
 
@@ -78,12 +79,19 @@ def shutdown(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, runtime: Runtime, ep: int = 1) -> torch.nn.Module:
     """FSDP2: each decoder layer is its own shard group (gathered just in time), the rest goes with the root.
+    With `ep` > 1 the experts are sharded over groups of `ep` processes (expert_parallel.py).
 
     A model on the meta device stays there, sharded (materialize.materialize then allocates each process's part);
     a real one moves to the runtime's device first."""
     on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if ep > 1:
+        from .expert_parallel import check_layout, shard_expert_parallel
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        check_layout(ep, runtime.world, base.config.num_local_experts)
+        return shard_expert_parallel(model, runtime.device, runtime.world, ep, _decoder_layers(model))
     if not runtime.distributed:
         return model if on_meta else model.to(runtime.device)
     from torch.distributed.device_mesh import init_device_mesh

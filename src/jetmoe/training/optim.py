@@ -52,7 +52,27 @@ def clip_gradients(model: nn.Module, max_norm: float) -> float:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
+    meshes = {}
+    for p in params:
+        meshes.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(meshes) > 1:  # expert parallelism: the experts' DTensors live on another mesh than the dense ones
+        return _clip_over_meshes(list(meshes.values()), max_norm)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _clip_over_meshes(groups: list[list[torch.Tensor]], max_norm: float) -> float:
+    """The global norm from each mesh's own (full) norm, then every gradient scaled as clip_grad_norm_ does."""
+    norms = []
+    for group in groups:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = float(torch.stack([n.double() for n in norms]).norm())
+    if max_norm > 0:
+        scale = min(1.0, max_norm / (total + 1e-6))
+        if scale < 1.0:
+            for group in groups:
+                torch._foreach_mul_([p.grad for p in group], scale)
+    return total

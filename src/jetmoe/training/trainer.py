@@ -331,7 +331,7 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
     _configure(model_config, config, tokenizer)
     model = meta_model(model_config)
     _enable_gradient_checkpointing(model, config)
-    model = shard_model(model, runtime)
+    model = shard_model(model, runtime, config.ep)
     materialize(model, runtime.device, source or RandomInit(config.seed, model))
     return model, None
 
@@ -417,7 +417,7 @@ def _build_lora_model(config: TrainConfig, tokenizer, resume_folder: str | None,
     _configure(model.config, config, tokenizer)
     _enable_gradient_checkpointing(model, config)
     model, lora_scaling = _add_lora(model, config, resume_folder)
-    return shard_model(model, runtime), lora_scaling
+    return shard_model(model, runtime, config.ep), lora_scaling
 
 
 def _add_lora(model, config: TrainConfig, resume_folder: str | None):
