@@ -111,8 +111,11 @@ def save_checkpoint(
     _agree(runtime, error, temp, step)
 
     try:
-        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        gather = getattr(model, "full_state_dict", None)  # pipeline stages: gathered from every stage onto rank 0
+        full_state = gather() if gather else get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = getattr(model, "optimizer_state_options", None)
+        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
         with _single_process_ok():
             dcp.save(optim_state, checkpoint_id=os.path.join(temp, "optimizer"))
         _write_text(os.path.join(temp, f"rng-rank{runtime.rank}.json"), json.dumps(_rng_state()))
@@ -532,10 +535,11 @@ def load_training_state(folder: str, model, optimizer, scheduler, runtime) -> di
         raise DamagedCheckpoint(f"{SCHEDULER} has {len(scheduler_state['base_lrs'])} parameter groups, "
                                 f"the optimizer {len(optimizer.param_groups)}")
     try:
-        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        options = getattr(model, "optimizer_state_options", None)
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
         with _single_process_ok():
             dcp.load(state, checkpoint_id=os.path.join(folder, "optimizer"))
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     except _WRITE_ERRORS as error:  # whatever the reader raised: a damaged or mismatched optimizer state
         raise DamagedCheckpoint(f"optimizer/ does not load ({_root_reason(error)})") from None
     scheduler.load_state_dict(scheduler_state)

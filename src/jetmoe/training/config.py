@@ -95,6 +95,9 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
+    pp: int = 1  # pipeline stages (processes per pipeline); data parallel = processes / pp
+    pp_schedule: str = "1f1b"  # 1f1b | interleaved1f1b (2 stages per process) | gpipe
+    microbatches: int = 1  # with pp: pipeline micro-batches each batch_size batch is split into
     # Output, checkpoints, logging.
     out_dir: str = "runs/jetmoe"
     export_dir: str | None = None  # at the end, copy the final model + tokenizer (no optimizer) here
@@ -147,6 +150,7 @@ _CHOICES = {
     "decay_type": ("exponential", "linear"),
     "aux_loss_type": (None, "reference", "switch"),
     "device": ("auto", "cpu", "cuda"),
+    "pp_schedule": ("1f1b", "interleaved1f1b", "gpipe"),
 }
 
 
@@ -290,7 +294,7 @@ def validate(config: TrainConfig) -> None:
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {[c for c in choices if c]}, got {getattr(config, name)!r}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every", "val_every",
-                 "val_batches", "keep_checkpoints", "lora_rank"):
+                 "val_batches", "keep_checkpoints", "lora_rank", "pp", "microbatches"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -308,6 +312,13 @@ def validate(config: TrainConfig) -> None:
         config.data = [config.data]
     if config.lora and not config.init_from:
         raise ValueError("lora fine-tunes a trained model: set init_from to an HF-format JetMoE checkpoint")
+    if config.microbatches > 1 and config.pp == 1:
+        raise ValueError(f"microbatches {config.microbatches} splits a pipeline's batch and needs pp > 1; "
+                         "without pipeline parallelism use grad_accum")
+    if config.batch_size % config.microbatches:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by microbatches {config.microbatches}")
+    if config.pp > 1 and config.lora:
+        raise ValueError("lora is not supported with pipeline parallelism (pp > 1): use pp 1")
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from .config import TrainConfig, dump_yaml
 from .data import PackedSequences, prepare_data, step_positions
 from .distributed import Runtime, init_runtime, shard_model, shutdown
 from .metrics import ExpertLoad, MetricsLog, Progress, Throughput, perplexity, plot
+from . import pipeline
 from .objective import compute_terms, count_targets, micro_batch_loss
 from .optim import build_optimizer, clip_gradients
 from .schedule import build_scheduler
@@ -66,12 +67,13 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
         raise ckpt.CheckpointError(f"--resume: there is no checkpoint under {root} "
                                    "(pass --resume-or-start to start from scratch when there is none)")
 
+    replicas, replica = pipeline.data_parallel(config, runtime)  # pp: the processes of a pipeline read the same data
     tokenizer, data = prepare_data(config, out_dir, runtime.is_main, runtime.barrier, log)
-    global_batch = config.batch_size * config.grad_accum * runtime.world
+    global_batch = config.batch_size * config.grad_accum * replicas
     if data.num_train < global_batch:
         raise ValueError(
             f"a step needs {global_batch} sequences (batch_size {config.batch_size} x grad_accum "
-            f"{config.grad_accum} x {runtime.world} processes) but the training split holds only {data.num_train} "
+            f"{config.grad_accum} x {replicas} data-parallel replicas) but the training split holds only {data.num_train} "
             f"sequences of {config.seq_len} tokens: use more data, a shorter seq_len or a smaller batch"
         )
 
@@ -90,7 +92,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
             model, lora_scaling, optimizer, scheduler, state = restored
     if found is None:
         model, lora_scaling = build_model(config, tokenizer, None, log)
-        model = shard_model(model, runtime)
+        model = _parallelize(model, config, runtime)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         torch.manual_seed(config.seed)
@@ -130,13 +132,17 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
     while step < config.max_steps:
         model.train()
         micro = [
-            data.train_batch(position + step_positions(0, config.batch_size, config.grad_accum, runtime.world, runtime.rank, m), config.batch_size)
+            data.train_batch(position + step_positions(0, config.batch_size, config.grad_accum, replicas, replica, m), config.batch_size)
             for m in range(config.grad_accum)
         ]
-        global_targets = int(runtime.sum([float(sum(count_targets(labels) for _, labels in micro))])[0])
+        # Every process counted its replica's targets: the pp processes of a replica the same ones.
+        global_targets = int(runtime.sum([float(sum(count_targets(labels) for _, labels in micro))])[0]) // config.pp
         ce_sum = aux_sum = z_sum = 0.0
         try:
-            for index, (ids, labels) in enumerate(micro):
+            if config.pp > 1:  # the schedule runs forward and backward of every pipeline micro-batch
+                ce_sum, aux_sum, z_sum = model.train_step(micro, global_targets, aux_coef, autocast)
+                expert_load.add_counts(model.take_router_counts())
+            for index, (ids, labels) in enumerate(micro if config.pp == 1 else ()):
                 if runtime.distributed:  # reduce-scatter gradients once, after the last micro-batch
                     model.set_requires_gradient_sync(index == len(micro) - 1)
                 with autocast:
@@ -154,7 +160,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
                 "or bf16, or add processes"
             ) from error
         ce_total, aux_total, z_total = runtime.sum([ce_sum, aux_sum, z_sum])
-        micro_count = config.grad_accum * runtime.world
+        micro_count = config.grad_accum * replicas * config.microbatches
         ce = ce_total / max(1, global_targets)
         aux = aux_total / micro_count
         loss = ce + aux_coef * aux
@@ -164,7 +170,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
                 f"{scheduler.get_last_lr()[0]:.3g}: lower lr, keep grad_clip on, check the data; "
                 f"the last good checkpoint is {saved_path or 'none'} (resume from it with --resume)"
             )
-        grad_norm = clip_gradients(model, config.grad_clip)
+        grad_norm = model.clip_gradients(config.grad_clip) if config.pp > 1 else clip_gradients(model, config.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -223,7 +229,7 @@ def _restore(config: TrainConfig, tokenizer, runtime: Runtime, log):
         if _any_failed(runtime, error):
             ckpt.report_unusable(found, str(error or "another process could not load its model"), log, skipped)
             continue
-        model = shard_model(model, runtime)
+        model = _parallelize(model, config, runtime)
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         try:
@@ -244,6 +250,8 @@ def _any_failed(runtime: Runtime, error: BaseException | None) -> bool:
 
 def validate(model, data: PackedSequences, config: TrainConfig, runtime: Runtime, autocast) -> dict | None:
     """Mean cross-entropy and perplexity over the validation sequences (the same set for any process count)."""
+    if isinstance(model, pipeline.PipelineModel):
+        return model.validate(data, config, runtime, autocast)
     if len(data.val_ids) == 0:
         return None
     model.eval()
@@ -261,6 +269,10 @@ def validate(model, data: PackedSequences, config: TrainConfig, runtime: Runtime
         return None
     mean = ce_total / target_total
     return {"val_loss": mean, "val_ppl": perplexity(mean), "val_tokens": int(target_total)}
+
+
+def _parallelize(model, config: TrainConfig, runtime: Runtime):
+    return pipeline.parallelize(model, config, runtime) if config.pp > 1 else shard_model(model, runtime)
 
 
 def _autocast(config: TrainConfig, device: torch.device):
