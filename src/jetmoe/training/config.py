@@ -317,6 +317,9 @@ def validate(config: TrainConfig) -> None:
                          "without pipeline parallelism use grad_accum")
     if config.batch_size % config.microbatches:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by microbatches {config.microbatches}")
+    if config.pp > 1 and config.pp_schedule == "1f1b" and config.microbatches < config.pp:
+        raise ValueError(f"pp_schedule 1f1b needs microbatches >= pp: got microbatches {config.microbatches}, "
+                         f"pp {config.pp}")
     if config.pp > 1 and config.lora:
         raise ValueError("lora is not supported with pipeline parallelism (pp > 1): use pp 1")
 

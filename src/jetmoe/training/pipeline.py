@@ -253,9 +253,9 @@ class PipelineModel(nn.Module):
     @torch.no_grad()
     def _count_routes(self, first_router: int, router_logits: list[torch.Tensor]) -> None:
         top_k = self.config.num_experts_per_tok
-        for j, logits in enumerate(router_logits):
-            counts = torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=logits.shape[-1])
-            self.router_counts[first_router + j] += counts.to("cpu", torch.float64)
+        counts = torch.stack([torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=logits.shape[-1])
+                              for logits in router_logits])
+        self.router_counts[first_router:first_router + len(router_logits)] += counts.to("cpu", torch.float64)
 
     def take_router_counts(self) -> torch.Tensor:
         """(token, choice) counts per router and expert since the last call: this process's routers' rows filled,
