@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from jetmoe.cli import main as jetmoe_main
 from jetmoe.training.checkpoint import checkpoint_root
 from jetmoe.training.config import build_config
 from jetmoe.training.metrics import read_metrics
@@ -115,8 +116,9 @@ def test_pp2_by_dp2_matches_one_process(reference, tmp_path):
     assert os.path.exists(os.path.join(checkpoint_root(out), "step-00000020", "model.safetensors"))
 
 
-def test_layouts_that_do_not_fit_are_clear_errors(tmp_path, corpus, token_cache):
+def test_layouts_that_do_not_fit_are_clear_errors(tmp_path, corpus, token_cache, capsys):
     config = build_config("tiny", None, {"pp": 2})
+    assert config.microbatches == 2  # by default as many as stages
     with pytest.raises(ValueError, match="pp 2 does not divide the 3 processes"):
         make_layout(config, world=3, rank=0)
     with pytest.raises(ValueError, match="4 pipeline stages need at least 4 decoder layers, the model has 2"):
@@ -129,6 +131,7 @@ def test_layouts_that_do_not_fit_are_clear_errors(tmp_path, corpus, token_cache)
         ({"pp": 2, "batch_size": 3, "microbatches": 2}, "batch_size 3 is not divisible by microbatches 2"),
         ({"pp": 4, "microbatches": 2}, "pp_schedule 1f1b needs microbatches >= pp: got microbatches 2, pp 4"),
         ({"pp": 0}, "pp must be a positive integer"),
+        ({"pp": 2, "microbatches": -1}, "microbatches must be a positive integer"),
         ({"pp": 2, "pp_schedule": "zero-bubble"}, "pp_schedule must be one of"),
         ({"pp": 2, "lora": True, "init_from": str(tmp_path)}, "lora is not supported with pipeline parallelism"),
     ]:
@@ -136,6 +139,5 @@ def test_layouts_that_do_not_fit_are_clear_errors(tmp_path, corpus, token_cache)
             build_config("tiny", None, overrides)
     # One process asked for two stages: the error names the problem before any data is read.
     settings = micro_settings(corpus, token_cache, out_dir=str(tmp_path / "out"), pp=2, microbatches=2)
-    result = run_jetmoe("train", "--config", write_config(tmp_path / "run.yaml", settings))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "pp 2 does not divide the 1 processes" in result.stderr
+    assert jetmoe_main(["train", "--config", write_config(tmp_path / "run.yaml", settings)]) == 2
+    assert "jetmoe train: error: pp 2 does not divide the 1 processes" in capsys.readouterr().err

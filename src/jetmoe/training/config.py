@@ -97,7 +97,7 @@ class TrainConfig:
     seed: int = 0
     pp: int = 1  # pipeline stages (processes per pipeline); data parallel = processes / pp
     pp_schedule: str = "1f1b"  # 1f1b | interleaved1f1b (2 stages per process) | gpipe
-    microbatches: int = 1  # with pp: pipeline micro-batches each batch_size batch is split into
+    microbatches: int = 0  # with pp: pipeline micro-batches each batch_size batch is split into; 0 = pp
     # Output, checkpoints, logging.
     out_dir: str = "runs/jetmoe"
     export_dir: str | None = None  # at the end, copy the final model + tokenizer (no optimizer) here
@@ -294,7 +294,7 @@ def validate(config: TrainConfig) -> None:
         if getattr(config, name) not in choices:
             raise ValueError(f"{name} must be one of {[c for c in choices if c]}, got {getattr(config, name)!r}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every", "val_every",
-                 "val_batches", "keep_checkpoints", "lora_rank", "pp", "microbatches"):
+                 "val_batches", "keep_checkpoints", "lora_rank", "pp"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -312,6 +312,10 @@ def validate(config: TrainConfig) -> None:
         config.data = [config.data]
     if config.lora and not config.init_from:
         raise ValueError("lora fine-tunes a trained model: set init_from to an HF-format JetMoE checkpoint")
+    if isinstance(config.microbatches, bool) or not isinstance(config.microbatches, int) or config.microbatches < 0:
+        raise ValueError(f"microbatches must be a positive integer (or 0: as many as pp), got {config.microbatches!r}")
+    if config.microbatches == 0:
+        config.microbatches = config.pp
     if config.microbatches > 1 and config.pp == 1:
         raise ValueError(f"microbatches {config.microbatches} splits a pipeline's batch and needs pp > 1; "
                          "without pipeline parallelism use grad_accum")
