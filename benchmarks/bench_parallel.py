@@ -46,14 +46,14 @@ def replicas(processes: int, flags: list[str]) -> int:
 
 
 def padded_tokenizer(folder: str, vocab_size: int) -> str:
-    """The bundled tiny tokenizer with unused tokens added up to `vocab_size`."""
+    """The bundled tiny tokenizer with unused tokens added up to `vocab_size` (a smaller vocabulary than its 2048
+    tokens becomes 2048: the trainer sizes the model to its tokenizer)."""
     from transformers import AutoTokenizer
 
     from jetmoe.assets import TINY_MODEL_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
     tokenizer.add_tokens([f"<unused_{i}>" for i in range(vocab_size - len(tokenizer))])
-    assert len(tokenizer) == vocab_size, len(tokenizer)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -100,6 +100,7 @@ def main() -> None:
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         parser.error(f"unknown layout(s) {unknown}; choose from {sorted(LAYOUTS)}")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:
         tokenizer = padded_tokenizer(os.path.join(work, "tokenizer"), CONFIGS[args.config]["vocab_size"])
         rows = []
@@ -112,7 +113,9 @@ def main() -> None:
         "",
         f"`{command.strip()}` on {platform.machine()} with {os.cpu_count()} CPUs, config `{args.config}` "
         f"({CONFIGS[args.config]}), global batch {args.global_batch} x {args.seq_len} tokens, fp32, gloo; "
-        f"median tokens/s over {args.steps} steps after {args.warmup} warm-up steps.",
+        f"median tokens/s over {args.steps} steps after {args.warmup} warm-up steps. Load average (1 min) "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other jobs share this machine, so the figures "
+        "are noisy.",
         "",
         "| layout | processes | flags | batch per process | threads per process | tokens/s (median) | min | max |",
         "|---|---|---|---|---|---|---|---|",
