@@ -1,8 +1,9 @@
 """The training loop: build or load the model, then step: micro-batches, clip, AdamW, schedule, log, validate, save.
 
-One optimizer step consumes a global batch of batch_size x grad_accum x processes packed sequences. Its loss
-is the cross-entropy over all of the batch's target tokens plus aux_loss_coef x the balancing loss averaged
-over micro-batches (see objective.py), so the same global batch gives the same step whatever the split.
+One optimizer step consumes a global batch of batch_size x grad_accum x processes packed sequences (x data-parallel
+replicas = processes / pp with pipeline parallelism, see pipeline.py). Its loss is the cross-entropy over all of
+the batch's target tokens plus aux_loss_coef x the balancing loss averaged over micro-batches (see objective.py),
+so the same global batch split into the same micro-batches gives the same step whatever the layout.
 """
 
 from __future__ import annotations
