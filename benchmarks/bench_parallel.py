@@ -115,7 +115,8 @@ def main() -> None:
         f"({CONFIGS[args.config]}), global batch {args.global_batch} x {args.seq_len} tokens, fp32, gloo; "
         f"median tokens/s over {args.steps} steps after {args.warmup} warm-up steps. Load average (1 min) "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other jobs share this machine, so the figures "
-        "are noisy.",
+        "are noisy." + (f" Environment: JETMOE_CPU_DEFAULTS={os.environ['JETMOE_CPU_DEFAULTS']}."
+                        if "JETMOE_CPU_DEFAULTS" in os.environ else ""),
         "",
         "| layout | processes | flags | batch per process | threads per process | tokens/s (median) | min | max |",
         "|---|---|---|---|---|---|---|---|",

@@ -196,7 +196,7 @@ class PipelineModel(nn.Module):
             self.lm_head = full.lm_head
             if self.tied:  # the first stage's embedding lives on another process: the head gets its own copy
                 self.lm_head.weight = nn.Parameter(full.lm_head.weight.detach().clone())
-        del full  # the layers this process does not own go with it
+        del full  # the layers this process does not own go once the caller drops the whole model too
         self.to(self.device)
         self.router_counts = torch.zeros(2 * num_layers, self.config.num_local_experts, dtype=torch.float64)
         self.optimizer_state_options = StateDictOptions(flatten_optimizer_state_dict=True)  # keys per parameter
