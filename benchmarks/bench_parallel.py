@@ -107,7 +107,8 @@ def main() -> None:
         for name in names:
             rows.append(run_layout(name, args, tokenizer, work))
             print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/bench_parallel.py " + " ".join(sys.argv[1:])
+    prefix = f"JETMOE_CPU_DEFAULTS={os.environ['JETMOE_CPU_DEFAULTS']} " if "JETMOE_CPU_DEFAULTS" in os.environ else ""
+    command = prefix + "python benchmarks/bench_parallel.py " + " ".join(sys.argv[1:])
     lines = [
         "# Training throughput per parallel layout",
         "",
@@ -115,8 +116,7 @@ def main() -> None:
         f"({CONFIGS[args.config]}), global batch {args.global_batch} x {args.seq_len} tokens, fp32, gloo; "
         f"median tokens/s over {args.steps} steps after {args.warmup} warm-up steps. Load average (1 min) "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after: other jobs share this machine, so the figures "
-        "are noisy." + (f" Environment: JETMOE_CPU_DEFAULTS={os.environ['JETMOE_CPU_DEFAULTS']}."
-                        if "JETMOE_CPU_DEFAULTS" in os.environ else ""),
+        "are noisy.",
         "",
         "| layout | processes | flags | batch per process | threads per process | tokens/s (median) | min | max |",
         "|---|---|---|---|---|---|---|---|",
