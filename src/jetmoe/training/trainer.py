@@ -1,9 +1,9 @@
 """The training loop: build or load the model, then step: micro-batches, clip, AdamW, schedule, log, validate, save.
 
-One optimizer step consumes a global batch of batch_size x grad_accum x processes packed sequences (x data-parallel
-replicas = processes / pp with pipeline parallelism, see pipeline.py). Its loss is the cross-entropy over all of
-the batch's target tokens plus aux_loss_coef x the balancing loss averaged over micro-batches (see objective.py),
-so the same global batch split into the same micro-batches gives the same step whatever the layout.
+One optimizer step consumes a global batch of batch_size x grad_accum x replicas packed sequences (replicas: the
+processes, or processes / pp with pipeline parallelism, see pipeline.py). Its loss is the cross-entropy over all
+of the batch's target tokens plus aux_loss_coef x the balancing loss averaged over micro-batches (see
+objective.py), so the same global batch in the same micro-batches gives the same step whatever the layout.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
                 "or bf16, or add processes"
             ) from error
         ce_total, aux_total, z_total = runtime.sum([ce_sum, aux_sum, z_sum])
-        micro_count = config.grad_accum * replicas * config.microbatches
+        micro_count = config.grad_accum * replicas * (config.microbatches if config.pp > 1 else 1)
         ce = ce_total / max(1, global_targets)
         aux = aux_total / micro_count
         loss = ce + aux_coef * aux
