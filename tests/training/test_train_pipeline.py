@@ -44,11 +44,15 @@ def records(out_dir) -> dict[int, dict]:
 
 
 def assert_same_run(got: dict, expected: dict) -> float:
-    """Every step's loss within 1e-4 relative and the same expert load; returns the largest relative difference."""
+    """Every step's loss, and each of its terms, within 1e-4 relative and the same expert load; returns the largest
+    relative loss difference."""
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     worst = max(abs(got[s]["loss"] - expected[s]["loss"]) / abs(expected[s]["loss"]) for s in expected)
     print(f"largest relative loss difference over {STEPS} steps: {worst:.3g}")
     assert worst <= 1e-4
+    for term in ("ce", "aux", "z_loss", "grad_norm"):  # aux_loss_coef is small: check the balancing loss on its own
+        for step in expected:
+            assert got[step][term] == pytest.approx(expected[step][term], rel=1e-4), (term, step)
     for kind in ("moa", "moe"):
         for a, b in zip(got[STEPS]["expert_load"][kind], expected[STEPS]["expert_load"][kind]):
             assert a == pytest.approx(b, abs=0.02)
