@@ -145,3 +145,17 @@ def test_layouts_that_do_not_fit_are_clear_errors(tmp_path, corpus, token_cache,
     settings = micro_settings(corpus, token_cache, out_dir=str(tmp_path / "out"), pp=2, microbatches=2)
     assert jetmoe_main(["train", "--config", write_config(tmp_path / "run.yaml", settings)]) == 2
     assert "jetmoe train: error: pp 2 does not divide the 1 processes" in capsys.readouterr().err
+
+
+def test_pp2_switch_objective_matches_one_process(tmp_path, corpus, token_cache):
+    """The original JetMoE objective (a switch loss + z-loss per router, summed) across stages: jetmoe-8b's."""
+    settings = micro_settings(corpus, token_cache, max_steps=STEPS, save_every=STEPS, val_every=STEPS,
+                              aux_loss_type="switch", z_loss_coef=0.01)
+    config = write_config(tmp_path / "run.yaml", settings)
+    single = run_jetmoe("train", "--config", config, "--out-dir", str(tmp_path / "single"), "--batch-size", "1",
+                        "--grad-accum", "2", "--val-batches", "4")
+    assert single.returncode == 0, single.stderr
+    torchrun(2, "--config", config, "--out-dir", str(tmp_path / "pp2"), "--pp", "2")  # microbatches: 2 by default
+    expected = records(tmp_path / "single")
+    assert expected[1]["aux"] > 4  # the switch objective's scale (one balance term near 1 per router), not 2.0
+    assert_same_run(records(tmp_path / "pp2"), expected)
