@@ -175,11 +175,25 @@ def reference_balancing_loss(
     f_e is the share of (token, choice) assignments that went to expert e, P_e the mean full-softmax
     probability of e; padded tokens (mask 0) do not count.
     """
+    assigned, prob_sum, total = reference_balancing_statistics(router_logits, num_experts, top_k, attention_mask)
+    return num_experts * torch.sum((assigned / total) * (prob_sum / total))
+
+
+def reference_balancing_statistics(
+    router_logits: tuple[torch.Tensor, ...],
+    num_experts: int,
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pooled sums the reference loss is made of: (assignments per expert, probability mass per expert,
+    counted rows), added to `start` (the sums of earlier routers, e.g. a previous pipeline stage's)."""
     device = router_logits[0].device
     weights = _row_weights(attention_mask, router_logits[0].shape[0], device)
-    assigned = torch.zeros(num_experts, device=device)
-    prob_sum = torch.zeros(num_experts, device=device)
-    total = torch.zeros((), device=device)
+    if start is None:
+        start = (torch.zeros(num_experts, device=device), torch.zeros(num_experts, device=device),
+                 torch.zeros((), device=device))
+    assigned, prob_sum, total = start
     for logits in router_logits:
         probs = torch.softmax(logits.float(), dim=-1)
         chosen = probs.topk(top_k, dim=-1).indices
@@ -187,7 +201,7 @@ def reference_balancing_loss(
         assigned = assigned.scatter_add(0, chosen.reshape(-1), row_w.repeat_interleave(top_k))
         prob_sum = prob_sum + (probs * row_w[:, None]).sum(0)
         total = total + row_w.sum()
-    return num_experts * torch.sum((assigned / total) * (prob_sum / total))
+    return assigned, prob_sum, total
 
 
 def switch_balancing_loss(
@@ -196,14 +210,16 @@ def switch_balancing_loss(
     top_k: int,
     attention_mask: torch.Tensor | None = None,
     z_loss_coef: float = 0.1,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The original JetMoE objective: per router, a switch balance loss plus the router z-loss, summed.
+    """The original JetMoE objective: per router, a switch balance loss plus the router z-loss, summed (onto
+    `start`, the sum of earlier routers, e.g. a previous pipeline stage's).
 
     balance = E * sum_e normalize(sum_n p_ne) * normalize(count_e); z = mean_n logsumexp(logits_n)^2.
     """
     device = router_logits[0].device
     weights = _row_weights(attention_mask, router_logits[0].shape[0], device)
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), device=device) if start is None else start
     for logits in router_logits:
         logits = logits.float()
         row_w = torch.ones(logits.shape[0], device=device) if weights is None else weights

@@ -113,11 +113,15 @@ def save_checkpoint(
 
     try:
         full_state = None
-        if lora_scaling is None:  # the weights, gathered one tensor at a time and written by their file's process
+        gather = getattr(model, "full_state_dict", None)
+        if gather is not None:  # pipeline stages: gathered from every stage onto rank 0
+            full_state = gather()
+        elif lora_scaling is None:  # the weights, gathered one tensor at a time and written by their file's process
             save_hf_weights(model, temp, runtime)
         else:
             full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        options = getattr(model, "optimizer_state_options", None)
+        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
         with _single_process_ok():
             dcp.save(optim_state, checkpoint_id=os.path.join(temp, "optimizer"))
         _write_text(os.path.join(temp, f"rng-rank{runtime.rank}.json"), json.dumps(_rng_state()))
@@ -635,10 +639,11 @@ def load_training_state(folder: str, model, optimizer, scheduler, runtime) -> di
         raise DamagedCheckpoint(f"{SCHEDULER} has {len(scheduler_state['base_lrs'])} parameter groups, "
                                 f"the optimizer {len(optimizer.param_groups)}")
     try:
-        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        options = getattr(model, "optimizer_state_options", None)
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
         with _single_process_ok():
             dcp.load(state, checkpoint_id=os.path.join(folder, "optimizer"))
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     except _WRITE_ERRORS as error:  # whatever the reader raised: a damaged or mismatched optimizer state
         raise DamagedCheckpoint(f"optimizer/ does not load ({_root_reason(error)})") from None
     scheduler.load_state_dict(scheduler_state)

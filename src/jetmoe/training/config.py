@@ -137,6 +137,11 @@ class TrainConfig:
     # Execution.
     device: str = option("auto", "where to train (auto: CUDA when present)", "parallelism",
                          choices=("auto", "cpu", "cuda"))
+    pp: int = option(1, "pipeline stages (processes per pipeline); data parallel = processes / (pp)", "parallelism")
+    pp_schedule: str = option("1f1b", "pipeline schedule (interleaved1f1b: 2 stages per process)", "parallelism",
+                              choices=("1f1b", "interleaved1f1b", "gpipe"))
+    microbatches: int = option(0, "with pp: pipeline micro-batches each batch_size batch is split into (0 = pp)",
+                               "parallelism")
     ep: int = option(1, "expert parallelism: each expert module's experts split over groups of ep processes "
                      "(ep divides the process count and num_local_experts)", "parallelism")
     # Output, checkpoints, logging.
@@ -343,7 +348,7 @@ def validate(config: TrainConfig) -> None:
         if bad:
             raise ValueError(f"{spec.name} ({flag_name(spec.name)}) must be one of {_shown(choices)}; got {bad[0]!r}")
     for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "save_every", "log_every", "val_every",
-                 "val_batches", "keep_checkpoints", "lora_rank", "ep"):
+                 "val_batches", "keep_checkpoints", "lora_rank", "pp", "ep"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -369,6 +374,23 @@ def validate(config: TrainConfig) -> None:
                          "(lora_target_experts); set lora_dropout 0 or lora_target_experts to none")
     if config.lora and not config.init_from:
         raise ValueError("lora fine-tunes a trained model: set init_from to an HF-format JetMoE checkpoint")
+    if isinstance(config.microbatches, bool) or not isinstance(config.microbatches, int) or config.microbatches < 0:
+        raise ValueError(f"microbatches must be a positive integer (or 0: as many as pp), got {config.microbatches!r}")
+    if config.microbatches == 0:
+        config.microbatches = config.pp
+    if config.microbatches > 1 and config.pp == 1:
+        raise ValueError(f"microbatches {config.microbatches} splits a pipeline's batch and needs pp > 1; "
+                         "without pipeline parallelism use grad_accum")
+    if config.batch_size % config.microbatches:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by microbatches {config.microbatches}")
+    if config.pp > 1 and config.pp_schedule == "1f1b" and config.microbatches < config.pp:
+        raise ValueError(f"pp_schedule 1f1b needs microbatches >= pp: got microbatches {config.microbatches}, "
+                         f"pp {config.pp}")
+    if config.pp > 1 and config.ep > 1:
+        raise ValueError(f"pp {config.pp} with ep {config.ep}: pipeline and expert parallelism together are not "
+                         "supported; use one of them (each composes with data parallelism)")
+    if config.pp > 1 and config.lora:
+        raise ValueError("lora is not supported with pipeline parallelism (pp > 1): use pp 1")
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

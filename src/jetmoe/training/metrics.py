@@ -32,6 +32,10 @@ class ExpertLoad:
         ).to("cpu", torch.float64)
         self.counts = counts if self.counts is None else self.counts + counts
 
+    def add_counts(self, counts: torch.Tensor) -> None:
+        """Counts already made ([routers, experts]; pipeline stages fill their own routers' rows)."""
+        self.counts = counts if self.counts is None else self.counts + counts
+
     def take(self, runtime) -> dict | None:
         """{"moa": [[share per expert] per layer], "moe": [...]} over all processes; resets the counts."""
         if self.counts is None:

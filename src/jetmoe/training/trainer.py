@@ -1,8 +1,9 @@
 """The training loop: build or load the model, then step: micro-batches, clip, AdamW, schedule, log, validate, save.
 
-One optimizer step consumes a global batch of batch_size x grad_accum x processes packed sequences. Its loss
-is the cross-entropy over all of the batch's target tokens plus aux_loss_coef x the balancing loss averaged
-over micro-batches (see objective.py), so the same global batch gives the same step whatever the split.
+One optimizer step consumes a global batch of batch_size x grad_accum x replicas packed sequences (replicas: the
+processes, or processes / pp with pipeline parallelism, see pipeline.py). Its loss is the cross-entropy over all
+of the batch's target tokens plus aux_loss_coef x the balancing loss averaged over micro-batches (see
+objective.py), so the same global batch in the same micro-batches gives the same step whatever the layout.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .data import PackedSequences, prepare_data, step_positions
 from .distributed import Runtime, init_runtime, shard_model, shutdown
 from .materialize import CheckpointSlices, RandomInit, materialize, meta_model, peak_host_memory_bytes
 from .metrics import ExpertLoad, MetricsLog, Progress, Throughput, perplexity, plot
+from . import pipeline
 from .objective import compute_terms, count_targets, micro_batch_loss
 from .optim import build_optimizer, clip_gradients
 from .schedule import build_scheduler
@@ -67,12 +69,13 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
         raise ckpt.CheckpointError(f"--resume: there is no checkpoint under {root} "
                                    "(pass --resume-or-start to start from scratch when there is none)")
 
-    global_batch = config.batch_size * config.grad_accum * runtime.world
+    replicas, replica = pipeline.data_parallel(config, runtime)  # pp: the processes of a pipeline read the same data
+    global_batch = config.batch_size * config.grad_accum * replicas
     tokenizer, data = prepare_data(config, out_dir, runtime.is_main, runtime.barrier, log, global_batch)
     if data.num_train < global_batch:
         raise ValueError(
             f"a step needs {global_batch} sequences (batch_size {config.batch_size} x grad_accum "
-            f"{config.grad_accum} x {runtime.world} processes) but the training split holds only {data.num_train} "
+            f"{config.grad_accum} x {replicas} data-parallel replicas) but the training split holds only {data.num_train} "
             f"sequences of {config.seq_len} tokens: use more data, a shorter seq_len or a smaller batch"
         )
 
@@ -137,13 +140,17 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
     while step < config.max_steps:
         model.train()
         micro = [
-            data.train_batch(position + step_positions(0, config.batch_size, config.grad_accum, runtime.world, runtime.rank, m), config.batch_size)
+            data.train_batch(position + step_positions(0, config.batch_size, config.grad_accum, replicas, replica, m), config.batch_size)
             for m in range(config.grad_accum)
         ]
-        global_targets = int(runtime.sum([float(sum(count_targets(labels) for _, labels in micro))])[0])
+        # Every process counted its replica's targets: the pp processes of a replica the same ones.
+        global_targets = int(runtime.sum([float(sum(count_targets(labels) for _, labels in micro))])[0]) // config.pp
         ce_sum = aux_sum = z_sum = 0.0
         try:
-            for index, (ids, labels) in enumerate(micro):
+            if config.pp > 1:  # the schedule runs forward and backward of every pipeline micro-batch
+                ce_sum, aux_sum, z_sum = model.train_step(micro, global_targets, aux_coef, autocast)
+                expert_load.add_counts(model.take_router_counts())
+            for index, (ids, labels) in enumerate(micro if config.pp == 1 else ()):
                 if runtime.distributed:  # reduce-scatter gradients once, after the last micro-batch
                     model.set_requires_gradient_sync(index == len(micro) - 1)
                 with autocast:
@@ -161,7 +168,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
                 "or bf16, or add processes"
             ) from error
         ce_total, aux_total, z_total = runtime.sum([ce_sum, aux_sum, z_sum])
-        micro_count = config.grad_accum * runtime.world
+        micro_count = config.grad_accum * replicas * (config.microbatches if config.pp > 1 else 1)
         ce = ce_total / max(1, global_targets)
         aux = aux_total / micro_count
         loss = ce + aux_coef * aux
@@ -171,7 +178,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
                 f"{scheduler.get_last_lr()[0]:.3g}: lower lr, keep grad_clip on, check the data; "
                 f"the last good checkpoint is {saved_path or 'none'} (resume from it with --resume)"
             )
-        grad_norm = clip_gradients(model, config.grad_clip)
+        grad_norm = model.clip_gradients(config.grad_clip) if config.pp > 1 else clip_gradients(model, config.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -280,6 +287,8 @@ def _any_failed(runtime: Runtime, error: BaseException | None) -> bool:
 
 def validate(model, data: PackedSequences, config: TrainConfig, runtime: Runtime, autocast) -> dict | None:
     """Mean cross-entropy and perplexity over the validation sequences (the same set for any process count)."""
+    if isinstance(model, pipeline.PipelineModel):
+        return model.validate(data, config, runtime, autocast)
     if len(data.val_ids) == 0:
         return None
     model.eval()
@@ -331,8 +340,13 @@ def build_model(config: TrainConfig, tokenizer, resume_folder: str | None, log=p
     _configure(model_config, config, tokenizer)
     model = meta_model(model_config)
     _enable_gradient_checkpointing(model, config)
-    model = shard_model(model, runtime, config.ep)
-    materialize(model, runtime.device, source or RandomInit(config.seed, model))
+    source = source or RandomInit(config.seed, model)  # (of the whole model: every parameter's name and kind)
+    if config.pp > 1:  # this process's pipeline stages, still on meta
+        model = pipeline.parallelize(model, config, runtime)
+        materialize(model, runtime.device, source, name_of=model.hf_name)
+    else:
+        model = shard_model(model, runtime, config.ep)
+        materialize(model, runtime.device, source)
     return model, None
 
 
