@@ -136,7 +136,8 @@ def test_layouts_that_do_not_fit_are_clear_errors(tmp_path, corpus, token_cache,
         ({"pp": 4, "microbatches": 2}, "pp_schedule 1f1b needs microbatches >= pp: got microbatches 2, pp 4"),
         ({"pp": 0}, "pp must be a positive integer"),
         ({"pp": 2, "microbatches": -1}, "microbatches must be a positive integer"),
-        ({"pp": 2, "pp_schedule": "zero-bubble"}, "pp_schedule must be one of"),
+        ({"pp": 2, "pp_schedule": "zero-bubble"}, r"pp_schedule \(--pp-schedule\) must be one of 1f1b, interleaved1f1b"),
+        ({"pp": 2, "ep": 2}, "pipeline and expert parallelism together are not supported"),
         ({"pp": 2, "lora": True, "init_from": str(tmp_path)}, "lora is not supported with pipeline parallelism"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -37,6 +37,7 @@ from torch import nn
 from ..modeling.model import causal_mask
 from ..modeling.routing import reference_balancing_statistics, switch_balancing_loss
 from ..ops.attention import additive_inference_mask
+from .materialize import canonical_name
 from .objective import IGNORE_INDEX, LossTerms, count_targets, micro_batch_loss, shifted_targets
 
 STAGES_PER_RANK = {"1f1b": 1, "gpipe": 1, "interleaved1f1b": 2}
