@@ -111,6 +111,24 @@ def test_pp2_matches_one_process(reference, tmp_path, schedule):
     for step in range(11, STEPS + 1):
         assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=0, abs=1e-6), step
 
+    # Any other layout: the pp run's step-10 checkpoint resumed by one process, and the one-process run's by pp=2,
+    # redo steps 11-20 as the uninterrupted runs did (the same global batch, the same micro-batches).
+    shutil.rmtree(os.path.join(checkpoint_root(out), "step-00000020"))
+    result = run_jetmoe("train", "--config", config, "--out-dir", str(out), "--batch-size", "1", "--grad-accum", "4",
+                        "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = records(out)
+    for step in range(11, STEPS + 1):
+        assert alone[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-4), step
+    from_single = tmp_path / "from-single"
+    shutil.copytree(single, from_single)
+    shutil.rmtree(os.path.join(checkpoint_root(from_single), "step-00000020"))
+    torchrun(2, "--config", config, "--out-dir", str(from_single), "--pp", "2", "--microbatches", "2",
+             "--grad-accum", "2", "--resume")
+    staged, expected = records(from_single), records(single)
+    for step in range(11, STEPS + 1):
+        assert staged[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-4), step
+
 
 def test_pp2_by_dp2_matches_one_process(reference, tmp_path):
     config, single = reference

@@ -120,8 +120,7 @@ def save_checkpoint(
             save_hf_weights(model, temp, runtime)
         else:
             full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        options = getattr(model, "optimizer_state_options", None)
-        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+        optim_state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=_flat_optimizer_state())}
         with _single_process_ok():
             dcp.save(optim_state, checkpoint_id=os.path.join(temp, "optimizer"))
         _write_text(os.path.join(temp, f"rng-rank{runtime.rank}.json"), json.dumps(_rng_state()))
@@ -625,6 +624,28 @@ def find_latest(out_dir: str, log=print) -> Found | None:
     return next(candidates(out_dir, log), None)
 
 
+def _flat_optimizer_state():
+    """The optimizer state keyed per parameter name (param groups too): the same keys in every layout, so a
+    checkpoint of any layout (processes, pipeline stages, expert shards) loads into any other (resharded by DCP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+_TIED_HEAD, _EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def _tied_head_aliases(state: dict, saved: set[str]) -> dict[str, str]:
+    """A pipeline's last stage keeps its own copy of a tied head, stepped like the embedding: where the checkpoint
+    (of another layout) holds only the embedding's state, that copy reads it."""
+    aliases = {}
+    for key in state:
+        alias = key.replace(_TIED_HEAD, _EMBEDDING)
+        if _TIED_HEAD in key and f"optimizer.{key}" not in saved and f"optimizer.{alias}" in saved:
+            aliases[key] = alias
+    return aliases
+
+
 def load_training_state(folder: str, model, optimizer, scheduler, runtime) -> dict:
     """Restore optimizer, scheduler and RNG from a checkpoint (the model weights were loaded when it was built).
 
@@ -639,11 +660,18 @@ def load_training_state(folder: str, model, optimizer, scheduler, runtime) -> di
         raise DamagedCheckpoint(f"{SCHEDULER} has {len(scheduler_state['base_lrs'])} parameter groups, "
                                 f"the optimizer {len(optimizer.param_groups)}")
     try:
-        options = getattr(model, "optimizer_state_options", None)
+        path = os.path.join(folder, "optimizer")
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+        # Per-parameter keys since pipeline parallelism; earlier checkpoints hold param groups as one list.
+        options = _flat_optimizer_state() if "optimizer.param_groups" not in saved else None
         state = {"optimizer": get_optimizer_state_dict(model, optimizer, options=options)}
+        aliases = _tied_head_aliases(state["optimizer"], saved) if options is not None else {}
+        state["optimizer"] = {aliases.get(key, key): value for key, value in state["optimizer"].items()}
         with _single_process_ok():
-            dcp.load(state, checkpoint_id=os.path.join(folder, "optimizer"))
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+            dcp.load(state, checkpoint_id=path)
+        back = {alias: key for key, alias in aliases.items()}
+        loaded = {back.get(key, key): value for key, value in state["optimizer"].items()}
+        set_optimizer_state_dict(model, optimizer, loaded, options=options)
     except _WRITE_ERRORS as error:  # whatever the reader raised: a damaged or mismatched optimizer state
         raise DamagedCheckpoint(f"optimizer/ does not load ({_root_reason(error)})") from None
     scheduler.load_state_dict(scheduler_state)

@@ -171,7 +171,7 @@ def balancing_loss(config, stats: torch.Tensor) -> torch.Tensor:
 class PipelineModel(nn.Module):
     """This process's part of the model, under the Hugging Face parameter names (`model.layers.5...`), plus the
     schedule that trains it. What the trainer calls: train_step, clip_gradients, validate; the checkpoint code:
-    full_state_dict, save_pretrained, optimizer_state_options."""
+    full_state_dict, save_pretrained."""
 
     def __init__(self, full, config, runtime):
         super().__init__()
@@ -201,7 +201,6 @@ class PipelineModel(nn.Module):
         if not any(p.device.type == "meta" for p in self.parameters()):  # a meta model is materialised afterwards
             self.to(self.device)
         self.router_counts = torch.zeros(2 * num_layers, self.config.num_local_experts, dtype=torch.float64)
-        self.optimizer_state_options = StateDictOptions(flatten_optimizer_state_dict=True)  # keys per parameter
 
         from torch.distributed.device_mesh import init_device_mesh
 
