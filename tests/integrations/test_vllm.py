@@ -1,12 +1,11 @@
 """JetMoE on vLLM (jetmoe.integrations.vllm) against transformers' JetMoeForCausalLM (the oracle) and jetmoe.
 
 Runs where vLLM is installed (`make test-vllm`: the .venv-vllm environment); skips elsewhere. Engines start in
-this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, one at a time through one parametrised module fixture), except
-the tensor-parallel engine and the `vllm serve` process, which run vLLM's usual multi-process path.
+this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, one at a time through one parametrised module fixture).
+test_vllm_server.py covers vLLM's usual multi-process path: `vllm serve` and tensor parallelism.
 """
 
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,94 +21,23 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import jetmoe  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "generation"))
-from toy_checkpoint import build_toy_checkpoint  # noqa: E402
-
-# vLLM's CPU attention takes head sizes from 32 up; 64 keeps the expert projections' rows 16-byte aligned.
-GEOMETRIES = {
-    "top2of8": dict(kv_channels=64, num_local_experts=8, num_experts_per_tok=2, seed=0),
-    "top3of6": dict(kv_channels=64, num_local_experts=6, num_experts_per_tok=3, intermediate_size=80, seed=1),
-}
-# Different lengths, so the oracle's batch is left-padded.
-PROMPTS = [
-    "The Python language",
-    "Hello world, hello model, hello tokens and bytes. A mixture of experts routes every token",
-    "A",
-]
-NEW_TOKENS = {"float32": 64, "bfloat16": 32}
-LOGPROB_ATOL = 2e-4  # fp32
-# Two bf16 steps of a logit between 4 and 8 (these models' largest logits): what counts as a tie in bf16.
-BF16_TIE = 0.0625
-# The original JetMoE key names, which jetmoe's config reads and transformers' ignores.
-ORIGINAL_KEYS = {
-    "num_hidden_layers": "num_layers",
-    "intermediate_size": "ffn_hidden_size",
-    "num_local_experts": "moe_num_experts",
-    "num_experts_per_tok": "moe_top_k",
-}
-KV_CACHE_BYTES = 64 << 20
-MAX_MODEL_LEN = 256
-
-
-def _engine(path, dtype, **kwargs):
-    return vllm.LLM(
-        model=str(path),
-        dtype=dtype,
-        seed=0,
-        max_model_len=MAX_MODEL_LEN,
-        max_num_seqs=8,
-        kv_cache_memory_bytes=KV_CACHE_BYTES,
-        **kwargs,
-    )
-
-
-def _close(llm):
-    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-    cleanup_dist_env_and_memory()
+sys.path.insert(0, str(Path(__file__).parent))
+from vllm_helpers import (  # noqa: E402
+    BF16_TIE,
+    LOGPROB_ATOL,
+    NEW_TOKENS,
+    PROMPTS,
+    close,
+    engine,
+    greedy,
+    make_checkpoints,
+    oracle,
+)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """name -> (directory, the config with standard keys). top3of6's config.json uses the original key names."""
-    root = tmp_path_factory.mktemp("vllm-checkpoints")
-    out = {}
-    for name, fields in GEOMETRIES.items():
-        path = build_toy_checkpoint(root / name, **fields)
-        config = jetmoe.JetMoeConfig.from_pretrained(path)
-        if name == "top3of6":
-            raw = json.loads((path / "config.json").read_text())
-            for standard, original in ORIGINAL_KEYS.items():
-                raw[original] = raw.pop(standard)
-            (path / "config.json").write_text(json.dumps(raw, indent=2))
-        out[name] = (path, config)
-    return out
-
-
-def _oracle(path, config, dtype):
-    fields = {k: v for k, v in config.to_dict().items() if k not in ("router_aux_loss_type", "router_z_loss_coef")}
-    oracle_config = transformers.JetMoeConfig(**{k: v for k, v in fields.items() if k != "model_type"})
-    return transformers.JetMoeForCausalLM.from_pretrained(path, config=oracle_config, dtype=dtype).eval()
-
-
-def _greedy(model, tokenizer, new_tokens):
-    """Greedy continuations of PROMPTS as one left-padded batch: (token lists, raw logits per step [B, V])."""
-    tokenizer.padding_side = "left"
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    model.generation_config.eos_token_id = None  # exactly new_tokens each, as vLLM's ignore_eos
-    with torch.no_grad():
-        out = model.generate(
-            **batch,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    tokens = out.sequences[:, batch.input_ids.shape[1]:].tolist()
-    return tokens, torch.stack(out.logits, 1).float()
+    return make_checkpoints(tmp_path_factory.mktemp("vllm-checkpoints"))
 
 
 CASES = [("top2of8", "float32"), ("top3of6", "float32"), ("top2of8", "bfloat16")]
@@ -120,11 +48,11 @@ def case(request, checkpoints):
     """One vLLM engine at a time: (name, dtype, path, config, llm, vLLM outputs of PROMPTS)."""
     name, dtype = request.param
     path, config = checkpoints[name]
-    llm = _engine(path, dtype, enforce_eager=True)
+    llm = engine(path, dtype, enforce_eager=True)
     params = vllm.SamplingParams(temperature=0, max_tokens=NEW_TOKENS[dtype], logprobs=0, ignore_eos=True)
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     yield name, dtype, path, config, llm, outputs
-    _close(llm)
+    close(llm)
 
 
 def test_greedy_tokens_equal_transformers_and_jetmoe(case):
@@ -132,9 +60,9 @@ def test_greedy_tokens_equal_transformers_and_jetmoe(case):
     if dtype != "float32":
         pytest.skip("bf16: test_bf16_greedy_tokens_are_the_oracles_choices")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    oracle_tokens, oracle_logits = _greedy(_oracle(path, config, torch.float32), tokenizer, NEW_TOKENS[dtype])
+    oracle_tokens, oracle_logits = greedy(oracle(path, config, torch.float32), tokenizer, NEW_TOKENS[dtype])
     ours = jetmoe.JetMoeForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
-    jetmoe_tokens, _ = _greedy(ours, tokenizer, NEW_TOKENS[dtype])
+    jetmoe_tokens, _ = greedy(ours, tokenizer, NEW_TOKENS[dtype])
     vllm_tokens = [list(o.outputs[0].token_ids) for o in outputs]
     assert all(len(t) == NEW_TOKENS[dtype] for t in vllm_tokens)
     assert vllm_tokens == oracle_tokens
@@ -162,17 +90,17 @@ def test_bf16_greedy_tokens_are_the_oracles_choices(case):
     if dtype != "bfloat16":
         pytest.skip("fp32: test_greedy_tokens_equal_transformers_and_jetmoe")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    oracle = _oracle(path, config, torch.bfloat16)
-    oracle_tokens, _ = _greedy(oracle, tokenizer, NEW_TOKENS[dtype])
+    reference = oracle(path, config, torch.bfloat16)
+    oracle_tokens, _ = greedy(reference, tokenizer, NEW_TOKENS[dtype])
     ours = jetmoe.JetMoeForCausalLM.from_pretrained(path, config=config, dtype=torch.bfloat16).eval()
-    jetmoe_tokens, _ = _greedy(ours, tokenizer, NEW_TOKENS[dtype])
+    jetmoe_tokens, _ = greedy(ours, tokenizer, NEW_TOKENS[dtype])
     worst = 0.0
     for row, output in enumerate(outputs):
         tokens = list(output.outputs[0].token_ids)
         assert len(tokens) == NEW_TOKENS[dtype]
         prompt = tokenizer(PROMPTS[row]).input_ids
         with torch.no_grad():
-            logits = oracle(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
+            logits = reference(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].float()
         chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
         gaps = logits.max(dim=1).values - chosen
         worst = max(worst, gaps.max().item())
@@ -199,7 +127,7 @@ def test_top_logprobs_of_a_prompt_match_transformers(case):
     output = llm.generate([prompt], vllm.SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
     ids = transformers.AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        reference = torch.log_softmax(_oracle(path, config, torch.float32)(ids).logits[0, -1], dim=-1)
+        reference = torch.log_softmax(oracle(path, config, torch.float32)(ids).logits[0, -1], dim=-1)
     top = output[0].outputs[0].logprobs[0]
     assert set(top) >= set(reference.topk(5).indices.tolist())
     for token, logprob in top.items():
@@ -237,7 +165,7 @@ def _broken_checkpoint(source: Path, target: Path) -> Path:
 def test_checkpoint_with_a_missing_and_a_misshaped_tensor_is_an_error_naming_both(checkpoints, tmp_path):
     path = _broken_checkpoint(checkpoints["top2of8"][0], tmp_path / "broken")
     with pytest.raises(Exception) as error:
-        _engine(path, "float32", enforce_eager=True)
+        engine(path, "float32", enforce_eager=True)
     message = str(error.value)
     for cause in (error.value.__cause__, error.value.__context__):
         message += str(cause)
