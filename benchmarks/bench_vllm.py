@@ -33,11 +33,13 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS_vllm.md"
 
 
 class VllmServer:
-    def __init__(self, vllm_bin: Path, model_dir: Path, port: int, max_batch: int, dtype: str, max_len: int, kv_gib: int):
+    def __init__(
+        self, vllm_bin: Path, model_dir: Path, port: int, max_batch: int, dtype: str, max_len: int, kv_bytes: int
+    ):
         self.url = f"http://127.0.0.1:{port}"
         command = [str(vllm_bin), "serve", str(model_dir), "--served-model-name", "bench", "--port", str(port),
                    "--dtype", dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max_batch),
-                   "--kv-cache-memory-bytes", str(kv_gib << 30), "--disable-log-stats"]  # fmt: skip
+                   "--kv-cache-memory-bytes", str(kv_bytes), "--disable-log-stats"]  # fmt: skip
         self.process = subprocess.Popen(command, env=dict(os.environ))
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline:
@@ -85,8 +87,10 @@ def main() -> int:
     vllm_bin = Path(args.vllm_venv) / "bin" / "vllm"
     if not vllm_bin.exists():
         raise SystemExit(f"{vllm_bin} not found: run `make vllm-env` first")
-    version = subprocess.run([str(Path(args.vllm_venv) / "bin" / "python"), "-c", "import vllm; print(vllm.__version__)"],
-                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    vllm_python = str(Path(args.vllm_venv) / "bin" / "python")
+    version = subprocess.run(
+        [vllm_python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True
+    ).stdout.strip()
     max_len = args.prompt_len + args.max_tokens + 8
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,7 +98,7 @@ def main() -> int:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         for name in ("vllm serve (jetmoe plugin)", "jetmoe serve"):
             if name.startswith("vllm"):
-                server = VllmServer(vllm_bin, model_dir, free_port(), args.max_batch, args.dtype, max_len, 2)
+                server = VllmServer(vllm_bin, model_dir, free_port(), args.max_batch, args.dtype, max_len, 512 << 20)
             else:
                 server = ServerProcess(model_dir, free_port(), args.max_batch, 4 * args.max_batch, args.dtype,
                                        ["--max-len", str(max_len)])  # fmt: skip

@@ -139,7 +139,8 @@ def test_engine_uses_the_plugin_model(case):
 
     def describe(model):
         attn = model.model.layers[0].self_attention.attn
-        return type(model).__module__, attn.num_heads, attn.num_kv_heads, type(model.model.layers[0].mlp.experts).__name__
+        moe = type(model.model.layers[0].mlp.experts).__name__
+        return type(model).__module__, attn.num_heads, attn.num_kv_heads, moe
 
     (module, heads, kv_heads, moe), = llm.apply_model(describe)
     assert module == "jetmoe.integrations.vllm"

@@ -15,7 +15,16 @@ import transformers  # noqa: E402
 import jetmoe  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from vllm_helpers import KV_CACHE_BYTES, LOGPROB_ATOL, PROMPTS, close, engine, greedy, make_checkpoints, oracle  # noqa: E402
+from vllm_helpers import (  # noqa: E402
+    KV_CACHE_BYTES,
+    LOGPROB_ATOL,
+    PROMPTS,
+    close,
+    engine,
+    greedy,
+    make_checkpoints,
+    oracle,
+)
 
 BUNDLED = Path(jetmoe.__file__).parent / "assets" / "tiny"
 SERVED_NAME = "jetmoe-tiny"
@@ -136,16 +145,22 @@ def _thread_binding(ranks: int) -> str:
     return "|".join(",".join(map(str, group)) for group in groups)
 
 
+def kv_heads_per_rank(model) -> int:
+    """Run in each worker (pickled by name: a module-level function)."""
+    return model.model.layers[0].self_attention.attn.num_kv_heads
+
+
 def test_tensor_parallel_2_gives_the_oracles_greedy_tokens_and_logprobs(tmp_path, monkeypatch):
     path, config = make_checkpoints(tmp_path)["top2of8"]
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", _thread_binding(2))
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model pickles a function to the workers
     llm = engine(path, "float32", enforce_eager=True, tensor_parallel_size=2)
     try:
         new_tokens = 48
         params = vllm.SamplingParams(temperature=0, max_tokens=new_tokens, logprobs=0, ignore_eos=True)
         outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-        (shards,) = set(llm.apply_model(lambda model: model.model.layers[0].self_attention.attn.num_kv_heads))
+        (shards,) = set(llm.apply_model(kv_heads_per_rank))
     finally:
         close(llm)
     assert shards == config.num_key_value_heads // 2  # each rank holds half the K/V heads
