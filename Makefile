@@ -27,7 +27,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(VLLM_PY) -m pip install --quiet -e ".[test]" "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS)" "$(TORCH_SPEC)"
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
-	$(VLLM_PY) benchmarks/vllm_cli_alias.py
+	$(VLLM_PY) -m jetmoe.integrations.vllm_cli_alias
 	touch $@
 vllm-env: $(VLLM_VENV)/.installed
 

@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=32, help="--max-batch / --max-num-seqs of both servers")
     parser.add_argument("--vllm-venv", default=str(ROOT / ".venv-vllm"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--note", default="", help="a sentence added under the table (e.g. the machine's load)")
     args = parser.parse_args()
     vllm_bin = Path(args.vllm_venv) / "bin" / "vllm"
     if not vllm_bin.exists():
@@ -121,6 +122,7 @@ def main() -> int:
         f"{platform.machine()} with {os.cpu_count()} CPUs. Command: `{command}` (after `make vllm-env`).",
         table(["server", "clients", "requests", "failed", "tokens/s", "latency p50 (s)", "latency p99 (s)",
                "TTFT p50 (s)", "TTFT p99 (s)"], rows),
+        args.note,
     ])  # fmt: skip
     print(body)
     if not args.no_write:
