@@ -12,7 +12,7 @@ import torch
 from jetmoe import JetMoeForCausalLM
 from jetmoe.cli import main as jetmoe_main
 from jetmoe.training.checkpoint import checkpoint_root
-from jetmoe.training.trainer import TrainingError, train
+from jetmoe.training.trainer import train
 from train_helpers import losses, micro_config, micro_settings, run_jetmoe, write_config
 
 

@@ -120,7 +120,7 @@ def test_ep_that_does_not_divide_the_experts_is_an_error(tmp_path, corpus, token
 
 
 def test_ep_must_be_a_positive_integer(tmp_path, corpus, token_cache):
-    from train_helpers import MICRO_MODEL, micro_config
+    from train_helpers import micro_config
 
     with pytest.raises(ValueError, match="ep must be a positive integer"):
         micro_config(corpus, token_cache, tmp_path, ep=0)

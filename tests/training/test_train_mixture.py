@@ -13,7 +13,7 @@ from jetmoe.training.data import PackedSequences, build_token_file, step_positio
 from jetmoe.training.mixture import MixedSequences, Phase, parse_mixture
 from jetmoe.training.sources import resolve_source
 from jetmoe.training.tokenizer import train_bpe
-from train_helpers import WORDS, losses, micro_config, write_corpus
+from train_helpers import losses, micro_config
 
 
 @pytest.fixture(scope="module")

@@ -175,8 +175,6 @@ class PipelineModel(nn.Module):
 
     def __init__(self, full, config, runtime):
         super().__init__()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         self.config = full.config
         self.layout = layout = make_layout(config, runtime.world, runtime.rank)
         self.device = runtime.device
