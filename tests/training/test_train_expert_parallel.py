@@ -8,30 +8,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 
 import pytest
 
 from jetmoe.training.checkpoint import checkpoint_root
-from train_helpers import losses, micro_settings, run_jetmoe, subprocess_env, write_config
+from train_helpers import losses, micro_settings, run_command, run_jetmoe, torchrun_command, write_config
 
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node NPROC -m jetmoe.cli train ARGS` in its own process group (killed whole on a hang)."""
-    launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    process = subprocess.Popen(
-        [launcher, "--standalone", "--nproc_per_node", str(nproc), "-m", "jetmoe.cli", "train", *args],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return run_command(torchrun_command(nproc, "train", *args))
 
 
 def expert_loads(out_dir) -> dict[int, dict]:

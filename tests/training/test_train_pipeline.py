@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -17,26 +14,16 @@ from jetmoe.training.checkpoint import checkpoint_root
 from jetmoe.training.config import build_config
 from jetmoe.training.metrics import read_metrics
 from jetmoe.training.pipeline import make_layout, split_layers
-from train_helpers import MICRO_MODEL, micro_settings, run_jetmoe, subprocess_env, write_config
+from train_helpers import MICRO_MODEL, micro_settings, run_command, run_jetmoe, torchrun_command, write_config
 
 STEPS = 20
 
 
 def torchrun(processes: int, *args: str) -> str:
     """`torchrun --nproc_per_node N -m jetmoe.cli train ARGS`; returns its stdout."""
-    command = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    process = subprocess.Popen(
-        [command, "--standalone", "--nproc_per_node", str(processes), "-m", "jetmoe.cli", "train", *args],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stdout
+    result = run_command(torchrun_command(processes, "train", *args))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def records(out_dir) -> dict[int, dict]:

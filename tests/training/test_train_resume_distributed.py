@@ -4,16 +4,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from jetmoe.training.checkpoint import checkpoint_root
-from train_helpers import jetmoe_command, losses, micro_settings, run_jetmoe, subprocess_env, write_config
+from train_helpers import (jetmoe_command, losses, micro_settings, run_command, run_jetmoe, subprocess_env,
+                           torchrun_command, write_config)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, corpus, token_cache):
@@ -49,20 +48,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, corpus, toke
 
 def torchrun_train(*args: str) -> str:
     """`torchrun --nproc_per_node 2 -m jetmoe.cli train ARGS`; returns its stdout."""
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    # Its own process group, so that a hang is cleaned up whole (torchrun's workers would outlive it otherwise).
-    process = subprocess.Popen(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "jetmoe.cli", "train", *args],
-        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stdout
+    result = run_command(torchrun_command(2, "train", *args))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def test_torchrun_fsdp2_matches_one_process(tmp_path, corpus, token_cache):
