@@ -6,7 +6,6 @@ a user once when bf16 arithmetic would run emulated.
 
 from __future__ import annotations
 
-import os
 import platform
 import sys
 import warnings
@@ -14,22 +13,9 @@ import warnings
 import torch
 
 from .ops.native import build
+from .ops.native.build import bf16_arithmetic  # noqa: F401 - part of this module's interface
 
 _warned = False
-
-
-# oneDNN instruction sets (ONEDNN_MAX_CPU_ISA) that multiply bf16 in hardware.
-_ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
-
-
-def bf16_arithmetic() -> bool:
-    """Whether bf16 is multiplied in hardware here (AVX-512 BF16 or AMX on x86-64, the bf16 extension on Arm, and
-    oneDNN not held below them by ONEDNN_MAX_CPU_ISA); elsewhere bf16 matrix products are emulated and run
-    slower than fp32's."""
-    held = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if held and not held.startswith(_ONEDNN_BF16_ISAS):
-        return False
-    return bool(build._cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def warn_if_bf16_emulated(dtype: torch.dtype, device: str | torch.device = "cpu") -> None:

@@ -11,7 +11,7 @@ from oracle_pair import TINY, build_pair, padding_mask, random_ids
 from jetmoe.generation.quantize import quantize_model
 from jetmoe.modeling.backends import cpu_decode as native_decode
 from jetmoe.modeling.cache import JetMoeCache
-from jetmoe.modeling.routing import make_plan
+from jetmoe.modeling.routing import experts_per_token, make_plan
 from jetmoe.ops import native
 from jetmoe.ops.native import decode as kernels
 
@@ -259,6 +259,9 @@ def test_routing_from_the_routers_top_k():
         assert layer.self_attention.top_k == layer.self_attention.experts.router.top_k == 3
         assert layer.mlp.router.top_k == 3
     assert model.experts_per_token() == 3
+    assert experts_per_token(model.model.layers[1]) == 3  # what a pipeline stage and the trainer read
+    with pytest.raises(ValueError, match="holds no router, so it has no experts per token"):
+        experts_per_token(model.model.embed_tokens)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 8])

@@ -14,6 +14,7 @@ def small_thresholds(monkeypatch):
     """The K x N path for a test-sized weight and prompt."""
     monkeypatch.setattr(dense, "KN_COPY_MIN_WEIGHT", 64 * 96)
     monkeypatch.setattr(dense, "KN_COPY_MIN_ROWS", 8)
+    monkeypatch.setattr(dense, "kn_copy_helps", lambda: True)  # as on a CPU that multiplies bf16 in hardware
 
 
 def test_prompts_use_a_cached_copy_that_follows_the_weight(small_thresholds):
@@ -49,3 +50,28 @@ def test_training_small_inputs_and_fp32_keep_f_linear(small_thresholds):
         assert layer._kn_cache is None
         layer.float()(x.float())
         assert layer._kn_cache is None
+
+
+def test_where_bf16_is_emulated_prompts_keep_the_stored_weight(small_thresholds, monkeypatch):
+    """Without bf16 arithmetic (AVX2) the K x N product is many times slower: no copy, F.linear's values exactly."""
+    monkeypatch.setattr(dense, "kn_copy_helps", lambda: False)
+    torch.manual_seed(0)
+    layer = dense.Linear(64, 96, bias=False).to(torch.bfloat16)
+    x = torch.randn(2, 8, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+    assert layer._kn_cache is None
+
+
+def test_the_copy_follows_the_cpus_bf16_arithmetic(monkeypatch):
+    """kn_copy_helps is the environment's answer (held below bf16 by ONEDNN_MAX_CPU_ISA: no)."""
+    from jetmoe.ops.native import build
+
+    dense.kn_copy_helps.cache_clear()
+    monkeypatch.setattr(build, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not dense.kn_copy_helps()
+    dense.kn_copy_helps.cache_clear()
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert dense.kn_copy_helps()
+    dense.kn_copy_helps.cache_clear()  # the next caller reads this CPU's own answer

@@ -30,7 +30,7 @@ from . import loading
 from .backends import backend_for
 from .mlp import JetMoeMoE
 from .norm_rotary import JetMoeRMSNorm, JetMoeRotaryEmbedding
-from .routing import TopKRouter, reference_balancing_loss, switch_balancing_loss
+from .routing import experts_per_token, reference_balancing_loss, switch_balancing_loss
 
 logger = logging.get_logger(__name__)
 
@@ -408,8 +408,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
 
     def experts_per_token(self) -> int:
         """Top-k as the routers hold it (from config.num_experts_per_tok when they were built): the one source."""
-        router = next((m for m in self.modules() if isinstance(m, TopKRouter)), None)
-        return self.config.num_experts_per_tok if router is None else router.top_k
+        return experts_per_token(self)
 
     def forward(
         self,

@@ -134,6 +134,15 @@ def grouped_to_slots(grouped_rows: torch.Tensor, plan: RoutingPlan) -> torch.Ten
     return permute_rows(grouped_rows, plan.slot_to_grouped, plan.sorted_slots)
 
 
+def experts_per_token(module: nn.Module) -> int:
+    """Top-k as the routers in `module` hold it (set from config.num_experts_per_tok when they were built): the one
+    run-time source, for the model, the balancing loss and training's statistics alike."""
+    router = next((m for m in module.modules() if isinstance(m, TopKRouter)), None)
+    if router is None:
+        raise ValueError(f"{type(module).__name__} holds no router, so it has no experts per token")
+    return router.top_k
+
+
 class TopKRouter(nn.Module):
     """Linear scores over experts (computed in the activation dtype, then upcast), top-k, softmax gates."""
 

@@ -9,11 +9,14 @@ is `F.linear` itself. Under torch.compile the kernel is an operator, and `mv` st
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .native import build
 
 # Up to this many rows (a decoding batch), bf16 and fp32 products go through jetmoe's C kernel where it builds.
 # In bf16 its cost grows with each row where oneDNN's (AMX) hardly does, so larger batches take F.linear (the C
@@ -48,9 +51,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # only after reordering it, on every call; by a K x N copy it does not need to (docs/performance.md). So
 # inference with at least KN_COPY_MIN_ROWS rows through a weight of at least KN_COPY_MIN_WEIGHT elements (the
 # output head) multiplies by a cached K x N copy: memory for one more copy of that weight, rebuilt whenever the
-# weight changes (new storage, or an in-place update: its version).
+# weight changes (new storage, or an in-place update: its version). Only where the CPU multiplies bf16 in
+# hardware: where bf16 is emulated (AVX2), the K x N product is many times slower than the stored weight's.
 KN_COPY_MIN_ROWS = 512
 KN_COPY_MIN_WEIGHT = 1 << 24
+
+
+@functools.cache
+def kn_copy_helps() -> bool:
+    """Whether bf16 is multiplied in hardware here (read once: oneDNN reads its instruction-set cap once too)."""
+    return build.bf16_arithmetic()
 
 
 class Linear(nn.Linear):
@@ -70,6 +80,7 @@ class Linear(nn.Linear):
             and weight.is_cpu
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and not torch.compiler.is_compiling()
+            and kn_copy_helps()
         ):
             return torch.matmul(x, self._weight_kn())
         return linear(x, weight, self.bias)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling.model import causal_mask
-from ..modeling.routing import reference_balancing_statistics, switch_balancing_loss
+from ..modeling.routing import experts_per_token, reference_balancing_statistics, switch_balancing_loss
 from ..ops.attention import additive_inference_mask
 from .materialize import canonical_name
 from .objective import IGNORE_INDEX, LossTerms, count_targets, micro_batch_loss, shifted_targets
@@ -108,6 +108,7 @@ class _Stage(nn.Module):
             self.norm = owner.model.norm
             self.lm_head = owner.lm_head
         self.rotary_emb = owner.model.rotary_emb
+        self.top_k = experts_per_token(self.layers)
         self.first_router = 2 * layer_ids[0]  # routers are numbered layer 0 MoA, layer 0 MoE, layer 1 MoA, ...
         object.__setattr__(self, "owner", owner)  # a back reference, not a submodule
 
@@ -129,7 +130,7 @@ class _Stage(nn.Module):
             hidden, _, logits = layer(hidden, position_embeddings, attention_mask=mask, cache=None,
                                       output_attentions=False, position_ids=position_ids)
             router_logits.extend(logits)
-        stats = _add_statistics(config, stats, router_logits)
+        stats = _add_statistics(config, self.top_k, stats, router_logits)
         if torch.is_grad_enabled():
             self.owner._count_routes(self.first_router, router_logits)
         if self.last:
@@ -142,8 +143,8 @@ def statistics_size(config) -> int:
     return 2 * config.num_local_experts + 3
 
 
-def _add_statistics(config, stats: torch.Tensor, router_logits: list[torch.Tensor]) -> torch.Tensor:
-    experts, top_k = config.num_local_experts, config.num_experts_per_tok
+def _add_statistics(config, top_k: int, stats: torch.Tensor, router_logits: list[torch.Tensor]) -> torch.Tensor:
+    experts = config.num_local_experts
     assigned, prob_sum, rows = stats[:experts], stats[experts:2 * experts], stats[2 * experts]
     switch = stats[2 * experts + 1]
     if config.router_aux_loss_type == "switch":
@@ -188,6 +189,7 @@ class PipelineModel(nn.Module):
         self.model = nn.Module()
         self.model.layers = nn.ModuleDict({str(i): full.model.layers[i] for s in mine for i in slices[s]})
         self.model.rotary_emb = full.model.rotary_emb
+        self.top_k = experts_per_token(self.model.layers)
         if self.owns_first:
             self.model.embed_tokens = full.model.embed_tokens
         if self.owns_last:
@@ -251,7 +253,7 @@ class PipelineModel(nn.Module):
 
     @torch.no_grad()
     def _count_routes(self, first_router: int, router_logits: list[torch.Tensor]) -> None:
-        top_k = self.config.num_experts_per_tok
+        top_k = self.top_k
         counts = torch.stack([torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=logits.shape[-1])
                               for logits in router_logits])
         self.router_counts[first_router:first_router + len(router_logits)] += counts.to("cpu", torch.float64)

@@ -16,6 +16,7 @@ import torch
 
 from .. import JetMoeConfig, JetMoeForCausalLM  # the public classes only
 from ..environment import warn_if_bf16_emulated
+from ..modeling.routing import experts_per_token
 from . import checkpoint as ckpt
 from .config import TrainConfig, dump_yaml
 from .data import PackedSequences, prepare_data, step_positions
@@ -110,7 +111,7 @@ def _train(config: TrainConfig, resume: bool, start_if_none: bool, runtime: Runt
                 "the same position, but the steps differ from the original run's (set grad_accum to keep the batch)")
     owned = ckpt.lineage(found)  # the checkpoints this run may replace or prune
 
-    top_k = _model_config(model).num_experts_per_tok
+    top_k = experts_per_token(model)
     aux_coef = _model_config(model).aux_loss_coef
     metrics = MetricsLog(out_dir, runtime.is_main, step if found else None)
     progress = Progress(config.progress, config.max_steps, step, runtime.is_main)

@@ -75,6 +75,20 @@ def _cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+# oneDNN instruction sets (ONEDNN_MAX_CPU_ISA) that multiply bf16 in hardware.
+_ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
+
+
+def bf16_arithmetic() -> bool:
+    """Whether bf16 is multiplied in hardware here (AVX-512 BF16 or AMX on x86-64, the bf16 extension on Arm, and
+    oneDNN not held below them by ONEDNN_MAX_CPU_ISA); elsewhere bf16 matrix products are emulated and run
+    slower than fp32's."""
+    held = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if held and not held.startswith(_ONEDNN_BF16_ISAS):
+        return False
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
