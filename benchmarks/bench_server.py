@@ -33,29 +33,37 @@ from inference_common import percentile, random_checkpoint, random_prompt, table
 
 
 class ServerProcess:
+    """`jetmoe serve` in a child process, started and waited for until /health answers; `stop` ends it."""
+
+    name, start_timeout_s, stop_timeout_s = "the server", 300, 30
+
     def __init__(self, model_dir: Path, port: int, max_batch: int, max_queue: int, dtype: str, extra: list[str]):
-        self.url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "jetmoe.cli", "serve", "--model", str(model_dir), "--port", str(port),
                    "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--dtype", dtype,
                    "--served-model-name", "bench", "--queue-timeout", "600", *extra]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "JETMOE_API_KEY"}  # the clients send no key
+        self._start(command, port, env)
+
+    def _start(self, command: list[str], port: int, env: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(command, env=env)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with status {self.process.returncode}")
+                raise RuntimeError(f"{self.name} exited with status {self.process.returncode}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         self.stop()
-        raise RuntimeError("the server did not become healthy in 300 s")
+        raise RuntimeError(f"{self.name} did not become healthy in {self.start_timeout_s} s")
 
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
 

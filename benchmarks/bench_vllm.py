@@ -20,10 +20,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 from bench_server import ServerProcess, free_port, run_level
 from inference_common import random_checkpoint, table
@@ -32,34 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "RESULTS_vllm.md"
 
 
-class VllmServer:
+class VllmServer(ServerProcess):
+    """`vllm serve` (jetmoe's plugin) in a child process; started, waited for and stopped as ServerProcess."""
+
+    name, start_timeout_s, stop_timeout_s = "vllm serve", 900, 60
+
     def __init__(
         self, vllm_bin: Path, model_dir: Path, port: int, max_batch: int, dtype: str, max_len: int, kv_bytes: int
     ):
-        self.url = f"http://127.0.0.1:{port}"
         command = [str(vllm_bin), "serve", str(model_dir), "--served-model-name", "bench", "--port", str(port),
                    "--dtype", dtype, "--max-model-len", str(max_len), "--max-num-seqs", str(max_batch),
                    "--kv-cache-memory-bytes", str(kv_bytes), "--disable-log-stats"]  # fmt: skip
-        self.process = subprocess.Popen(command, env=dict(os.environ))
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with status {self.process.returncode}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError("vllm serve did not become healthy in 900 s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        self._start(command, port, dict(os.environ))
 
 
 def measure(server, args, vocab: int) -> list[dict]:
