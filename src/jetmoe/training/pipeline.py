@@ -108,7 +108,6 @@ class _Stage(nn.Module):
             self.norm = owner.model.norm
             self.lm_head = owner.lm_head
         self.rotary_emb = owner.model.rotary_emb
-        self.top_k = experts_per_token(self.layers)
         self.first_router = 2 * layer_ids[0]  # routers are numbered layer 0 MoA, layer 0 MoE, layer 1 MoA, ...
         object.__setattr__(self, "owner", owner)  # a back reference, not a submodule
 
@@ -130,7 +129,7 @@ class _Stage(nn.Module):
             hidden, _, logits = layer(hidden, position_embeddings, attention_mask=mask, cache=None,
                                       output_attentions=False, position_ids=position_ids)
             router_logits.extend(logits)
-        stats = _add_statistics(config, self.top_k, stats, router_logits)
+        stats = _add_statistics(config, self.owner.top_k, stats, router_logits)
         if torch.is_grad_enabled():
             self.owner._count_routes(self.first_router, router_logits)
         if self.last:
