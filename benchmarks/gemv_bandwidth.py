@@ -7,9 +7,10 @@ at which a matrix-vector product streams weights. This times, on 64 distinct [28
 (an expert's input projection of the "small" config; 369 MB in bf16, so every call reads from memory):
 - torch.mv and a one-row F.linear in bf16 (what decoding can call), the same in fp32;
 - aten's int8 weight kernels (`_weight_int8pack_mm`, `_int_mm`);
-- jetmoe's own C kernels (jetmoe.ops.native: AVX-512 BF16 and VNNI, what the library decodes with where they
-  build), bf16, fp32 and int8;
-- fp32 with 8 activation rows (a decoding batch): F.linear (MKL) against jetmoe's kernel.
+- jetmoe's own C kernels (jetmoe.ops.native, at the best instruction-set level this CPU runs unless
+  JETMOE_CPU_ISA says otherwise), bf16, fp32 and int8;
+- 8 activation rows (a decoding batch): F.linear against jetmoe's kernel, bf16 and fp32.
+The weights sit on huge-page memory where the platform has it, as a loaded model's do (jetmoe.cpu_memory).
 Reports microseconds per product and GB/s of weights read. Prints a markdown table.
 """
 
@@ -22,9 +23,17 @@ import time
 import torch
 import torch.nn.functional as F
 
+from jetmoe import cpu_memory
 from jetmoe.ops import native
 
 ROWS, COLS, MATRICES, REPEATS = 2816, 1024, 64, 5
+
+
+def placed(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor where a loaded model keeps its weights: on huge pages where the platform has them."""
+    if not cpu_memory.huge_pages_supported():
+        return tensor
+    return cpu_memory.huge_page_empty(tuple(tensor.shape), tensor.dtype).copy_(tensor)
 
 
 def per_call_seconds(calls) -> float:
@@ -50,7 +59,7 @@ def main() -> None:
         parser.error("--rows, --cols and --matrices must be positive, --cols a multiple of 32")
     ROWS, COLS, MATRICES = args.rows, args.cols, args.matrices
     torch.manual_seed(0)
-    bf16 = [torch.randn(ROWS, COLS, dtype=torch.bfloat16) for _ in range(MATRICES)]
+    bf16 = [placed(torch.randn(ROWS, COLS, dtype=torch.bfloat16)) for _ in range(MATRICES)]
     vector = torch.randn(COLS, dtype=torch.bfloat16)
     rows = []
 
@@ -63,16 +72,19 @@ def main() -> None:
     row = vector[None]
     if native.available():
         measure("bf16 jetmoe.ops.native", [lambda w=w: native.gemv(row, w) for w in bf16], 2)
+        batch16 = torch.randn(8, COLS, dtype=torch.bfloat16)
+        measure("bf16 F.linear, 8 rows", [lambda w=w: F.linear(batch16, w) for w in bf16], 2)
+        measure("bf16 jetmoe.ops.native, 8 rows", [lambda w=w: native.gemv(batch16, w) for w in bf16], 2)
     else:
         print("(jetmoe's native kernels do not build here: no C compiler or no AVX-512 BF16/VNNI)")
-    quantized = [(torch.randint(-127, 128, (ROWS, COLS), dtype=torch.int8), torch.rand(ROWS, dtype=torch.bfloat16)) for _ in range(MATRICES)]
+    quantized = [(placed(torch.randint(-127, 128, (ROWS, COLS), dtype=torch.int8)), torch.rand(ROWS, dtype=torch.bfloat16)) for _ in range(MATRICES)]
     measure("int8 aten._weight_int8pack_mm", [lambda q=q, s=s: torch.ops.aten._weight_int8pack_mm(vector[None], q, s) for q, s in quantized], 1)
     if native.available():
         measure("int8 jetmoe.ops.native", [lambda q=q, s=s: native.int8_gemv(row, q, s) for q, s in quantized], 1)
     vector_int8 = torch.randint(-127, 128, (1, COLS), dtype=torch.int8)
     measure("int8 torch._int_mm (int8 activations)", [lambda q=q: torch._int_mm(vector_int8, q.t()) for q, _ in quantized], 1)
     del bf16, quantized
-    fp32 = [torch.randn(ROWS, COLS) for _ in range(max(MATRICES // 2, 1))]
+    fp32 = [placed(torch.randn(ROWS, COLS)) for _ in range(max(MATRICES // 2, 1))]
     vector32, batch32 = vector.float(), torch.randn(8, COLS)
     measure("fp32 torch.mv", [lambda w=w: torch.mv(w, vector32) for w in fp32], 4)
     measure("fp32 F.linear, one row", [lambda w=w: F.linear(vector32[None], w) for w in fp32], 4)

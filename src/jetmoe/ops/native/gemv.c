@@ -31,10 +31,16 @@
 #define BLOCK_ROWS 4
 #define CHUNK 2048 /* int8: columns per int32 partial sum; each lane adds 128 products of at most 32767 * 128 */
 
-/* Prefetching the next block's line at the same column keeps more reads in flight than the hardware prefetcher
- * alone (docs/performance.md). Prefetches past the end are harmless. */
-static inline void prefetch_next_block(const void *block, int64_t row_bytes, int64_t offset) {
-    for (int i = 0; i < BLOCK_ROWS; i++) prefetch((const char *)block + (BLOCK_ROWS + i) * row_bytes + offset);
+#define PREFETCH_BLOCKS 2 /* how far ahead the weights are fetched */
+
+/* A block's rows are read side by side, four streams a few KB apart, which the hardware prefetcher follows
+ * poorly; the rows of a block are contiguous, so while the loop reads `step` bytes of each row at `offset`, the
+ * same share of a later block is fetched into L2 front to back: memory sees one sequential stream
+ * (docs/performance.md). Prefetches past the end are harmless. */
+static inline void prefetch_ahead(const void *block, int64_t row_bytes, int64_t offset, int64_t step) {
+    const char *later = (const char *)block + PREFETCH_BLOCKS * BLOCK_ROWS * row_bytes;
+    for (int64_t b = (BLOCK_ROWS * offset + 63) & ~(int64_t)63; b < BLOCK_ROWS * (offset + step); b += 64)
+        __builtin_prefetch(later + b, 0, 2);
 }
 
 /* R activation rows (m .. m + R - 1) against a whole block of BLOCK_ROWS weight rows: R x BLOCK_ROWS independent
@@ -50,7 +56,7 @@ static inline void prefetch_next_block(const void *block, int64_t row_bytes, int
         for (int64_t k = 0; k < cols; k += 2 * LANES) {                                                                \
             bf16_pairs v[R];                                                                                           \
             for (int r = 0; r < R; r++) v[r] = bf16_pairs_load(x + (m + r) * cols + k);                                \
-            if (prefetching) prefetch_next_block(block, cols * 2, k * 2);                                              \
+            if (prefetching) prefetch_ahead(block, cols * 2, k * 2, 4 * LANES);                                        \
             for (int i = 0; i < BLOCK_ROWS; i++) {                                                                     \
                 bf16_pairs weights = bf16_pairs_load(block + i * cols + k);                                            \
                 for (int r = 0; r < R; r++) acc[r][i] = v_dot_bf16(acc[r][i], weights, v[r]);                          \
@@ -84,7 +90,7 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
                 for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = v_zero();
                 for (int64_t k = 0; k < cols; k += 2 * LANES) {
                     bf16_pairs av = bf16_pairs_load(a + k);
-                    if (m == m0) prefetch_next_block(block, cols * 2, k * 2);
+                    if (m == m0) prefetch_ahead(block, cols * 2, k * 2, 4 * LANES);
                     for (int i = 0; i < count; i++)
                         acc[i] = v_dot_bf16(acc[i], bf16_pairs_load(block + i * cols + k), av);
                 }
@@ -106,7 +112,7 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
         for (int64_t k = 0; k < cols; k += LANES) {                                                                    \
             vf v[R];                                                                                                   \
             for (int r = 0; r < R; r++) v[r] = v_loadu(x + (m + r) * cols + k);                                        \
-            if (prefetching) prefetch_next_block(block, cols * 4, k * 4);                                              \
+            if (prefetching) prefetch_ahead(block, cols * 4, k * 4, 4 * LANES);                                        \
             for (int i = 0; i < BLOCK_ROWS; i++) {                                                                     \
                 vf weights = v_loadu(block + i * cols + k);                                                            \
                 for (int r = 0; r < R; r++) acc[r][i] = v_fma(weights, v[r], acc[r][i]);                               \
@@ -218,7 +224,7 @@ static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols
             for (int64_t k = c0; k < c1; k += 2 * LANES) {                                                             \
                 vs2 v[R];                                                                                              \
                 for (int r = 0; r < R; r++) v[r] = i16_pairs_load(xq + (m + r) * cols + k);                            \
-                if (prefetching) prefetch_next_block(block, cols, k);                                                  \
+                if (prefetching) prefetch_ahead(block, cols, k, 2 * LANES);                                            \
                 for (int i = 0; i < BLOCK_ROWS; i++) {                                                                 \
                     vs2 weights = i16_pairs_widen(block + i * cols + k);                                               \
                     for (int r = 0; r < R; r++) part[r][i] = v_dot_i16(part[r][i], v[r], weights);                     \
@@ -278,7 +284,7 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
                     for (int i = 0; i < BLOCK_ROWS; i++) part[i] = vi_set(0);
                     for (int64_t k = c0; k < c1; k += 2 * LANES) {
                         vs2 av = i16_pairs_load(a + k);
-                        if (m == m0) prefetch_next_block(block, cols, k);
+                        if (m == m0) prefetch_ahead(block, cols, k, 2 * LANES);
                         for (int i = 0; i < count; i++)
                             part[i] = v_dot_i16(part[i], av, i16_pairs_widen(block + i * cols + k));
                     }

@@ -341,6 +341,4 @@ static inline vi v_dot_i16(vi acc, vs2 a, vs2 b) {
 #endif
 }
 
-static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
-
 #endif
