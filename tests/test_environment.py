@@ -42,7 +42,7 @@ def test_a_forced_level_is_what_jetmoe_env_reports(tmp_path):
 def test_bf16_on_a_cpu_without_bf16_arithmetic_warns_once(monkeypatch):
     monkeypatch.setattr(environment, "_warned", False)
     monkeypatch.setattr(environment, "bf16_arithmetic", lambda: False)
-    with pytest.warns(UserWarning, match="no bf16 arithmetic.*slower than fp32"):
+    with pytest.warns(UserWarning, match="no bf16 arithmetic.*training runs emulated and slower than fp32"):
         environment.warn_if_bf16_emulated(torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

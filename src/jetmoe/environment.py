@@ -25,8 +25,8 @@ def warn_if_bf16_emulated(dtype: torch.dtype, device: str | torch.device = "cpu"
         return
     _warned = True
     warnings.warn(
-        "jetmoe: this CPU has no bf16 arithmetic, so bf16 prompts and training run emulated and slower than "
-        "fp32 (use --dtype float32 / no --bf16); decoding stays fast in bf16 (jetmoe's kernels read bf16 weights)",
+        "jetmoe: this CPU has no bf16 arithmetic, so bf16 training runs emulated and slower than fp32 (train "
+        "without --bf16); bf16 inference stays fast: prompts are multiplied in fp32 and decoding reads bf16 weights",
         stacklevel=3,
     )
 
@@ -45,7 +45,7 @@ def report() -> dict[str, str]:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "torch CPU capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16 arithmetic": "yes" if bf16_arithmetic() else "no (emulated: fp32 is faster for prompts and training)",
+        "bf16 arithmetic": "yes" if bf16_arithmetic() else "no (emulated: fp32 is faster for training; bf16 prompts are multiplied in fp32)",
         "jetmoe kernel levels this CPU runs": ", ".join(build.supported_levels()),
         "jetmoe kernel level in use": kernel_level,
         "C compiler": build.compiler() or "none",

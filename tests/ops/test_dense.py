@@ -64,14 +64,15 @@ def test_where_bf16_is_emulated_prompts_keep_the_stored_weight(small_thresholds,
 
 
 def test_the_copy_follows_the_cpus_bf16_arithmetic(monkeypatch):
-    """kn_copy_helps is the environment's answer (held below bf16 by ONEDNN_MAX_CPU_ISA: no)."""
+    """kn_copy_helps is the CPU's answer, read once (held below bf16 by ONEDNN_MAX_CPU_ISA: no)."""
+    from jetmoe.ops import cpu_bf16
     from jetmoe.ops.native import build
 
-    dense.kn_copy_helps.cache_clear()
+    cpu_bf16.emulated.cache_clear()
     monkeypatch.setattr(build, "_cpu_flags", lambda: {"avx2", "avx512_bf16"})
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert not dense.kn_copy_helps()
-    dense.kn_copy_helps.cache_clear()
+    cpu_bf16.emulated.cache_clear()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert dense.kn_copy_helps()
-    dense.kn_copy_helps.cache_clear()  # the next caller reads this CPU's own answer
+    cpu_bf16.emulated.cache_clear()  # the next caller reads this CPU's own answer

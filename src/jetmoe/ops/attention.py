@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_bf16
 from .fused import chain_gradients
 from .native import decode
 from .native import elementwise as native
@@ -121,6 +122,11 @@ def shared_kv_attention(
         # CPU inference needs none of this (4 ops a layer of a decode step).
         sees_nothing = ~attention_mask.any(dim=-1, keepdim=True)
         attention_mask = attention_mask | sees_nothing
+    dtype = query.dtype
+    if not needs_grad and cpu_bf16.upcast(query, q_len):  # a bf16 prompt where bf16 arithmetic is emulated
+        query, key, value = query.float(), key.float(), value.float()
+        if attention_mask is not None and attention_mask.dtype == torch.bfloat16:
+            attention_mask = attention_mask.float()
     out = F.scaled_dot_product_attention(
         query.reshape(batch, kv_heads * groups, q_len, head_dim),
         key,
@@ -130,7 +136,7 @@ def shared_kv_attention(
         is_causal=is_causal,
         scale=scale,
         enable_gqa=True,
-    )
+    ).to(dtype)
     if sees_nothing is not None:
         out = out.masked_fill(sees_nothing, 0.0)
     return out.view(batch, kv_heads, groups, q_len, head_dim)

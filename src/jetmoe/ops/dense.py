@@ -9,14 +9,11 @@ is `F.linear` itself. Under torch.compile the kernel is an operator, and `mv` st
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .native import build
+from . import cpu_bf16, native
 
 # Up to this many rows (a decoding batch), bf16 and fp32 products go through jetmoe's C kernel where it builds.
 # In bf16 its cost grows with each row where oneDNN's (AMX) hardly does, so larger batches take F.linear (the C
@@ -44,6 +41,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out.view(*x.shape[:-1], weight.shape[0])
     if bias is None and _one_row_inference(x, weight):
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])
+    if inference and weight.dtype == x.dtype and cpu_bf16.upcast(x, x.numel() // x.shape[-1]):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return F.linear(x, weight, bias)
 
 
@@ -52,15 +51,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 # inference with at least KN_COPY_MIN_ROWS rows through a weight of at least KN_COPY_MIN_WEIGHT elements (the
 # output head) multiplies by a cached K x N copy: memory for one more copy of that weight, rebuilt whenever the
 # weight changes (new storage, or an in-place update: its version). Only where the CPU multiplies bf16 in
-# hardware: where bf16 is emulated (AVX2), the K x N product is many times slower than the stored weight's.
+# hardware: where bf16 is emulated (AVX2), `linear` multiplies prompts in fp32 instead (ops/cpu_bf16.py).
 KN_COPY_MIN_ROWS = 512
 KN_COPY_MIN_WEIGHT = 1 << 24
 
 
-@functools.cache
 def kn_copy_helps() -> bool:
-    """Whether bf16 is multiplied in hardware here (read once: oneDNN reads its instruction-set cap once too)."""
-    return build.bf16_arithmetic()
+    """Whether bf16 is multiplied in hardware here."""
+    return not cpu_bf16.emulated()
 
 
 class Linear(nn.Linear):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import cpu_bf16, native
 from .native import elementwise as native_elementwise
 
 _GROUPED_MM_DTYPES = {
@@ -199,6 +199,15 @@ def _cpu_lowp_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, offsets: torc
     return out
 
 
+def _upcast_grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """bf16 groups in fp32 (ops/cpu_bf16.py): each expert's weight widened while its group is multiplied."""
+    out = torch.empty(x.shape[0], weight.shape[1], dtype=torch.float32)
+    for e, (start, end) in enumerate(_group_bounds(offsets)):
+        if end > start:
+            torch.mm(x[start:end].float(), weight[e].float().T, out=out[start:end])
+    return out.to(x.dtype)
+
+
 def _use_cpu_lowp(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in _ONEDNN_DTYPES
 
@@ -208,6 +217,8 @@ def _grouped_linear_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     out_features, in_features = weight.shape[1], weight.shape[2]
     if x.shape[0] <= EXPERT_GEMV_MAX_ROWS and native.gemv_ok(x, weight):  # decoding: one call
         return native.gemv(x, weight, native.ends_groups([end for _, end in _group_bounds(offsets)]))
+    if _use_cpu_lowp(x, weight) and weight.dtype == torch.bfloat16 and cpu_bf16.upcast(x, x.shape[0]):
+        return _upcast_grouped_linear(x, weight, offsets)
     if _use_cpu_lowp(x, weight):
         return _cpu_lowp_grouped_linear(x, weight, offsets)
     if _grouped_mm_ok(x, weight) and _row_bytes_aligned(in_features, out_features, x):
