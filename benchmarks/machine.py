@@ -42,8 +42,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, quick: bool = False) -
         sizes, repeats, inner = [256], 2, 2
     elif device.type == "cuda":
         sizes, repeats, inner = [4096, 8192], 5, 20
-    elif dtype == torch.bfloat16 and not bf16_arithmetic():  # emulated bf16: far slower, smaller sizes do
-        sizes, repeats, inner = [1024, 2048], 3, 1
+    elif dtype == torch.bfloat16 and not bf16_arithmetic():  # emulated bf16: far slower, one smaller size does
+        sizes, repeats, inner = [1024], 3, 1
     else:
         sizes, repeats, inner = [2048, 4096], 5, 1
     best = {"flops_per_s": 0.0, "n": 0}
@@ -72,23 +72,41 @@ def memory_bandwidth(device: torch.device, quick: bool = False) -> dict:
         size_bytes, repeats = 4 * 2**30, 10
     else:
         size_bytes, repeats = 2 * 2**30, 5
-    numel = size_bytes // 4
-    placements = {"heap": lambda: torch.empty(numel, dtype=torch.float32, device=device)}
-    if device.type == "cpu" and cpu_memory.huge_pages_supported():
-        placements["huge pages"] = lambda: cpu_memory.huge_page_empty((numel,), torch.float32)
-    result = {"buffer_bytes": size_bytes}
-    for name, allocate in placements.items():
-        src = allocate().fill_(1.0)
-        dst = allocate()
-        copy_s = _best_seconds(lambda: dst.copy_(src), device, repeats, 1)
-        del dst
-        sum_s = _best_seconds(lambda: src.sum(), device, repeats, 1)
-        del src
-        result[name] = {"copy_bytes_per_s": 2 * size_bytes / copy_s, "read_bytes_per_s": size_bytes / sum_s}
-    result["bytes_per_s"] = max(bw for name in placements for bw in result[name].values())
-    first = result[next(iter(placements))]  # the keys earlier callers read: the heap buffers' figures
-    result["copy_bytes_per_s"], result["read_bytes_per_s"] = first["copy_bytes_per_s"], first["read_bytes_per_s"]
-    return result
+    return BandwidthProbe(device, size_bytes, repeats, keep_buffers=False).measure()
+
+
+class BandwidthProbe:
+    """memory_bandwidth's figures, to be measured again next to each timed run of a benchmark: a shared VM's
+    bandwidth moves with its neighbours within minutes, so a roofline fraction is fairest against the bandwidth
+    measured around the run it judges. With `keep_buffers` the buffers are allocated once (measuring again
+    then costs only the copies and sums)."""
+
+    def __init__(self, device: torch.device, size_bytes: int = 512 * 2**20, repeats: int = 3,
+                 keep_buffers: bool = True):  # fmt: skip
+        self.device, self.size_bytes, self.repeats = device, size_bytes, repeats
+        numel = size_bytes // 4
+        self.placements = {"heap": lambda: torch.empty(numel, dtype=torch.float32, device=device)}
+        if device.type == "cpu" and cpu_memory.huge_pages_supported():
+            self.placements["huge pages"] = lambda: cpu_memory.huge_page_empty((numel,), torch.float32)
+        self.buffers = {name: self._buffers(name) for name in self.placements} if keep_buffers else None
+
+    def _buffers(self, placement: str) -> tuple[torch.Tensor, torch.Tensor]:
+        allocate = self.placements[placement]
+        return allocate().fill_(1.0), allocate().fill_(0.0)
+
+    def measure(self) -> dict:
+        """{"bytes_per_s": the highest figure, placement: {"copy_bytes_per_s", "read_bytes_per_s"}, ...}"""
+        result = {"buffer_bytes": self.size_bytes}
+        for name in self.placements:
+            src, dst = self.buffers[name] if self.buffers is not None else self._buffers(name)
+            copy_s = _best_seconds(lambda: dst.copy_(src), self.device, self.repeats, 1)
+            sum_s = _best_seconds(lambda: src.sum(), self.device, self.repeats, 1)
+            del src, dst
+            result[name] = {"copy_bytes_per_s": 2 * self.size_bytes / copy_s, "read_bytes_per_s": self.size_bytes / sum_s}
+        result["bytes_per_s"] = max(bw for name in self.placements for bw in result[name].values())
+        first = result[next(iter(self.placements))]  # the keys earlier callers read: the heap buffers' figures
+        result["copy_bytes_per_s"], result["read_bytes_per_s"] = first["copy_bytes_per_s"], first["read_bytes_per_s"]
+        return result
 
 
 def _lscpu() -> dict:
