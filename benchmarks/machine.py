@@ -102,7 +102,8 @@ class BandwidthProbe:
             copy_s = _best_seconds(lambda: dst.copy_(src), self.device, self.repeats, 1)
             sum_s = _best_seconds(lambda: src.sum(), self.device, self.repeats, 1)
             del src, dst
-            result[name] = {"copy_bytes_per_s": 2 * self.size_bytes / copy_s, "read_bytes_per_s": self.size_bytes / sum_s}
+            result[name] = {"copy_bytes_per_s": 2 * self.size_bytes / copy_s,
+                            "read_bytes_per_s": self.size_bytes / sum_s}  # fmt: skip
         result["bytes_per_s"] = max(bw for name in self.placements for bw in result[name].values())
         first = result[next(iter(self.placements))]  # the keys earlier callers read: the heap buffers' figures
         result["copy_bytes_per_s"], result["read_bytes_per_s"] = first["copy_bytes_per_s"], first["read_bytes_per_s"]
