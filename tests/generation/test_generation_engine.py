@@ -245,7 +245,10 @@ def test_engine_with_native_decode_layers_decodes_the_operator_paths_tokens(toy_
     native, native_logits = run()
     assert sum(stacked) > 20  # both layers of every decode step in one C call (prompts of <= 8 tokens: not)
     monkeypatch.setattr(native_decode, "applicable", lambda *args: None)
+    monkeypatch.setattr(native_decode, "layers_forward", lambda *args: None)
+    stacked.clear()
     operator, operator_logits = run()
+    assert not stacked  # every layer through its modules
     assert native == operator and all(len(ids) == 10 for ids in native)
     assert len(native_logits) == len(operator_logits) > 10
     assert all(torch.equal(a, b) for a, b in zip(native_logits, operator_logits))

@@ -79,7 +79,9 @@ def _greedy(model, ids, attention_mask=None, new_tokens=12):
 
 
 def _operator_path(monkeypatch):
+    """Every layer through its modules: neither the per-layer C calls nor the one call for all layers."""
     monkeypatch.setattr(native_decode, "applicable", lambda *args: None)
+    monkeypatch.setattr(native_decode, "layers_forward", lambda *args: None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -502,3 +504,81 @@ def test_a_decoding_forward_returns_the_layers_router_logits(monkeypatch):
     assert torch.equal(stacked.logits, one_by_one.logits)
     assert len(stacked.router_logits) == len(one_by_one.router_logits) == 2 * NATIVE["num_hidden_layers"]
     assert all(torch.equal(a, b) for a, b in zip(stacked.router_logits, one_by_one.router_logits))
+
+
+def _decode_step(model, batch=2, use_decode_logits=True, router_logits=False):
+    """Prefill 7 tokens a row into the model's own cache, then one decoding step: decode_logits' logits [B, V]
+    (None where it declines), or forward's for the last position."""
+    cache = JetMoeCache(config=model.config)
+    ids, new = random_ids(batch, 7), random_ids(batch, 1, seed=9)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        if not use_decode_logits:
+            return model(new, past_key_values=cache).logits[:, -1]
+        positions = torch.full((batch, 1), 7)
+        mask = torch.ones(batch, 1, 1, 8, dtype=torch.bool)
+        return model.decode_logits(new, positions, mask, cache)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_decode_logits_are_the_operator_paths_with_the_head_in_the_c_call(monkeypatch, dtype, quantized):
+    """The engine's step: every layer, the final norm and the output head (float or int8) in one C call, the
+    logits of the layers' and modules' own forward bit for bit."""
+    model = _model(dtype=dtype)
+    if quantized:
+        quantize_model(model)
+    heads = []
+    run_layers = kernels.run_layers
+
+    def recorded(*args):
+        heads.append(args[12] is not None and bool(args[12].w))  # the head's weights went into the call
+        return run_layers(*args)
+
+    monkeypatch.setattr(kernels, "run_layers", recorded)
+    logits = _decode_step(model)
+    assert heads == [True] and logits.shape == (2, NATIVE["vocab_size"]) and logits.dtype == dtype
+    monkeypatch.undo()
+    _operator_path(monkeypatch)
+    assert torch.equal(logits, _decode_step(model, use_decode_logits=False))
+
+
+@pytest.mark.parametrize("router", ["self_attention.experts.router", "mlp.router"])
+def test_decode_logits_apply_the_head_after_a_last_layer_the_operator_path_routed(monkeypatch, router):
+    """Where the last layer's routing is the operator path's, the one call stops before it: the norm and head
+    then run as modules, with the same values."""
+    model = _model()
+    with torch.no_grad():
+        model.model.layers[-1].get_submodule(router).layer.weight.zero_()  # every logit tied
+    logits = _decode_step(model)
+    _operator_path(monkeypatch)
+    assert torch.equal(logits, _decode_step(model, use_decode_logits=False))
+
+
+def test_decode_logits_run_a_head_the_c_call_does_not_take_as_a_module(monkeypatch):
+    """A head with a bias (not the model's own kind of head) is called as a module on the normed output."""
+    model = _model()
+    vocab, hidden = model.lm_head.weight.shape
+    head = torch.nn.Linear(hidden, vocab, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.normal_()
+    model.lm_head = head
+    logits = _decode_step(model)
+    _operator_path(monkeypatch)
+    assert torch.equal(logits, _decode_step(model, use_decode_logits=False))
+
+
+def test_decode_logits_decline_where_forward_must_run():
+    """With autograd recording, or a hook that only the module's own call would run, decode_logits returns None
+    (and writes nothing): the caller runs forward."""
+    model = _model()
+    cache = JetMoeCache(config=model.config)
+    new, positions, mask = random_ids(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    assert model.decode_logits(new, positions, mask, cache) is None  # grad mode on
+    handle = model.model.norm.register_forward_hook(lambda *args: None)
+    try:
+        assert _decode_step(model) is None
+    finally:
+        handle.remove()
+    assert _decode_step(model) is not None

@@ -142,20 +142,21 @@ def _inductor_keeping_mv(graph_module, example_inputs):
 # Guards dynamo keeps on the compiled decode step. By default it re-checks the whole model before every call
 # (each module's hooks, attributes and parameters), a large part of a small model's step; these keep a small
 # fraction of that cost (docs/performance.md). Kept: the guards on tensors that are not parameters
-# (the step's inputs and the K/V cache: their shapes decide the graph), and the global state (grad mode and the
-# like). Dropped: the guards on the model's modules, parameters and code. The engine owns its model in eval mode
+# (the step's inputs and the K/V cache: their shapes decide the graph), the relations between their dynamic
+# sizes (the shape environment's guard: a step traced with as many running rows as the cache has slots shares
+# one size between the two, and must not run a smaller batch), and the global state (grad mode and the like). Dropped: the guards on the model's modules, parameters and code. The engine owns its model in eval mode
 # for its lifetime; parameters are read afresh at every call (so in-place weight updates are seen), but a model
 # whose modules are changed or swapped after the engine compiled needs a new engine. Each engine keeps its own
 # compiled entries (`isolate_recompiles`), so another engine's graph, for another model, is never reused.
-_GLOBAL_STATE_GUARDS = frozenset(
-    ("GRAD_MODE", "GLOBAL_STATE", "DEFAULT_DEVICE", "DETERMINISTIC_ALGORITHMS", "TORCH_FUNCTION_STATE")
+_KEPT_GUARDS = frozenset(
+    ("SHAPE_ENV", "GRAD_MODE", "GLOBAL_STATE", "DEFAULT_DEVICE", "DETERMINISTIC_ALGORITHMS", "TORCH_FUNCTION_STATE")
 )
 
 
 def _decode_step_guards(entries) -> list[bool]:
     return [
         (entry.guard_type == "TENSOR_MATCH" and not isinstance(entry.value, torch.nn.Parameter))
-        or entry.guard_type in _GLOBAL_STATE_GUARDS
+        or entry.guard_type in _KEPT_GUARDS
         for entry in entries
     ]
 
@@ -291,6 +292,10 @@ class Engine:
         return decode
 
     def _decode_eager(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():  # the model's whole step in one backend call, where it has one
+            logits = self.model.decode_logits(ids, positions[:, None], mask, self.cache)
+            if logits is not None:
+                return logits
         out = self.model(
             input_ids=ids,
             position_ids=positions[:, None],

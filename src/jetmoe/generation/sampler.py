@@ -144,20 +144,21 @@ class BatchSampler:
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator], first_slot: int = 0
     ) -> list[int]:
         """logits [B, V] for rows in slots first_slot..first_slot+B-1 -> one token id per row."""
-        logits = logits.float()
         rows = slice(first_slot, first_slot + logits.shape[0])
         device = logits.device
         if any(p.uses_penalties for p in params):
+            logits = logits.float()
             rep = torch.tensor([p.repetition_penalty for p in params], device=device)
             logits = apply_repetition_penalty(logits, self.seen[rows], rep)
             presence = torch.tensor([p.presence_penalty for p in params], device=device)
             frequency = torch.tensor([p.frequency_penalty for p in params], device=device)
             logits = apply_presence_frequency(logits, self.counts[rows], presence, frequency)
 
-        choices = logits.argmax(dim=-1).tolist()
+        choices = logits.argmax(dim=-1).tolist()  # widening bf16 to fp32 is exact: the same argmax either way
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if not sampled:
             return choices
+        logits = logits.float()
         index = torch.tensor(sampled, device=device)
         chosen = logits[index] / torch.tensor([params[i].temperature for i in sampled], device=device)[:, None]
         if all(params[i].top_p >= 1 for i in sampled):

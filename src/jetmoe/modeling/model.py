@@ -293,10 +293,11 @@ class JetMoeModel(JetMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         all_hidden, all_attentions, all_router_logits = [], [], []
-        decoded = None
+        decoded, final_norm = None, None
         if not (output_hidden_states or output_attentions):  # the backend's step of every layer, if it has one
+            final_norm = None if _has_hooks(self.norm) else self.norm  # hooks run only in the module's own call
             decoded = backend_for(hidden_states).decoder_stack(
-                self.layers, hidden_states, position_embeddings, mask, cache, output_router_logits
+                self.layers, hidden_states, position_embeddings, mask, cache, output_router_logits, norm=final_norm
             )
         if decoded is not None:
             hidden_states, all_router_logits = decoded
@@ -316,7 +317,8 @@ class JetMoeModel(JetMoePreTrainedModel):
             )
             all_attentions.append(attn_probs)
             all_router_logits.extend(router_logits)
-        hidden_states = self.norm(hidden_states)
+        if decoded is None or final_norm is None:  # else the backend's step applied it
+            hidden_states = self.norm(hidden_states)
         # As in the reference: the embeddings, each layer's input after that, and the final *normed* state
         # (in place of the last layer's raw output).
         all_hidden.append(hidden_states)
@@ -480,6 +482,30 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
         return output if return_dict else output.to_tuple()
+
+    def decode_logits(
+        self, input_ids: torch.LongTensor, position_ids: torch.LongTensor, attention_mask: torch.Tensor, cache: Cache
+    ) -> torch.Tensor | None:
+        """The next-token logits [B, V] of one inference decoding step (input_ids [B, 1], the new K/V appended to
+        `cache`) through the backend's whole step: every layer, the final norm and the head in one call, without
+        forward's outputs, checks and options (the generation engine's step). None where the backend has no such
+        step here (nothing was written: run forward). The values are forward's. attention_mask: the 4-D mask
+        forward hands its layers."""
+        model = self.model
+        if (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or self.config.output_hidden_states
+            or self.config.output_attentions
+            or any(map(_has_hooks, (self, model, model.embed_tokens, model.rotary_emb, model.norm, self.lm_head)))
+        ):
+            return None
+        hidden_states = model.embed_tokens(input_ids)
+        position_embeddings = model.rotary_emb(hidden_states, position_ids)
+        decoded = backend_for(hidden_states).decoder_stack(
+            model.layers, hidden_states, position_embeddings, attention_mask, cache, False, model.norm, self.lm_head
+        )
+        return None if decoded is None else decoded[0][:, -1]
 
 
 class JetMoeForSequenceClassification(JetMoePreTrainedModel):

@@ -77,8 +77,12 @@ class Backend:
         runs its modules, which call the operations above."""
         return None
 
-    def decoder_stack(self, layers, hidden_states, position_embeddings, mask, cache, router_logits: bool):
-        """All layers of a step: (output, router logits), or None: the model then runs the layers one by one."""
+    def decoder_stack(
+        self, layers, hidden_states, position_embeddings, mask, cache, router_logits: bool, norm=None, head=None
+    ):
+        """All layers of a step: (output, router logits), or None: the model then runs the layers one by one.
+        With `norm` (the final norm module) the output is norm(last layer's output), with `head` (the output
+        head) as well head(norm(...))."""
         return None
 
     def __repr__(self) -> str:

@@ -268,7 +268,9 @@ def _cached_attention(attention, cache, queries, keys, projected_kv, mask) -> to
     return attended
 
 
-def layers_forward(layers, hidden_states, position_embeddings, attention_mask, cache, router_logits: bool = True):
+def layers_forward(
+    layers, hidden_states, position_embeddings, attention_mask, cache, router_logits: bool = True, norm=None, head=None
+):
     """JetMoeModel's loop over its layers for a decoding step of one new token a row, as one C call for all the
     layers (ops/native/decode.py `run_layers`): the per-layer calls above, without returning to Python between
     layers. For a cache with `decode_buffers` (the engine's, the model's own) where every layer takes
@@ -276,7 +278,10 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
     its MoE) and the call resumes after it. Returns (output [B, 1, H], router logits: MoA and MoE per layer, or
     [] unless `router_logits`), or None where this does not apply (the caller runs the layers one by one). The
     values are the layers' own, bit for bit. A boolean mask is read as is (the C kernel takes it as SDPA's
-    additive form, with the same scores)."""
+    additive form, with the same scores).
+    With `norm` (the model's final norm) the output is norm(last layer's output); with `head` as well (the output
+    head), head(norm(...)) [B, 1, V]: in the same C call where it takes the two modules (the model's own, or an
+    int8 head), else through the modules, with the same values."""
     if hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or not _tokens_taken(hidden_states, False):
         return None
     batch, _, hidden = hidden_states.shape
@@ -314,11 +319,13 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
     moe_logits = torch.empty(count, batch, experts, dtype=torch.float32)
     logits_out: list[torch.Tensor] = []
     x, out = hidden_states.reshape(batch, hidden).contiguous(), torch.empty(batch, hidden, dtype=hidden_states.dtype)
-    first = 0
+    final = _final(norm, head, hidden_states.dtype, hidden) if norm is not None else None
+    head_logits = torch.empty(batch, final.vocab, dtype=hidden_states.dtype) if final is not None and final.w else None
+    first, status = 0, -1
     while first < count:
         status, stopped = kernels.run_layers(
             stack.operands, first, stack.sizes, x, cos, sin, attention_mask, view, positions, moa_logits, moe_logits,
-            out,
+            out, final, head_logits,
         )  # fmt: skip
         for index in range(first, stopped + (status == 2)):  # the layers whose new K/V rows are written
             cache.decode_written(index)
@@ -335,7 +342,37 @@ def layers_forward(layers, hidden_states, position_embeddings, attention_mask, c
             h, logits = h + mlp_out, (moa_logits[stopped], moe)
         logits_out += list(logits) if router_logits else []
         x, first = h.reshape(batch, hidden).contiguous(), stopped + 1
-    return x.view(batch, 1, hidden), logits_out
+    x = x.view(batch, 1, hidden)
+    if final is None or status != 0:  # what the C call did not apply (the last layer ran in Python, or no C head)
+        x = norm(x) if norm is not None else x
+        return (head(x) if head is not None else x), logits_out
+    return (head_logits.view(batch, 1, -1) if head is not None else x), logits_out
+
+
+def _final(norm, head, dtype: torch.dtype, hidden: int) -> kernels.HeadOperands | None:
+    """The final norm and (unless None) the output head as the C call takes them, or None where it does not take
+    them: modules other than the model's own (or an int8 head), another dtype. Cached on the norm module while
+    the same tensors, at the same addresses, are its and the head's."""
+    norm_operand = _operand(norm, _NORM)
+    head_operand = _operand(head, _DENSE) if head is not None else (None, None)
+    if norm_operand is None or head_operand is None:
+        return None
+    tensors = [t for t in (norm_operand[0], *head_operand) if t is not None]
+    addresses = [t.data_ptr() for t in tensors]
+    cached = norm.__dict__.get("_native_decode_head")  # (tensors, addresses, dtype, eps, operands)
+    if (
+        cached is not None
+        and len(cached[0]) == len(tensors)
+        and all(map(operator.is_, cached[0], tensors))
+        and cached[1:4] == (addresses, dtype, norm.variance_epsilon)
+    ):
+        return cached[4]
+    projection = head_operand if head is not None else None
+    operands = None
+    if norm_operand[0].dtype == dtype and kernels.head_ok(norm_operand[0], projection, hidden):
+        operands = kernels.head_operands(norm_operand[0], norm.variance_epsilon, projection, hidden)
+    norm.__dict__["_native_decode_head"] = (tensors, addresses, dtype, norm.variance_epsilon, operands)
+    return operands
 
 
 def _hooked(layers) -> bool:

@@ -398,7 +398,8 @@ int jetmoe_decode_attention(const void *query, const int64_t *query_strides, voi
  * attention_in, the cache write and attention over positions 0..positions-1 of the layer's cache, then
  * attention_out, each layer's output the next one's input: the per-layer calls above in one, with no return to
  * the caller between layers. Writes each layer's MoA and MoE router logits at moa_logits + l * B * E (and
- * moe_logits alike). Returns 0 with `out` = the last layer's output; or stops at a layer whose routing is the
+ * moe_logits alike). Returns 0 with `out` = the last layer's output (with `head`: its final norm, and where
+ * head->w is set, logits [B, vocab] = that times the head's weights); or stops at a layer whose routing is the
  * caller's to decide: 1 (MoA: `out` = that layer's input, nothing of it done) or 2 (MoE: `out` = h, its
  * attention and cache write done), with *stopped = that layer; or -1 (out of memory), -2 (expert id out of
  * range), -3 (a new position outside 0..positions-1). All tensors in `dtype` but the int8 weights. */
@@ -411,11 +412,20 @@ typedef struct {
     float input_eps, post_eps, scale;
 } jetmoe_layer;
 
+/* What follows the last layer, where the caller hands it over: the final norm, then the output head's product
+ * (weights [vocab, hidden] in the dtype, or int8 with a scale per row; w NULL: the norm only). */
+typedef struct {
+    const void *norm, *w, *scale;
+    int64_t vocab;
+    float eps;
+} jetmoe_head;
+
 int jetmoe_decode_layers(const jetmoe_layer *layers, int64_t first, int64_t end, const void *x, int64_t batch,
                          int64_t hidden, int64_t experts, int64_t k, int64_t kv_heads, int64_t head_dim,
                          int64_t inner, const void *cos, const void *sin, int64_t cos_sb, const void *mask,
                          int mask_kind, int64_t mb, int64_t positions, const int64_t *new_positions,
-                         float *moa_logits, float *moe_logits, void *out, int64_t *stopped, int dtype, int threads) {
+                         float *moa_logits, float *moe_logits, void *out, const jetmoe_head *head, void *logits,
+                         int64_t *stopped, int dtype, int threads) {
     const int64_t width = kv_heads * head_dim, slots = batch * k, row_bytes = hidden * element_bytes(dtype);
     for (int64_t b = 0; b < batch; b++)
         if (new_positions[b] < 0 || new_positions[b] >= positions) return -3;
@@ -461,6 +471,13 @@ int jetmoe_decode_layers(const jetmoe_layer *layers, int64_t first, int64_t end,
             break;
         }
         if (l + 1 < end) memcpy(input, out, batch * row_bytes);
+    }
+    if (status == 0 && head) { /* out = norm(out); logits = out @ head^T */
+        int64_t dense[3] = {0, 0, batch};
+        jetmoe_rms_norm(out, head->norm, input, NULL, batch, hidden, head->eps, dtype, threads);
+        memcpy(out, input, batch * row_bytes);
+        if (head->w && product(head->w, head->scale, head->vocab, hidden, out, batch, dense, 1, logits, dtype, threads))
+            status = -1;
     }
     free(buffer);
     return status;

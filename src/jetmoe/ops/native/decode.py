@@ -412,6 +412,39 @@ def layer_operands(
     return operands
 
 
+class HeadOperands(ctypes.Structure):
+    """decode.c's jetmoe_head: the final norm and the output head that follow the last layer, by address."""
+
+    _fields_ = [
+        ("norm", ctypes.c_void_p), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("vocab", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+    ]  # fmt: skip
+
+
+def head_ok(norm: torch.Tensor, head: Projection | None, hidden: int) -> bool:
+    """Whether run_layers takes this final norm weight [H] and output head [V, H] (or None): both in one of its
+    dtypes (the head also int8 with a scale per row), on the CPU, contiguous."""
+    return (
+        _contiguous(norm.dtype, norm)
+        and tuple(norm.shape) == (hidden,)
+        and (head is None or (head[0].dim() == 2 and _projection_ok(head, (head[0].shape[0], hidden), norm.dtype)))
+    )
+
+
+def head_operands(norm: torch.Tensor, eps: float, head: Projection | None, hidden: int) -> HeadOperands:
+    """The final norm's weight [H] and, unless None, the output head [V, H] (in the norm's dtype, or int8 with a
+    scale per row) as run_layers takes them. The caller keeps the tensors alive while the result is used."""
+    _check(
+        "decode head",
+        head_ok(norm, head, hidden),
+        f"final norm [H] and head [V, H] (int8 with a scale [V]) alike, H = {hidden}; got norm "
+        f"{tuple(norm.shape)} {norm.dtype}, head "
+        f"{None if head is None else (tuple(head[0].shape), head[0].dtype)}",
+    )
+    weight, scale = _pointers(head) if head is not None else (None, None)
+    return HeadOperands(norm.data_ptr(), weight, scale, 0 if head is None else head[0].shape[0], eps)
+
+
 def run_layers(
     operands: ctypes.Array,
     first: int,
@@ -425,13 +458,17 @@ def run_layers(
     moa_logits: torch.Tensor,
     moe_logits: torch.Tensor,
     out: torch.Tensor,
+    head: HeadOperands | None = None,
+    logits: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """Layers first.. of `operands` (LayerOperands whose caches hold `positions` positions or more, each with room
     at new_positions[b] for row b) on x [B, H], one new token a row: see decode.c `jetmoe_decode_layers`.
     cos, sin [B or 1, 1, D]; mask None or [B or 1, 1, 1, positions]; moa_logits, moe_logits fp32 [L, B, E]
     (written per layer); out [B, H]; x, cos, sin, out in the layers' dtype. Returns (status, layer): (0, L) done,
     `out` the last layer's output; (1, l) layer l's MoA routing is the caller's (`out` = its input); (2, l) its
-    MoE routing is (`out` = h, attention and cache write done)."""
+    MoE routing is (`out` = h, attention and cache write done). With `head` (HeadOperands), a call that reaches
+    the last layer leaves its final norm in `out` and, where the head has weights, out @ head^T in `logits` [B, V]
+    (in the dtype)."""
     batch, hidden = x.shape
     count, dtype = len(operands), x.dtype
     _check(
@@ -451,11 +488,13 @@ def run_layers(
         and all(t.dtype == torch.float32 and t.is_contiguous() for t in (moa_logits, moe_logits))
         and tuple(moa_logits.shape) == tuple(moe_logits.shape) == (count, batch, sizes.experts)
         and batch * sizes.top_k <= MAX_SLOTS
-        and 0 <= first < count,
+        and 0 <= first < count
+        and (head is None or not head.w or (logits is not None and _contiguous(dtype, logits)
+                                            and tuple(logits.shape) == (batch, head.vocab))),
         f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, mask {None if mask is None else tuple(mask.shape)}, "
         f"positions {positions}, new positions {tuple(new_positions.shape)} {new_positions.dtype}, logits "
         f"{tuple(moa_logits.shape)}, first layer {first} of {count}: bf16 or fp32 [B, H], [B or 1, 1, D], "
-        f"[B or 1, 1, 1, positions], int64 [B], fp32 [L, B, E], at most {MAX_SLOTS} slots",
+        f"[B or 1, 1, 1, positions], int64 [B], fp32 [L, B, E], at most {MAX_SLOTS} slots, logits [B, V] for a head",
     )
     mask_ptr, kind, mb = None, 0, 0
     if mask is not None:
@@ -464,8 +503,9 @@ def run_layers(
     status = _library().jetmoe_decode_layers(
         ctypes.addressof(operands), first, count, _ptr(x), batch, hidden, sizes.experts, sizes.top_k, sizes.kv_heads,
         sizes.head_dim, sizes.inner, _ptr(cos), _ptr(sin), sizes.head_dim if cos.shape[0] > 1 else 0, mask_ptr, kind,
-        mb, positions, _ptr(new_positions), _ptr(moa_logits), _ptr(moe_logits), _ptr(out), ctypes.addressof(stopped),
-        _CODES[dtype], torch.get_num_threads(),
+        mb, positions, _ptr(new_positions), _ptr(moa_logits), _ptr(moe_logits), _ptr(out),
+        None if head is None else ctypes.addressof(head), None if logits is None else _ptr(logits),
+        ctypes.addressof(stopped), _CODES[dtype], torch.get_num_threads(),
     )  # fmt: skip
     if status == -3:
         raise ValueError(f"decode layers: new positions {new_positions.tolist()} outside 0..{positions - 1}")

@@ -38,7 +38,7 @@ _RETURNING_INT = {
     "jetmoe_softmax_sorted": "p i i p",
     "jetmoe_route_logits": "p i i i p p c",
     "jetmoe_decode_attention": "p p p p i i i p c i i p p i i i i i i f p i p i p c c",
-    "jetmoe_decode_layers": "p i i p i i i i i i i p p i p c i i p p p p p c c",
+    "jetmoe_decode_layers": "p i i p i i i i i i i p p i p c i i p p p p p p p c c",
 }
 
 SIGNATURES: dict[str, tuple[object, list]] = {
