@@ -52,6 +52,24 @@ def test_a_prompts_grouped_expert_products_run_in_fp32(emulated):
     assert few.dtype == torch.bfloat16 and not emulated  # decoding rows stay in bf16
 
 
+def test_training_products_stay_in_bf16(emulated):
+    """Autograd's products (the grouped experts' forward and backward, dense layers, attention) keep the bf16
+    kernels where bf16 is emulated: only inference widens (the one warning says bf16 training is slower)."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(96, 64, generator=generator).bfloat16().requires_grad_()
+    weight = torch.randn(4, 48, 64, generator=generator).bfloat16().requires_grad_()
+    offsets = torch.tensor([30, 30, 70, 96], dtype=torch.int32)
+    grouped_matmul.grouped_linear(x, weight, offsets).sum().backward()
+    layer = dense.Linear(64, 80).bfloat16()
+    layer(x).sum().backward()
+    query = torch.randn(1, 2, 2, 40, 16, generator=generator).bfloat16().requires_grad_()
+    key, value = (torch.randn(1, 2, 40, 16, generator=generator).bfloat16() for _ in range(2))
+    shared_kv_attention(query, key, value, None, 0.25).sum().backward()
+    operands = {(48, 64), (64, 48), (80, 64), (1, 2, 2, 40, 16), (1, 2, 40, 16)}  # weights, attention inputs
+    assert operands.isdisjoint(emulated)
+    assert x.grad is not None and weight.grad is not None and query.grad is not None
+
+
 def test_a_prompts_dense_products_and_attention_run_in_fp32(emulated):
     generator = torch.Generator().manual_seed(1)
     layer = dense.Linear(64, 80, bias=True).bfloat16()

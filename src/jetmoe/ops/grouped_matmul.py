@@ -217,9 +217,7 @@ def _grouped_linear_impl(x: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     out_features, in_features = weight.shape[1], weight.shape[2]
     if x.shape[0] <= EXPERT_GEMV_MAX_ROWS and native.gemv_ok(x, weight):  # decoding: one call
         return native.gemv(x, weight, native.ends_groups([end for _, end in _group_bounds(offsets)]))
-    if _use_cpu_lowp(x, weight):  # where bf16 is emulated, a bf16 prompt's groups run in fp32 (ops/cpu_bf16.py)
-        if cpu_bf16.upcast(x, x.shape[0]):
-            return _upcast_grouped_linear(x, weight, offsets)
+    if _use_cpu_lowp(x, weight):
         return _cpu_lowp_grouped_linear(x, weight, offsets)
     if _grouped_mm_ok(x, weight) and _row_bytes_aligned(in_features, out_features, x):
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
@@ -287,6 +285,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     ):
         # Eager inference: skip the custom op's dispatch, a measurable part of a decode step
         # (docs/performance.md); it is only needed for autograd and for torch.compile to trace through.
+        if _use_cpu_lowp(x, weight) and cpu_bf16.upcast(x, x.shape[0]):  # a bf16 prompt where bf16 is emulated
+            return _upcast_grouped_linear(x.contiguous(), weight, offsets)  # in fp32 (ops/cpu_bf16.py)
         return _grouped_linear_impl(x, weight, offsets)
     return _grouped_linear(x, weight, offsets)
 
