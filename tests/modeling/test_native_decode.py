@@ -415,6 +415,19 @@ def test_run_layers_rejects_bad_input_with_the_problem_named():
         run(new_positions=torch.tensor([5]))
     with pytest.raises(ValueError, match="decode layers"):
         run(new_positions=torch.tensor([4], dtype=torch.int32))
+    norm, head = model.model.norm.weight, model.lm_head.weight
+    vocab = head.shape[0]
+    final = kernels.head_operands(norm, 1e-6, (head, None), hidden)
+    assert run(head=final, logits=torch.empty(1, vocab, dtype=torch.bfloat16)) == (0, count)
+    with pytest.raises(ValueError, match="decode layers"):
+        run(head=final, logits=torch.empty(1, vocab + 1, dtype=torch.bfloat16))  # not [B, V]
+    with pytest.raises(ValueError, match="decode layers"):
+        run(head=final)  # no logits to write
+    with pytest.raises(ValueError, match="decode layers"):  # made for fp32 activations
+        run(head=kernels.head_operands(norm.float(), 1e-6, (head.float(), None), hidden),
+            logits=torch.empty(1, vocab, dtype=torch.bfloat16))  # fmt: skip
+    with pytest.raises(ValueError, match="decode head"):  # not [V, H]
+        kernels.head_operands(norm, 1e-6, (torch.zeros(vocab, hidden + 32, dtype=torch.bfloat16), None), hidden)
     layer = model.model.layers[0]
     with torch.no_grad():
         prepared = native_decode.applicable(layer, x.view(1, 1, -1), False)
@@ -574,7 +587,8 @@ def test_decode_logits_decline_where_forward_must_run():
     (and writes nothing): the caller runs forward."""
     model = _model()
     cache = JetMoeCache(config=model.config)
-    new, positions, mask = random_ids(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, 1, 1, dtype=torch.bool)
+    new, positions = random_ids(1, 1), torch.zeros(1, 1, dtype=torch.long)
+    mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
     assert model.decode_logits(new, positions, mask, cache) is None  # grad mode on
     handle = model.model.norm.register_forward_hook(lambda *args: None)
     try:
@@ -582,3 +596,16 @@ def test_decode_logits_decline_where_forward_must_run():
     finally:
         handle.remove()
     assert _decode_step(model) is not None
+
+
+def test_decode_logits_follow_a_norm_and_head_that_moved():
+    """`.float()` then `.bfloat16()` gives the norm and head new storage: the cached head operands are rebuilt
+    with the new addresses (and give the same logits)."""
+    model = _model()
+    before = _decode_step(model)
+    old_storage = [parameter.data for parameter in model.parameters()]  # kept alive: new storage lands elsewhere
+    model.float().to(torch.bfloat16)
+    assert torch.equal(_decode_step(model), before)
+    operands = model.model.norm.__dict__["_native_decode_head"][-1]
+    assert operands.norm == model.model.norm.weight.data_ptr() and operands.w == model.lm_head.weight.data_ptr()
+    assert all(operands.w != old.data_ptr() for old in old_storage)

@@ -144,7 +144,8 @@ def _inductor_keeping_mv(graph_module, example_inputs):
 # fraction of that cost (docs/performance.md). Kept: the guards on tensors that are not parameters
 # (the step's inputs and the K/V cache: their shapes decide the graph), the relations between their dynamic
 # sizes (the shape environment's guard: a step traced with as many running rows as the cache has slots shares
-# one size between the two, and must not run a smaller batch), and the global state (grad mode and the like). Dropped: the guards on the model's modules, parameters and code. The engine owns its model in eval mode
+# one size between the two, and must not run a smaller batch), and the global state (grad mode and the like).
+# Dropped: the guards on the model's modules, parameters and code. The engine owns its model in eval mode
 # for its lifetime; parameters are read afresh at every call (so in-place weight updates are seen), but a model
 # whose modules are changed or swapped after the engine compiled needs a new engine. Each engine keeps its own
 # compiled entries (`isolate_recompiles`), so another engine's graph, for another model, is never reused.

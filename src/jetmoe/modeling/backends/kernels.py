@@ -81,10 +81,11 @@ class CpuBackend(KernelBackend):
             return None
         return cpu_decode.layer_forward(layer, prepared, hidden_states, position_embeddings, mask, cache, **kwargs)
 
-    def decoder_stack(self, layers, hidden_states, position_embeddings, mask, cache, router_logits, norm=None, head=None):
-        return cpu_decode.layers_forward(
-            layers, hidden_states, position_embeddings, mask, cache, router_logits, norm, head
-        )
+    def decoder_stack(
+        self, layers, hidden_states, position_embeddings, mask, cache, router_logits, norm=None, head=None
+    ):
+        args = (layers, hidden_states, position_embeddings, mask, cache, router_logits, norm, head)
+        return cpu_decode.layers_forward(*args)
 
 
 def _fused_decode(rows: torch.Tensor, experts, plan: RoutingPlan) -> bool:

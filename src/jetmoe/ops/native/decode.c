@@ -418,6 +418,7 @@ typedef struct {
     const void *norm, *w, *scale;
     int64_t vocab;
     float eps;
+    int dtype; /* of the norm weight (and a float head): the call's dtype, checked by the caller */
 } jetmoe_head;
 
 int jetmoe_decode_layers(const jetmoe_layer *layers, int64_t first, int64_t end, const void *x, int64_t batch,

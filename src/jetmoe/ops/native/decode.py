@@ -417,7 +417,7 @@ class HeadOperands(ctypes.Structure):
 
     _fields_ = [
         ("norm", ctypes.c_void_p), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("vocab", ctypes.c_int64),
-        ("eps", ctypes.c_float),
+        ("eps", ctypes.c_float), ("dtype", ctypes.c_int),
     ]  # fmt: skip
 
 
@@ -442,7 +442,8 @@ def head_operands(norm: torch.Tensor, eps: float, head: Projection | None, hidde
         f"{None if head is None else (tuple(head[0].shape), head[0].dtype)}",
     )
     weight, scale = _pointers(head) if head is not None else (None, None)
-    return HeadOperands(norm.data_ptr(), weight, scale, 0 if head is None else head[0].shape[0], eps)
+    vocab = 0 if head is None else head[0].shape[0]
+    return HeadOperands(norm.data_ptr(), weight, scale, vocab, eps, _CODES[norm.dtype])
 
 
 def run_layers(
@@ -489,6 +490,7 @@ def run_layers(
         and tuple(moa_logits.shape) == tuple(moe_logits.shape) == (count, batch, sizes.experts)
         and batch * sizes.top_k <= MAX_SLOTS
         and 0 <= first < count
+        and (head is None or head.dtype == _CODES[dtype])
         and (head is None or not head.w or (logits is not None and _contiguous(dtype, logits)
                                             and tuple(logits.shape) == (batch, head.vocab))),
         f"x {tuple(x.shape)}, cos {tuple(cos.shape)}, mask {None if mask is None else tuple(mask.shape)}, "
