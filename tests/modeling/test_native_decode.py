@@ -519,7 +519,7 @@ def test_a_decoding_forward_returns_the_layers_router_logits(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(stacked.router_logits, one_by_one.router_logits))
 
 
-def _decode_step(model, batch=2, use_decode_logits=True, router_logits=False):
+def _decode_step(model, batch=2, use_decode_logits=True):
     """Prefill 7 tokens a row into the model's own cache, then one decoding step: decode_logits' logits [B, V]
     (None where it declines), or forward's for the last position."""
     cache = JetMoeCache(config=model.config)
