@@ -606,6 +606,23 @@ def test_decode_logits_follow_a_norm_and_head_that_moved():
     old_storage = [parameter.data for parameter in model.parameters()]  # kept alive: new storage lands elsewhere
     model.float().to(torch.bfloat16)
     assert torch.equal(_decode_step(model), before)
-    operands = model.model.norm.__dict__["_native_decode_head"][-1]
+    operands = native_decode._cache_get(model.model.norm, "_native_decode_head")[-1]
     assert operands.norm == model.model.norm.weight.data_ptr() and operands.w == model.lm_head.weight.data_ptr()
     assert all(operands.w != old.data_ptr() for old in old_storage)
+
+
+def test_a_model_that_decoded_through_the_c_calls_copies_and_pickles():
+    """The C calls' cached inputs (addresses, guards) stay with the original: deepcopy and pickle work after
+    decoding (ctypes structs cannot be pickled), and the copy decodes the same logits through its own."""
+    import copy
+    import pickle
+
+    model = _model()
+    with torch.no_grad():  # the per-layer calls too
+        model(random_ids(1, 1))
+    logits = _decode_step(model)
+    twin = copy.deepcopy(model)
+    assert native_decode._cache_get(twin.model.layers, "_native_decode_stack") is None
+    assert torch.equal(_decode_step(twin), logits)
+    assert native_decode._cache_get(twin.model.norm, "_native_decode_head")[-1].w == twin.lm_head.weight.data_ptr()
+    assert torch.equal(_decode_step(pickle.loads(pickle.dumps(model))), logits)

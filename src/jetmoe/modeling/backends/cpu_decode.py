@@ -83,13 +83,38 @@ class _Layer(NamedTuple):
     head_dim: int
 
 
+class _Cache:
+    """A module's cached C-call inputs, left out of its copies and pickles (a copy starts without one): they hold
+    addresses (ctypes structs cannot be pickled) and guards on the original's objects."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def __reduce__(self):
+        return _Cache, ()
+
+    def __deepcopy__(self, memo):
+        return _Cache()
+
+
+def _cache_get(module, key: str):
+    holder = module.__dict__.get(key)
+    return None if holder is None else holder.value
+
+
+def _cache_set(module, key: str, value) -> None:
+    module.__dict__[key] = _Cache(value)
+
+
 def _prepare(layer) -> _Layer | None:
     """The layer's C-call inputs, or None where the C calls do not take this layer. Cached on the layer with
     guards: every module and tensor on the way, by identity where it is stored (`_modules`, `_parameters`,
     `_buffers`), and the tensors' dtypes and addresses (`.to()` there and back keeps the Parameter objects but
     moves their storage); rebuilt, as a new object, when any guard fails. Checking the guards costs about half
     of walking the modules again."""
-    cached = layer.__dict__.get("_native_decode")  # (stores, names, held, tensors, dtypes, addresses, prepared)
+    cached = _cache_get(layer, "_native_decode")  # (stores, names, held, tensors, dtypes, addresses, prepared)
     if cached is not None:
         stores, names, held, tensors, dtypes, addresses, prepared = cached
         if (  # map() over C functions: much cheaper than generator expressions, in every layer and step
@@ -141,7 +166,7 @@ def _prepare(layer) -> _Layer | None:
         )  # fmt: skip
     stores, names, held = zip(*guards.values())
     dtypes, addresses = tuple(t.dtype for t in tensors), [t.data_ptr() for t in tensors]
-    layer.__dict__["_native_decode"] = (stores, names, held, tuple(tensors), dtypes, addresses, prepared)
+    _cache_set(layer, "_native_decode", (stores, names, held, tuple(tensors), dtypes, addresses, prepared))
     return prepared
 
 
@@ -359,7 +384,7 @@ def _final(norm, head, dtype: torch.dtype, hidden: int) -> kernels.HeadOperands 
         return None
     tensors = [t for t in (norm_operand[0], *head_operand) if t is not None]
     addresses = [t.data_ptr() for t in tensors]
-    cached = norm.__dict__.get("_native_decode_head")  # (tensors, addresses, dtype, eps, operands)
+    cached = _cache_get(norm, "_native_decode_head")  # (tensors, addresses, dtype, eps, operands)
     if (
         cached is not None
         and len(cached[0]) == len(tensors)
@@ -371,7 +396,7 @@ def _final(norm, head, dtype: torch.dtype, hidden: int) -> kernels.HeadOperands 
     operands = None
     if norm_operand[0].dtype == dtype and kernels.head_ok(norm_operand[0], projection, hidden):
         operands = kernels.head_operands(norm_operand[0], norm.variance_epsilon, projection, hidden)
-    norm.__dict__["_native_decode_head"] = (tensors, addresses, dtype, norm.variance_epsilon, operands)
+    _cache_set(norm, "_native_decode_head", (tensors, addresses, dtype, norm.variance_epsilon, operands))
     return operands
 
 
@@ -395,7 +420,7 @@ def _stack(layers, prepared: list[_Layer], buffers: list[tuple]) -> _Stack | Non
     # The structs hold addresses: of the weights (`_prepare` returns a new object when any of them moved) and of
     # the cache buffers.
     buffer_key = tuple((b[0].data_ptr(), b[1].data_ptr(), b[0].shape, b[0].stride(), b[1].stride()) for b in buffers)
-    cached = layers.__dict__.get("_native_decode_stack")  # ((prepared, buffer_key), stack)
+    cached = _cache_get(layers, "_native_decode_stack")  # ((prepared, buffer_key), stack)
     if (
         cached is not None
         and len(cached[0][0]) == len(prepared)
@@ -415,7 +440,7 @@ def _stack(layers, prepared: list[_Layer], buffers: list[tuple]) -> _Stack | Non
             for p, b in zip(prepared, buffers)
         ]
         stack = _Stack((kernels.LayerOperands * len(structs))(*structs), sizes)
-    layers.__dict__["_native_decode_stack"] = (key, stack)
+    _cache_set(layers, "_native_decode_stack", (key, stack))
     return stack
 
 
