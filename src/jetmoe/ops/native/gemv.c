@@ -31,16 +31,28 @@
 #define BLOCK_ROWS 4
 #define CHUNK 2048 /* int8: columns per int32 partial sum; each lane adds 128 products of at most 32767 * 128 */
 
-#define PREFETCH_BLOCKS 2 /* how far ahead the weights are fetched */
+#define PREFETCH_BLOCKS 2 /* how far ahead the weights are fetched into L2 */
+#define L1_AHEAD 16384    /* how many bytes ahead into L1: one activation row over blocks of at most this size */
 
 /* A block's rows are read side by side, four streams a few KB apart, which the hardware prefetcher follows
  * poorly; the rows of a block are contiguous, so while the loop reads `step` bytes of each row at `offset`, the
- * same share of a later block is fetched into L2 front to back: memory sees one sequential stream
- * (docs/performance.md). Prefetches past the end are harmless. */
+ * same share of a later block is fetched front to back: memory sees one sequential stream
+ * (docs/performance.md). Into L2 by default; a group of one activation row goes through small blocks fast
+ * enough to use lines fetched into L1 before they are evicted. Prefetches past the end are harmless. */
+#define PREFETCH_AHEAD(DISTANCE, LOCALITY)                                                                             \
+    const char *later = (const char *)block + (DISTANCE);                                                              \
+    for (int64_t b = (BLOCK_ROWS * offset + 63) & ~(int64_t)63; b < BLOCK_ROWS * (offset + step); b += 64)             \
+        __builtin_prefetch(later + b, 0, LOCALITY);
+
 static inline void prefetch_ahead(const void *block, int64_t row_bytes, int64_t offset, int64_t step) {
-    const char *later = (const char *)block + PREFETCH_BLOCKS * BLOCK_ROWS * row_bytes;
-    for (int64_t b = (BLOCK_ROWS * offset + 63) & ~(int64_t)63; b < BLOCK_ROWS * (offset + step); b += 64)
-        __builtin_prefetch(later + b, 0, 2);
+    PREFETCH_AHEAD(PREFETCH_BLOCKS * BLOCK_ROWS * row_bytes, 2)
+}
+
+static inline void prefetch_ahead_l1(const void *block, int64_t offset, int64_t step) { PREFETCH_AHEAD(L1_AHEAD, 3) }
+
+/* Whether a group of `rows` activation rows fetches a block of rows of `row_bytes` into L1. */
+static inline int fetch_into_l1(int64_t rows, int64_t row_bytes) {
+    return rows == 1 && BLOCK_ROWS * row_bytes <= L1_AHEAD;
 }
 
 /* R activation rows (m .. m + R - 1) against a whole block of BLOCK_ROWS weight rows: R x BLOCK_ROWS independent
@@ -84,13 +96,17 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
                 for (; m + 4 <= m_end; m += 4) block_rows4(block, cols, x, m, m == m0, y, rows, first);
                 for (; m + 2 <= m_end; m += 2) block_rows2(block, cols, x, m, m == m0, y, rows, first);
             }
+            const int into_l1 = fetch_into_l1(m_end - m0, cols * 2);
             for (; m < m_end; m++) {
                 const uint16_t *a = x + m * cols;
                 vf acc[BLOCK_ROWS];
                 for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = v_zero();
                 for (int64_t k = 0; k < cols; k += 2 * LANES) {
                     bf16_pairs av = bf16_pairs_load(a + k);
-                    if (m == m0) prefetch_ahead(block, cols * 2, k * 2, 4 * LANES);
+                    if (into_l1)
+                        prefetch_ahead_l1(block, k * 2, 4 * LANES);
+                    else if (m == m0)
+                        prefetch_ahead(block, cols * 2, k * 2, 4 * LANES);
                     for (int i = 0; i < count; i++)
                         acc[i] = v_dot_bf16(acc[i], bf16_pairs_load(block + i * cols + k), av);
                 }
@@ -274,6 +290,7 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
                     int8_block_rows2(block, cols, xq, steps, m, m == m0, scale, scale_dtype, expert * rows + first, y,
                                      y_dtype, rows, first);
             }
+            const int into_l1 = fetch_into_l1(m_end - m0, cols);
             for (; m < m_end; m++) {
                 const int16_t *a = xq + m * cols;
                 vf total[BLOCK_ROWS];
@@ -284,7 +301,10 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
                     for (int i = 0; i < BLOCK_ROWS; i++) part[i] = vi_set(0);
                     for (int64_t k = c0; k < c1; k += 2 * LANES) {
                         vs2 av = i16_pairs_load(a + k);
-                        if (m == m0) prefetch_ahead(block, cols, k, 2 * LANES);
+                        if (into_l1)
+                            prefetch_ahead_l1(block, k, 2 * LANES);
+                        else if (m == m0)
+                            prefetch_ahead(block, cols, k, 2 * LANES);
                         for (int i = 0; i < count; i++)
                             part[i] = v_dot_i16(part[i], av, i16_pairs_widen(block + i * cols + k));
                     }
