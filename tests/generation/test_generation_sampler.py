@@ -94,6 +94,20 @@ def test_greedy_rows_take_the_penalised_argmax():
     assert sampler.choose(logits, params, generators) == [8, 7]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_choice_is_torch_argmax_with_ties_and_nan(dtype):
+    """The first largest logit, NaN counting as largest, as argmax picks it, over a vocabulary of the model's size."""
+    sampler = BatchSampler(32000, num_slots=6)
+    logits = torch.randint(-3, 4, (6, 32000), generator=torch.Generator().manual_seed(0)).to(dtype)  # many ties
+    logits[1, [5, 31000]] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 100] = logits[3, 20000] = 10.0
+    params = [SamplingParams(temperature=0)] * 6
+    choices = sampler.choose(logits, params, [p.make_generator() for p in params])
+    assert choices == logits.argmax(dim=-1).tolist()
+    assert choices[1:4] == [5, 0, 100]
+
+
 @pytest.mark.parametrize(
     "settings",
     [dict(top_k=3), dict(top_k=0), dict(top_k=5, top_p=0.8), dict(top_p=0.7)],
