@@ -32,13 +32,13 @@
 #define CHUNK 2048 /* int8: columns per int32 partial sum; each lane adds 128 products of at most 32767 * 128 */
 
 #define PREFETCH_BLOCKS 2 /* how far ahead the weights are fetched into L2 */
-#define L1_AHEAD 16384    /* how many bytes ahead into L1: one activation row over blocks of at most this size */
+#define L1_AHEAD 16384    /* how many bytes ahead into L1, for blocks of at most this size (fetch_into_l1) */
 
 /* A block's rows are read side by side, four streams a few KB apart, which the hardware prefetcher follows
  * poorly; the rows of a block are contiguous, so while the loop reads `step` bytes of each row at `offset`, the
  * same share of a later block is fetched front to back: memory sees one sequential stream
- * (docs/performance.md). Into L2 by default; a group of one activation row goes through small blocks fast
- * enough to use lines fetched into L1 before they are evicted. Prefetches past the end are harmless. */
+ * (docs/performance.md). Into L2 by default; one activation row goes through small blocks fast enough to use
+ * lines fetched into L1 before they are evicted. Prefetches past the end are harmless. */
 #define PREFETCH_AHEAD(DISTANCE, LOCALITY)                                                                             \
     const char *later = (const char *)block + (DISTANCE);                                                              \
     for (int64_t b = (BLOCK_ROWS * offset + 63) & ~(int64_t)63; b < BLOCK_ROWS * (offset + step); b += 64)             \
@@ -50,9 +50,12 @@ static inline void prefetch_ahead(const void *block, int64_t row_bytes, int64_t 
 
 static inline void prefetch_ahead_l1(const void *block, int64_t offset, int64_t step) { PREFETCH_AHEAD(L1_AHEAD, 3) }
 
-/* Whether a group of `rows` activation rows fetches a block of rows of `row_bytes` into L1. */
-static inline int fetch_into_l1(int64_t rows, int64_t row_bytes) {
-    return rows == 1 && BLOCK_ROWS * row_bytes <= L1_AHEAD;
+/* Whether a call fetches blocks of weight rows of `row_bytes` into L1: where every group has one activation row
+ * (decoding one token: a dense layer, a token's experts). Batches keep L2 even for their one-row groups. */
+static int fetch_into_l1(const int64_t *groups, int64_t n_groups, int64_t row_bytes) {
+    for (int64_t g = 0; g < n_groups; g++)
+        if (groups[3 * g + 2] - groups[3 * g + 1] != 1) return 0;
+    return BLOCK_ROWS * row_bytes <= L1_AHEAD;
 }
 
 /* R activation rows (m .. m + R - 1) against a whole block of BLOCK_ROWS weight rows: R x BLOCK_ROWS independent
@@ -81,10 +84,20 @@ static inline int fetch_into_l1(int64_t rows, int64_t row_bytes) {
 DEFINE_BLOCK_ROWS(4)
 DEFINE_BLOCK_ROWS(2)
 
+/* One activation row `a` against a block's `count` weight rows into acc, FETCH at each step: written out once
+ * per prefetch so that the loop carries no test of which one (a batch's products are compute-bound with AVX2). */
+#define BF16_ROW(FETCH)                                                                                                \
+    for (int64_t k = 0; k < cols; k += 2 * LANES) {                                                                    \
+        bf16_pairs av = bf16_pairs_load(a + k);                                                                        \
+        FETCH;                                                                                                         \
+        for (int i = 0; i < count; i++) acc[i] = v_dot_bf16(acc[i], bf16_pairs_load(block + i * cols + k), av);      \
+    }
+
 /* groups: n_groups triples (expert, first row, end row). cols: a multiple of 32. */
 int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16_t *x, const int64_t *groups,
                      int64_t n_groups, uint16_t *y, int threads) {
-    int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int into_l1 = fetch_into_l1(groups, n_groups, cols * 2);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t g = 0; g < n_groups; g++) {
         for (int64_t b = 0; b < blocks; b++) {
@@ -96,20 +109,14 @@ int jetmoe_bf16_gemv(const uint16_t *w, int64_t rows, int64_t cols, const uint16
                 for (; m + 4 <= m_end; m += 4) block_rows4(block, cols, x, m, m == m0, y, rows, first);
                 for (; m + 2 <= m_end; m += 2) block_rows2(block, cols, x, m, m == m0, y, rows, first);
             }
-            const int into_l1 = fetch_into_l1(m_end - m0, cols * 2);
             for (; m < m_end; m++) {
                 const uint16_t *a = x + m * cols;
                 vf acc[BLOCK_ROWS];
                 for (int i = 0; i < BLOCK_ROWS; i++) acc[i] = v_zero();
-                for (int64_t k = 0; k < cols; k += 2 * LANES) {
-                    bf16_pairs av = bf16_pairs_load(a + k);
-                    if (into_l1)
-                        prefetch_ahead_l1(block, k * 2, 4 * LANES);
-                    else if (m == m0)
-                        prefetch_ahead(block, cols * 2, k * 2, 4 * LANES);
-                    for (int i = 0; i < count; i++)
-                        acc[i] = v_dot_bf16(acc[i], bf16_pairs_load(block + i * cols + k), av);
-                }
+                if (into_l1)
+                    BF16_ROW(prefetch_ahead_l1(block, k * 2, 4 * LANES))
+                else
+                    BF16_ROW(if (m == m0) prefetch_ahead(block, cols * 2, k * 2, 4 * LANES))
                 for (int i = 0; i < count; i++) store_float(y, BF16, m * rows + first + i, v_sum(acc[i]));
             }
         }
@@ -260,6 +267,15 @@ static float quantize_row(const void *x, int dtype, int64_t offset, int64_t cols
 DEFINE_INT8_BLOCK_ROWS(4)
 DEFINE_INT8_BLOCK_ROWS(2)
 
+/* One activation row `a` (on the int16 grid) against a block's `count` rows, columns c0..c1-1, into part: as
+ * BF16_ROW. */
+#define INT8_ROW(FETCH)                                                                                                \
+    for (int64_t k = c0; k < c1; k += 2 * LANES) {                                                                     \
+        vs2 av = i16_pairs_load(a + k);                                                                                \
+        FETCH;                                                                                                         \
+        for (int i = 0; i < count; i++) part[i] = v_dot_i16(part[i], av, i16_pairs_widen(block + i * cols + k));      \
+    }
+
 /* q: int8 [E, rows, cols], scale [E, rows]. Returns 0, or -1 when out of memory. */
 int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_t rows, int64_t cols,
                      const void *x, int x_dtype, int64_t m_rows, const int64_t *groups, int64_t n_groups, void *y,
@@ -273,7 +289,8 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
     }
     for (int64_t m = 0; m < m_rows; m++) steps[m] = quantize_row(x, x_dtype, m * cols, cols, xq + m * cols);
 
-    int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int64_t blocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const int into_l1 = fetch_into_l1(groups, n_groups, cols);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t g = 0; g < n_groups; g++) {
         for (int64_t b = 0; b < blocks; b++) {
@@ -290,7 +307,6 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
                     int8_block_rows2(block, cols, xq, steps, m, m == m0, scale, scale_dtype, expert * rows + first, y,
                                      y_dtype, rows, first);
             }
-            const int into_l1 = fetch_into_l1(m_end - m0, cols);
             for (; m < m_end; m++) {
                 const int16_t *a = xq + m * cols;
                 vf total[BLOCK_ROWS];
@@ -299,15 +315,10 @@ int jetmoe_int8_gemv(const int8_t *q, const void *scale, int scale_dtype, int64_
                     int64_t c1 = c0 + CHUNK < cols ? c0 + CHUNK : cols;
                     vi part[BLOCK_ROWS];
                     for (int i = 0; i < BLOCK_ROWS; i++) part[i] = vi_set(0);
-                    for (int64_t k = c0; k < c1; k += 2 * LANES) {
-                        vs2 av = i16_pairs_load(a + k);
-                        if (into_l1)
-                            prefetch_ahead_l1(block, k, 2 * LANES);
-                        else if (m == m0)
-                            prefetch_ahead(block, cols, k, 2 * LANES);
-                        for (int i = 0; i < count; i++)
-                            part[i] = v_dot_i16(part[i], av, i16_pairs_widen(block + i * cols + k));
-                    }
+                    if (into_l1)
+                        INT8_ROW(prefetch_ahead_l1(block, k, 2 * LANES))
+                    else
+                        INT8_ROW(if (m == m0) prefetch_ahead(block, cols, k, 2 * LANES))
                     for (int i = 0; i < count; i++) total[i] += __builtin_convertvector(part[i], vf);
                 }
                 for (int i = 0; i < count; i++) {
