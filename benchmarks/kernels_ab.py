@@ -1,11 +1,11 @@
 """The engine's decoding step with jetmoe's C kernels from two revisions, swapped back and forth in one process.
 
-    python benchmarks/kernels_ab.py BEFORE AFTER [--batch 1] [--dtype bf16] [--rounds 16] [--steps 20]
+    python benchmarks/kernels_ab.py BEFORE AFTER [--config small] [--batch 1] [--dtype bf16] [--rounds 16] [--steps 20]
 
 BEFORE and AFTER are git revisions (or a directory holding gemv.c, elementwise.c, decode.c and simd.h). Each one's
 kernel sources are compiled at the instruction-set level this process picks (JETMOE_CPU_ISA forces one; hold
 PyTorch to AVX2 with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS, as `make bench-avx2`
-does). One random-init "small" checkpoint, one engine; after a warm-up of both, blocks of --steps decode steps
+does). One random-init checkpoint (--config, "small" by default), one engine; after a warm-up of both, blocks of --steps decode steps
 alternate between the two libraries (the order flips every round). The Python side, the weights and the cache
 are the same objects throughout, so the ratio isolates the kernels from a shared machine's drifting bandwidth,
 which moves both sides of a round alike.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from inference_common import random_checkpoint, random_prompt
+from inference_common import GEOMETRIES, random_checkpoint, random_prompt
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +40,12 @@ def sources(revision: str, into: Path) -> Path:
         if given.is_dir():
             text = (given / name).read_text()
         else:
-            text = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:src/jetmoe/ops/native/{name}"],
-                                  capture_output=True, text=True, check=True).stdout  # fmt: skip
+            shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:src/jetmoe/ops/native/{name}"],
+                                   capture_output=True, text=True)  # fmt: skip
+            if shown.returncode != 0:
+                raise SystemExit(f"{revision!r} is neither a directory of the kernel sources nor a git revision "
+                                 f"that has them: {shown.stderr.strip()}")  # fmt: skip
+            text = shown.stdout
         (into / name).write_text(text)
     return into
 
@@ -62,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before")
     parser.add_argument("after")
+    parser.add_argument("--config", default="small", choices=sorted(GEOMETRIES))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--rounds", type=int, default=16)
@@ -95,7 +100,7 @@ def main() -> None:
 
             library.jetmoe_decode_layers = timed
             libraries[name] = library
-        path = random_checkpoint("small", Path(tmp) / "small")
+        path = random_checkpoint(args.config, Path(tmp) / args.config)
         model = JetMoeForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
         tokenizer = load_tokenizer(path)
 
@@ -130,7 +135,7 @@ def main() -> None:
                 engine.step()
             times[name].append((time.perf_counter() - start) / args.steps * 1e3)
             in_call[name].append(sum(call_seconds) / args.steps * 1e3)
-    print(f"small {args.dtype} batch {args.batch}, kernels at {level}, torch level "
+    print(f"{args.config} {args.dtype} batch {args.batch}, kernels at {level}, torch level "
           f"{torch.backends.cpu.get_cpu_capability()}, {args.rounds} rounds of {args.steps} steps")  # fmt: skip
     for name, revision in (("before", args.before), ("after", args.after)):
         print(f"  {name} ({revision}): {statistics.median(times[name]):.2f} ms a step, "

@@ -1,5 +1,6 @@
 """The benchmark script's cost model (the denominators of its MFU and roofline figures), an end-to-end run of
-`benchmarks/bench_model.py --quick`, and `benchmarks/gemv_bandwidth.py` on small shapes. No timing is asserted:
+`benchmarks/bench_model.py --quick`, `benchmarks/gemv_bandwidth.py` on small shapes and `benchmarks/kernels_ab.py` on
+the tiny config. No timing is asserted:
 timings are the benchmark's business."""
 
 from __future__ import annotations
@@ -119,3 +120,22 @@ def test_gemv_bandwidth_runs_on_small_shapes_and_refuses_bad_ones():
         assert {"fp32 jetmoe.ops.native", "fp32 jetmoe.ops.native, 8 rows", "int8 jetmoe.ops.native"} <= set(names)
     refused = _gemv_bandwidth("--cols", "48")
     assert refused.returncode == 2 and "multiple of 32" in refused.stderr
+
+
+def test_kernels_ab_swaps_two_builds_in_one_engine():
+    from jetmoe.ops import native
+
+    if not native.available():
+        pytest.skip("jetmoe's C kernels do not run here")
+    sources = os.path.dirname(native.__file__)  # the same sources on both sides: the script's plumbing, not a speed
+    script = os.path.join(BENCHMARKS, "kernels_ab.py")
+    done = subprocess.run(
+        [sys.executable, script, sources, sources, "--config", "tiny", "--rounds", "2", "--steps", "2"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"kernels at {native.level()}" in done.stdout
+    assert "ms of it in the layers' C call" in done.stdout and "before / after, median of the rounds" in done.stdout
+    missing = subprocess.run([sys.executable, script, "no-such-revision", sources, "--config", "tiny"],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert missing.returncode != 0 and "neither a directory of the kernel sources nor a git revision" in missing.stderr
