@@ -16,41 +16,22 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from inference_common import GEOMETRIES, random_checkpoint, random_prompt
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from inference_common import add_alternation_arguments, alternation_engine
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="small", choices=sorted(GEOMETRIES))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--rounds", type=int, default=14)
-    parser.add_argument("--steps", type=int, default=30, help="decode steps per timed block")
+    add_alternation_arguments(parser, rounds=14, steps=30)
     args = parser.parse_args()
 
-    from jetmoe import JetMoeForCausalLM
     from jetmoe.cpu_runtime import apply_cpu_defaults
-    from jetmoe.generation import Engine, SamplingParams
-    from jetmoe.generation.loading import load_tokenizer
 
     apply_cpu_defaults()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = random_checkpoint(args.config, Path(tmp) / args.config)
-        model = JetMoeForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
-        tokenizer = load_tokenizer(path)
-    steps = (args.rounds * 2 + 2) * (args.steps + 1) + 40
-    engine = Engine(model, tokenizer, max_batch=args.batch, max_len=32 + steps + 8)
-    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
-    for row in range(args.batch):
-        engine.add(engine.make_sequence(random_prompt(model.config.vocab_size, 32, seed=row), params))
+    model, engine = alternation_engine(args)
 
     hooks: list = []
 

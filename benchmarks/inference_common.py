@@ -53,6 +53,40 @@ def random_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
     return [1] + torch.randint(3, vocab_size, (length - 1,), generator=generator).tolist()
 
 
+DECODE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def add_alternation_arguments(parser, rounds: int, steps: int) -> None:
+    """The options of a benchmark that alternates blocks of decode steps of one engine between two variants."""
+    parser.add_argument("--config", default="small", choices=sorted(GEOMETRIES))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DECODE_DTYPES))
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps, help="decode steps per timed block")
+
+
+def alternation_engine(args):
+    """(model, engine) for add_alternation_arguments' options: jetmoe's model of a random-init checkpoint, and an
+    engine holding --batch random 32-token prompts, each with room to decode greedily through every round of both
+    variants and a warm-up of up to 40 steps."""
+    import tempfile
+
+    from jetmoe import JetMoeForCausalLM
+    from jetmoe.generation import Engine, SamplingParams
+    from jetmoe.generation.loading import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = random_checkpoint(args.config, Path(tmp) / args.config)
+        model = JetMoeForCausalLM.from_pretrained(path, dtype=DECODE_DTYPES[args.dtype]).eval()
+        tokenizer = load_tokenizer(path)
+    steps = (args.rounds * 2 + 2) * (args.steps + 1) + 40
+    engine = Engine(model, tokenizer, max_batch=args.batch, max_len=32 + steps + 8)
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    for row in range(args.batch):
+        engine.add(engine.make_sequence(random_prompt(model.config.vocab_size, 32, seed=row), params))
+    return model, engine
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from inference_common import GEOMETRIES, random_checkpoint, random_prompt
+from inference_common import add_alternation_arguments, alternation_engine
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ("gemv.c", "elementwise.c", "decode.c", "simd.h")
 
@@ -66,17 +65,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("before")
     parser.add_argument("after")
-    parser.add_argument("--config", default="small", choices=sorted(GEOMETRIES))
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--rounds", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20, help="decode steps per timed block")
+    add_alternation_arguments(parser, rounds=16, steps=20)
     args = parser.parse_args()
 
-    from jetmoe import JetMoeForCausalLM
     from jetmoe.cpu_runtime import apply_cpu_defaults
-    from jetmoe.generation import Engine, SamplingParams
-    from jetmoe.generation.loading import load_tokenizer
     from jetmoe.ops import native
     from jetmoe.ops.native import build as native_build
     from jetmoe.ops.native import gemv as native_gemv
@@ -100,9 +92,6 @@ def main() -> None:
 
             library.jetmoe_decode_layers = timed
             libraries[name] = library
-        path = random_checkpoint(args.config, Path(tmp) / args.config)
-        model = JetMoeForCausalLM.from_pretrained(path, dtype=DTYPES[args.dtype]).eval()
-        tokenizer = load_tokenizer(path)
 
     current = {"library": libraries["before"]}
 
@@ -114,11 +103,7 @@ def main() -> None:
 
     native.load = native_gemv.load = native_build.load = swapped_load
 
-    steps = (args.rounds * 2 + 2) * (args.steps + 1) + 40
-    engine = Engine(model, tokenizer, max_batch=args.batch, max_len=32 + steps + 8)
-    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
-    for row in range(args.batch):
-        engine.add(engine.make_sequence(random_prompt(model.config.vocab_size, 32, seed=row), params))
+    _, engine = alternation_engine(args)
     for name in libraries:
         use(name)
         for _ in range(10):
