@@ -84,8 +84,9 @@ class CpuBackend(KernelBackend):
     def decoder_stack(
         self, layers, hidden_states, position_embeddings, mask, cache, router_logits, norm=None, head=None
     ):
-        args = (layers, hidden_states, position_embeddings, mask, cache, router_logits, norm, head)
-        return cpu_decode.layers_forward(*args)
+        return cpu_decode.layers_forward(
+            layers, hidden_states, position_embeddings, mask, cache, router_logits, norm, head
+        )
 
 
 def _fused_decode(rows: torch.Tensor, experts, plan: RoutingPlan) -> bool:
